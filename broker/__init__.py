@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (amqtt), hardened, and the same rules exported for other brokers."""

@@ -1,0 +1,1 @@
+"""The agent: runs on every host; checks, fetches, verifies, applies and reports."""

@@ -1,0 +1,109 @@
+"""Apply a verified release: install `files/` into the root, then run the rebuild command."""
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TextIO
+
+from protocol.errors import RebuildError
+from protocol.release import Manifest
+from protocol.settings import AgentConfig, Operation
+
+FILES: Final = "files/"
+_KILL_GRACE: Final = 10.0
+
+
+def rebuild_argv(config: AgentConfig, manifest: Manifest, tree: Path) -> list[str]:
+    """The rebuild command for this release, placeholders filled in."""
+    operation = config.rebuild.operation or manifest.content.operation
+    flake = manifest.content.flake
+    if config.rebuild.command is not None:
+        template = config.rebuild.command
+    elif flake is not None:
+        template = ["nixos-rebuild", "{operation}", "--flake", "{dir}#{flake}"]
+    else:
+        template = ["nixos-rebuild", "{operation}", "-I", "nixos-config={dir}/configuration.nix"]
+    values = {"operation": Operation(operation).value, "dir": str(tree), "host": config.host, "flake": flake or ""}
+    try:
+        return [part.format_map(values) for part in template]
+    except (KeyError, ValueError, IndexError) as exc:
+        raise RebuildError(f"agent.toml: rebuild.command: bad placeholder {exc}") from exc
+
+
+def install_files(manifest: Manifest, tree: Path, root: Path) -> list[str]:
+    """Copy the release's files/ into `root`, modes kept, each file replaced atomically."""
+    installed = []
+    for entry in manifest.content.files:
+        if not entry.path.startswith(FILES):
+            continue
+        relative = entry.path.removeprefix(FILES)
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tmp = target.with_name(f".{target.name}.herald-{os.getpid()}")
+        data = (tree / entry.path).read_bytes()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.chmod(entry.mode)
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        installed.append("/" + relative)
+    return installed
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    returncode: int | None  # None: killed at the timeout
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+async def run_rebuild(argv: list[str], *, timeout: float, log: TextIO) -> RebuildResult:
+    """Run the rebuild command with its output into `log`; kill its process group at `timeout`."""
+    started = time.monotonic()
+    log.flush()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log.fileno(),
+            stderr=log.fileno(),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise RebuildError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+    try:
+        async with asyncio.timeout(timeout):
+            returncode: int | None = await process.wait()
+    except TimeoutError:
+        await _kill(process)
+        returncode = None
+    except asyncio.CancelledError:
+        await _kill(process)
+        raise
+    return RebuildResult(returncode, time.monotonic() - started)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the whole process group, SIGKILL whatever is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, _KILL_GRACE), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            async with asyncio.timeout(grace):
+                await process.wait()
+        except TimeoutError:
+            continue

@@ -1,0 +1,171 @@
+"""Check and fetch: read `current`, then download and verify a release into a staging tree.
+
+Nothing here trusts the server beyond the pinned keys: the MANIFEST must carry a valid
+signature, name this host and the generation `current` names, and hold only safe relative
+paths; every file must hash to the MANIFEST's sha256. Files the agent already holds (by hash)
+are copied locally; the others are downloaded, several at a time. Any violation rejects the
+whole release, and the staging tree is removed.
+"""
+
+import asyncio
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import asyncssh
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from client.store import Store
+from protocol.errors import ReleaseError, UnreachableError
+from protocol.release import (
+    CURRENT,
+    MAX_CURRENT,
+    MAX_MANIFEST,
+    MANIFEST,
+    OBJECTS,
+    SIGNATURE,
+    Current,
+    FileEntry,
+    Manifest,
+    decode_manifest,
+    release_dir,
+    verify_signature,
+)
+
+PARALLEL: Final = 16
+_CHUNK: Final = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    manifest: Manifest
+    tree: Path
+    downloaded: int  # files fetched from the server
+    downloaded_bytes: int
+    reused: int  # files copied from trees the agent already held
+
+
+async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
+    try:
+        async with sftp.open(path, "rb") as stream:
+            data = await stream.read(limit + 1)
+    except asyncssh.SFTPNoSuchFile as exc:
+        raise ReleaseError(f"{path} is missing on the server") from exc
+    except asyncssh.SFTPError as exc:
+        raise ReleaseError(f"{path}: {exc.reason}") from exc
+    if not isinstance(data, bytes) or len(data) > limit:
+        raise ReleaseError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+async def check(sftp: asyncssh.SFTPClient) -> Current:
+    """What the server serves now: one round trip."""
+    return Current.decode(await read_small(sftp, CURRENT, MAX_CURRENT))
+
+
+async def fetch(
+    sftp: asyncssh.SFTPClient, current: Current, *, host: str, key: Ed25519PublicKey, store: Store
+) -> Fetched:
+    where = release_dir(current.generation)
+    data = await read_small(sftp, f"{where}/{MANIFEST}", MAX_MANIFEST)
+    signature = await read_small(sftp, f"{where}/{SIGNATURE}", 1024)
+    verify_signature(data, signature, key)
+    manifest = decode_manifest(data, host=host, current=current)
+
+    have = _local_index(store)
+    staging = store.staging(manifest.generation)
+    try:
+        counts = await _assemble(sftp, manifest.content.files, staging, have)
+        tree = store.commit_tree(staging, manifest, data)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Fetched(manifest, tree, *counts)
+
+
+def _local_index(store: Store) -> dict[str, Path]:
+    """sha256 -> a local file with that content, from every tree the agent holds."""
+    index: dict[str, Path] = {}
+    for entry in store.trees.glob("*.manifest"):
+        stem = entry.name.removesuffix(".manifest")
+        manifest = store.manifest(int(stem)) if stem.isdigit() else None
+        if manifest is not None:
+            tree = store.tree(manifest.generation)
+            for file in manifest.content.files:
+                index.setdefault(file.sha256, tree / file.path)
+    return index
+
+
+async def _assemble(
+    sftp: asyncssh.SFTPClient, files: list[FileEntry], staging: Path, have: dict[str, Path]
+) -> tuple[int, int, int]:
+    gate = asyncio.Semaphore(PARALLEL)
+    downloaded = downloaded_bytes = reused = 0
+
+    async def one(entry: FileEntry) -> None:
+        nonlocal downloaded, downloaded_bytes, reused
+        target = staging / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        local = have.get(entry.sha256)
+        if local is not None and _copy_verified(local, target, entry):
+            reused += 1
+        else:
+            async with gate:
+                await _download(sftp, entry, target)
+            downloaded += 1
+            downloaded_bytes += entry.size
+        target.chmod(entry.mode)
+
+    async with asyncio.TaskGroup() as group:
+        for entry in files:
+            group.create_task(one(entry))
+    return downloaded, downloaded_bytes, reused
+
+
+def _copy_verified(source: Path, target: Path, entry: FileEntry) -> bool:
+    """Copy a local file if it still hashes to what the MANIFEST names; False otherwise."""
+    try:
+        with source.open("rb") as src:
+            data = src.read(entry.size + 1)
+    except OSError:
+        return False
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        return False
+    _write_new(target, data)
+    return True
+
+
+async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -> None:
+    path = f"{OBJECTS}/{entry.sha256}"
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async with sftp.open(path, "rb") as stream:
+                while size <= entry.size:
+                    chunk = await stream.read(_CHUNK)
+                    if not chunk:
+                        break
+                    if not isinstance(chunk, bytes):
+                        raise ReleaseError(f"{path}: unexpected data")
+                    size += len(chunk)
+                    digest.update(chunk)
+                    out.write(chunk)
+    except asyncssh.SFTPNoSuchFile as exc:
+        raise ReleaseError(f"{entry.path}: object {entry.sha256[:12]} is missing on the server") from exc
+    except asyncssh.SFTPError as exc:
+        raise ReleaseError(f"{entry.path}: {exc.reason}") from exc
+    except (asyncssh.Error, ConnectionError) as exc:
+        raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
+    if size != entry.size or digest.hexdigest() != entry.sha256:
+        raise ReleaseError(f"{entry.path}: content does not match its sha256 in MANIFEST")
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)

@@ -1,0 +1,202 @@
+"""The agent's MQTT side: report `state` and `online`, and turn `desired`/`command` into requests.
+
+Every message received is a hint. A `desired` newer than what is deployed requests a check; a
+`command` is executed once per id and ignored once expired. Payloads that do not decode are
+logged and dropped.
+"""
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+import aiomqtt
+from loguru import logger
+
+import protocol
+from client.schedule import Backoff
+from client.store import Store
+from protocol.credentials import Secret, read_secret
+from protocol.errors import ConfigError, PayloadError
+from protocol.messages import Action, Command, Desired, Online, Phase, State, decode, encode, now
+from protocol.mqtt import BrokerURL, connect
+from protocol.release import BROKER_SECRET
+from protocol.settings import AgentConfig
+from protocol.topics import Kind, Topics
+
+if TYPE_CHECKING:
+    from client.agent import Agent
+
+_REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised
+_FLUSH_TIMEOUT: Final = 5.0
+_HEARTBEAT: Final = 60.0
+
+
+class Reporter:
+    def __init__(self, config: AgentConfig, store: Store) -> None:
+        self.host = config.host
+        self.config = config
+        self.store = store
+        self.url = BrokerURL.parse(config.broker.url) if config.broker.url else None
+        self.topics = Topics(config.broker.prefix)
+        self.log = logger.bind(host=config.host)
+        deployed = store.deployed()
+        self.state = State(
+            phase=Phase.IDLE,
+            deployed_generation=deployed.generation if deployed else 0,
+            deployed_version=deployed.version if deployed else None,
+            since=now(),
+            message="starting",
+            agent_version=protocol.__version__,
+        )
+        self._client: aiomqtt.Client | None = None
+        self._secret: Secret | None = None
+        self._secret_ready = asyncio.Event()
+
+    # ---------------------------------------------------------------- state
+
+    async def report(
+        self, phase: Phase, *, target: int | None = None, message: str = "", log: str | None = None
+    ) -> State:
+        deployed = self.store.deployed()
+        self.state = State(
+            phase=phase,
+            deployed_generation=deployed.generation if deployed else 0,
+            deployed_version=deployed.version if deployed else None,
+            target_generation=target if target is not None else self.state.target_generation,
+            since=now() if phase != self.state.phase else self.state.since,
+            message=message[:2000],
+            log=log if log is not None else self.state.log,
+            agent_version=protocol.__version__,
+        )
+        await self._send_state()
+        return self.state
+
+    async def _send_state(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            self.log.debug("state not sent ({}); it is sent again on reconnect", exc)
+
+    async def flush_once(self) -> None:
+        """For `agent --once`: connect, send state and online=false, disconnect. Best effort."""
+        if self.url is None:
+            return
+        try:
+            secret = self._secret or read_secret(self.store.root / BROKER_SECRET)
+            async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(self.url, secret) as client:
+                await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
+                await client.publish(
+                    self.topics.online(self.host), encode(Online(online=False, at=now())), qos=1, retain=True
+                )
+        except (aiomqtt.MqttError, ConfigError, TimeoutError, OSError) as exc:
+            self.log.warning("state not reported to the broker: {}", exc)
+
+    # ---------------------------------------------------------------- connection
+
+    def set_secret(self, secret: Secret) -> None:
+        self._secret = secret
+        self._secret_ready.set()
+
+    def _connect(self, url: BrokerURL, secret: Secret) -> aiomqtt.Client:
+        will = aiomqtt.Will(
+            self.topics.online(self.host), encode(Online(online=False, at=now())), qos=1, retain=True
+        )
+        return connect(
+            url,
+            username=self.host,
+            password=secret,
+            identifier=f"herald-agent-{self.host}",
+            will=will,
+            keepalive=self.config.broker.keepalive,
+        )
+
+    async def listen(self, agent: "Agent") -> None:
+        """Stay connected to the broker (backing off between tries) and hand messages to `agent`."""
+        if self.url is None:
+            return
+        backoff = Backoff(cap=60.0)
+        if self._secret is None:
+            try:
+                self.set_secret(read_secret(self.store.root / BROKER_SECRET))
+            except ConfigError:
+                pass  # read over SFTP at the first check
+        while True:
+            await self._secret_ready.wait()
+            if self._secret is None:
+                continue
+            try:
+                async with self._connect(self.url, self._secret) as client:
+                    backoff.reset()
+                    await self._session(client, agent)
+            except aiomqtt.MqttCodeError as exc:
+                if exc.rc in _REFUSED:
+                    self.log.warning("broker refused our secret; reading it again from the server")
+                    self._secret_ready.clear()
+                    agent.secret_refused()
+                else:
+                    self.log.warning("broker {}: {}", self.url, exc)
+            except aiomqtt.MqttError as exc:
+                self.log.warning("broker {}: {}", self.url, exc)
+            finally:
+                self._client = None
+            await asyncio.sleep(backoff.next())
+
+    async def _session(self, client: aiomqtt.Client, agent: "Agent") -> None:
+        await client.subscribe(self.topics.desired(self.host), qos=1)
+        await client.subscribe(self.topics.command(self.host), qos=1)
+        self._client = client
+        self.log.info("connected to broker {}", self.url)
+        await self._send_state()
+        heartbeat = asyncio.create_task(self._heartbeat(client), name="heartbeat")
+        try:
+            async for message in client.messages:
+                self._on_message(agent, str(message.topic), message.payload)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        while True:
+            try:
+                payload = encode(Online(online=True, at=now()))
+                await client.publish(self.topics.online(self.host), payload, qos=1, retain=True)
+            except aiomqtt.MqttError:
+                return
+            await asyncio.sleep(_HEARTBEAT)
+
+    # ---------------------------------------------------------------- messages
+
+    def _on_message(self, agent: "Agent", topic: str, payload: object) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None or parsed[0] != self.host or not isinstance(payload, bytes | bytearray):
+            self.log.warning("ignored a message on {}", topic)
+            return
+        try:
+            if parsed[1] is Kind.DESIRED:
+                self._on_desired(agent, decode(payload, Desired))
+            elif parsed[1] is Kind.COMMAND:
+                self._on_command(agent, decode(payload, Command))
+        except PayloadError as exc:
+            self.log.warning("dropped a message on {}: {}", topic, exc)
+
+    def _on_desired(self, agent: "Agent", desired: Desired) -> None:
+        deployed = self.store.deployed()
+        if deployed is None or (desired.generation, desired.version) != (deployed.generation, deployed.version):
+            agent.request(f"desired generation {desired.generation}")
+
+    def _on_command(self, agent: "Agent", command: Command) -> None:
+        if self.store.command_done(command.id):
+            return
+        self.store.mark_command(command.id)
+        if command.expires_at is not None and command.expires_at < now():
+            self.log.info("command {} ({}) expired; ignored", command.id, command.action)
+            return
+        self.log.info("command {}: {} (by {})", command.id, command.action, command.by or "unknown")
+        if command.action is Action.CHECK:
+            agent.request(f"command {command.id}")
+        elif command.action is Action.REBUILD:
+            agent.request(f"command {command.id}", force=True)
+        else:
+            self.log.warning("command {}: {} is not supported by this agent yet", command.id, command.action)
+

@@ -1,0 +1,134 @@
+"""The agent's state directory: fetched trees, what is deployed, what failed.
+
+    <state>/trees/<generation>/           a verified release tree, never changed once renamed in
+    <state>/trees/<generation>.manifest   its MANIFEST (the index of what the agent already has)
+    <state>/release -> trees/<generation> the tree the last rebuild ran against
+    <state>/deployed.json                 the last generation applied successfully
+    <state>/failed.json                   the last generation that failed (not retried in a loop)
+    <state>/commands.json                 ids of commands already executed
+    <state>/publisher.pub                 the publisher key, pinned on first use
+    <state>/broker.secret                 the broker secret read from the server (0600)
+    <state>/logs/                         one log per run, uploaded to the server's logs/
+"""
+
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from protocol.files import write_atomic
+from protocol.messages import Timestamp, Version
+from protocol.release import Manifest
+
+_KEEP_COMMANDS: Final = 200
+
+
+class Applied(msgspec.Struct, frozen=True, kw_only=True):
+    generation: int
+    version: Version
+    at: Timestamp
+    message: str = ""
+
+
+class _Commands(msgspec.Struct):
+    done: list[str] = []
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.trees = root / "trees"
+        self.logs = root / "logs"
+
+    def prepare(self) -> None:
+        for directory in (self.root, self.trees, self.logs):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- records
+
+    def _read(self, name: str, kind: type[Applied]) -> Applied | None:
+        try:
+            return msgspec.json.decode((self.root / name).read_bytes(), type=kind)
+        except FileNotFoundError:
+            return None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None  # a damaged record is treated as absent: the next check repairs it
+
+    def deployed(self) -> Applied | None:
+        return self._read("deployed.json", Applied)
+
+    def failed(self) -> Applied | None:
+        return self._read("failed.json", Applied)
+
+    def set_deployed(self, record: Applied) -> None:
+        write_atomic(self.root / "deployed.json", msgspec.json.encode(record), mode=0o600)
+        (self.root / "failed.json").unlink(missing_ok=True)
+
+    def set_failed(self, record: Applied) -> None:
+        write_atomic(self.root / "failed.json", msgspec.json.encode(record), mode=0o600)
+
+    def command_done(self, command_id: str) -> bool:
+        return command_id in self._commands().done
+
+    def mark_command(self, command_id: str) -> None:
+        done = self._commands().done
+        done.append(command_id)
+        write_atomic(self.root / "commands.json", msgspec.json.encode(_Commands(done[-_KEEP_COMMANDS:])), mode=0o600)
+
+    def _commands(self) -> _Commands:
+        try:
+            return msgspec.json.decode((self.root / "commands.json").read_bytes(), type=_Commands)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return _Commands()
+
+    # ---------------------------------------------------------------- trees
+
+    def tree(self, generation: int) -> Path:
+        return self.trees / str(generation)
+
+    def manifest(self, generation: int) -> Manifest | None:
+        try:
+            return msgspec.json.decode((self.trees / f"{generation}.manifest").read_bytes(), type=Manifest)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    def staging(self, generation: int) -> Path:
+        path = self.trees / f".staging-{generation}-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+        return path
+
+    def commit_tree(self, staging: Path, manifest: Manifest, data: bytes) -> Path:
+        """Rename a complete, verified staging dir into place as trees/<generation>."""
+        final = self.tree(manifest.generation)
+        write_atomic(self.trees / f"{manifest.generation}.manifest", data, mode=0o600)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+
+    def point_release(self, generation: int) -> None:
+        """release -> trees/<generation>, swapped atomically."""
+        link = self.root / "release"
+        tmp = self.root / f".release.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path("trees") / str(generation))
+        tmp.replace(link)
+
+    def prune(self, keep: set[int]) -> None:
+        """Drop trees other than `keep`, and staging dirs left by a crash."""
+        for entry in self.trees.iterdir():
+            stem = entry.name.removesuffix(".manifest")
+            if entry.name.startswith(".staging-") or (stem.isdigit() and int(stem) not in keep):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def log_name(at: datetime, generation: int, result: str) -> str:
+    """A log file name that sorts by time: 20261125T221500Z-g3-applied.log."""
+    return f"{at.strftime('%Y%m%dT%H%M%SZ')}-g{generation}-{result}.log"

@@ -1,0 +1,1 @@
+"""The herald command: composes the publisher, the broker and the agent."""

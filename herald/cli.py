@@ -1,0 +1,193 @@
+"""The `herald` command. Each subcommand is a small function; errors print one line and exit non-zero."""
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from loguru import logger
+
+from protocol import __version__, log
+from protocol.errors import ConfigError, HeraldError, UnreachableError
+from protocol.settings import AgentConfig, ServerConfig, convert, load
+
+T = TypeVar("T")
+DEFAULT_STATE = "/var/lib/herald"
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGTERM cancelling the work like Ctrl-C does."""
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coroutine)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await task
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from herald.output import print_report  # noqa: PLC0415 - keep `herald agent` light
+    from publisher.publish import Status, publish
+
+    report = publish(args.fleet, args.state, dry_run=args.dry_run, keep_releases=args.keep)
+    print_report(report)
+    changed = [result.host for result in report.of(Status.CHANGED)]
+    if args.broker and changed and not args.dry_run:
+        from herald.announcing import announce_hosts  # noqa: PLC0415
+
+        try:
+            _run(announce_hosts(args.state, args.broker, changed, args.prefix))
+        except UnreachableError as exc:
+            logger.warning("releases written, announcement skipped: {}; agents pick them up on their timer", exc)
+    return 1 if report.of(Status.FAILED) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from herald.serve import serve  # noqa: PLC0415 - needs the server extra (amqtt)
+
+    if args.config is not None:
+        config = load(args.config, ServerConfig)
+        overrides = {
+            key: str(value)
+            for key, value in (("fleet", args.fleet), ("state", args.state), ("mqtt", args.mqtt), ("sftp", args.sftp))
+            if value is not None
+        }
+        config = convert(msgspec.structs.asdict(config) | overrides, ServerConfig, source=str(args.config))
+    else:
+        if args.fleet is None or args.state is None:
+            raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
+        fields = {"fleet": str(args.fleet), "state": str(args.state)}
+        fields |= {key: value for key, value in (("mqtt", args.mqtt), ("sftp", args.sftp)) if value is not None}
+        config = convert(fields, ServerConfig, source="command line")
+    try:
+        _run(serve(config))
+    except asyncio.CancelledError:
+        pass
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from client.agent import Agent  # noqa: PLC0415
+    from protocol.messages import Phase  # noqa: PLC0415
+
+    agent = Agent(load(args.config, AgentConfig))
+    if args.once:
+        state = _run(agent.once())
+        print(f"{agent.host}: {state.phase} (deployed generation {state.deployed_generation}) {state.message}")  # noqa: T201
+        return 0 if state.phase is Phase.IDLE else 1
+    try:
+        _run(agent.run())
+    except asyncio.CancelledError:
+        logger.info("agent stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from herald.fleet import as_json, collect, table  # noqa: PLC0415
+    from herald.output import console  # noqa: PLC0415
+    from protocol.credentials import read_secret  # noqa: PLC0415
+    from protocol.layout import StateDir  # noqa: PLC0415
+    from protocol.mqtt import BrokerURL  # noqa: PLC0415
+    from protocol.topics import ADMIN_USER, Topics  # noqa: PLC0415
+    from publisher.inventory import load_inventory  # noqa: PLC0415
+
+    password = read_secret(StateDir(args.state).service_secret(ADMIN_USER))
+    view = _run(collect(BrokerURL.parse(args.broker), password, Topics(args.prefix)))
+    if args.fleet is not None:
+        view.add_hosts([host.name for host in load_inventory(args.fleet).hosts])
+    if args.json:
+        sys.stdout.buffer.write(as_json(view) + b"\n")
+    else:
+        console.print(table(view))
+    return 1 if view.any_failed() else 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from herald.announcing import trigger  # noqa: PLC0415
+    from protocol.messages import Action  # noqa: PLC0415
+
+    ids = _run(trigger(args.state, args.broker, args.hosts, Action(args.action), args.prefix))
+    for host, command_id in ids.items():
+        print(f"{host}: {args.action} requested ({command_id})")  # noqa: T201
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from herald.demo import demo  # noqa: PLC0415
+
+    return _run(demo())
+
+
+# ---------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="herald", description="Keep a NixOS fleet on the configuration in git.")
+    top.add_argument("--version", action="version", version=f"herald {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    def broker_options(cmd: argparse.ArgumentParser, *, required: bool) -> None:
+        cmd.add_argument("--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
+
+    cmd = command("publish", cmd_publish, "write releases for every changed host, and announce them")
+    cmd.add_argument("--fleet", type=Path, required=True, metavar="DIR", help="the fleet repository")
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument("--dry-run", action="store_true", help="say which hosts and files would change; write nothing")
+    cmd.add_argument("--keep", type=int, default=3, metavar="N", help="releases kept per host (default: 3)")
+    broker_options(cmd, required=False)
+
+    cmd = command("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")
+    cmd.add_argument("--config", type=Path, metavar="FILE", help="server.toml (flags override it)")
+    cmd.add_argument("--fleet", type=Path, metavar="DIR")
+    cmd.add_argument("--state", type=Path, metavar="DIR")
+    cmd.add_argument("--mqtt", metavar="HOST:PORT", help="broker listener (default: 127.0.0.1:1883)")
+    cmd.add_argument("--sftp", metavar="HOST:PORT", help="SFTP listener (default: 127.0.0.1:2222)")
+
+    cmd = command("agent", cmd_agent, "keep this host on its release")
+    cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")
+    cmd.add_argument("--once", action="store_true", help="check (and apply) once, then exit")
+
+    cmd = command("status", cmd_status, "show every host's desired and deployed generation")
+    broker_options(cmd, required=True)
+    cmd.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret")
+    cmd.add_argument("--fleet", type=Path, metavar="DIR", help="also list hosts never seen")
+    cmd.add_argument("--json", action="store_true", help="JSON on stdout")
+
+    cmd = command("trigger", cmd_trigger, "ask hosts to check (or rebuild) now")
+    broker_options(cmd, required=True)
+    cmd.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret")
+    cmd.add_argument("--action", choices=("check", "rebuild", "rollback"), default="check")
+    cmd.add_argument("hosts", nargs="+", metavar="HOST")
+
+    cmd = command("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    log.setup("DEBUG" if args.verbose else "INFO")
+    try:
+        code: int = args.handler(args)
+    except HeraldError as exc:
+        from herald.output import fail  # noqa: PLC0415
+
+        fail(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,168 @@
+"""The sysadmin's view of the fleet, from the retained `desired`, `state` and `online` messages."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+import aiomqtt
+import msgspec
+from loguru import logger
+from rich.table import Table
+
+from protocol.credentials import Secret
+from protocol.errors import PayloadError, UnreachableError
+from protocol.messages import Desired, Online, Phase, State, decode, now
+from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.topics import ADMIN_USER, Kind, Topics
+
+HEARTBEAT: Final = timedelta(seconds=60)
+
+
+class Status(StrEnum):
+    UP_TO_DATE = "up to date"
+    PENDING = "pending"
+    APPLYING = "applying"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled back"
+    OFFLINE = "offline"
+    NEVER_SEEN = "never seen"
+
+
+_STYLE: Final = {
+    Status.UP_TO_DATE: "green",
+    Status.PENDING: "yellow",
+    Status.APPLYING: "cyan",
+    Status.FAILED: "bold red",
+    Status.ROLLED_BACK: "red",
+    Status.OFFLINE: "dim",
+    Status.NEVER_SEEN: "dim",
+}
+
+
+@dataclass(slots=True)
+class HostView:
+    host: str
+    desired: Desired | None = None
+    state: State | None = None
+    online: Online | None = None
+
+    def is_online(self, at: datetime) -> bool:
+        return self.online is not None and self.online.online and at - self.online.at < 3 * HEARTBEAT
+
+    def status(self, at: datetime | None = None) -> Status:
+        at = at or now()
+        if self.state is None:
+            return Status.NEVER_SEEN
+        if not self.is_online(at):
+            return Status.OFFLINE
+        if self.state.phase is Phase.FAILED:
+            return Status.FAILED
+        if self.state.phase is Phase.ROLLED_BACK:
+            return Status.ROLLED_BACK
+        if self.state.phase is not Phase.IDLE:
+            return Status.APPLYING
+        if self.desired is not None and self.state.deployed_generation < self.desired.generation:
+            return Status.PENDING
+        return Status.UP_TO_DATE
+
+    def last_seen(self) -> datetime | None:
+        times = [t for t in (self.online.at if self.online else None, self.state.since if self.state else None) if t]
+        return max(times) if times else None
+
+
+@dataclass(slots=True)
+class FleetView:
+    topics: Topics
+    hosts: dict[str, HostView] = field(default_factory=dict)
+
+    def add_hosts(self, names: list[str]) -> None:
+        for name in names:
+            self.hosts.setdefault(name, HostView(name))
+
+    def update(self, topic: str, payload: bytes) -> bool:
+        """Take one retained message; False if it is not a host topic or does not decode."""
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return False
+        host, kind = parsed
+        view = self.hosts.setdefault(host, HostView(host))
+        try:
+            if kind is Kind.DESIRED:
+                view.desired = decode(payload, Desired) if payload else None
+            elif kind is Kind.STATE:
+                view.state = decode(payload, State) if payload else None
+            elif kind is Kind.ONLINE:
+                view.online = decode(payload, Online) if payload else None
+        except PayloadError as exc:
+            logger.bind(host=host).warning("ignored {}: {}", topic, exc)
+            return False
+        return True
+
+    def rows(self) -> list[HostView]:
+        return [self.hosts[name] for name in sorted(self.hosts)]
+
+    def any_failed(self) -> bool:
+        return any(view.status() in (Status.FAILED, Status.ROLLED_BACK) for view in self.hosts.values())
+
+
+async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: float = 10.0) -> FleetView:
+    """Every host's retained messages, read once as the admin user."""
+    view = FleetView(topics)
+
+    def take(message: aiomqtt.Message) -> None:
+        if isinstance(message.payload, bytes):
+            view.update(str(message.topic), message.payload)
+
+    try:
+        async with connect(url, username=ADMIN_USER, password=password, timeout=timeout) as client:
+            for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE):
+                await client.subscribe(topics.every(kind), qos=1)
+            await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=take)
+    except (aiomqtt.MqttError, OSError) as exc:
+        raise UnreachableError(f"broker {url}: {exc}") from exc
+    return view
+
+
+def _ago(then: datetime | None, at: datetime) -> str:
+    if then is None:
+        return "-"
+    seconds = max(0, int((at - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def table(view: FleetView) -> Table:
+    at = now()
+    grid = Table(title=None, header_style="bold", box=None, pad_edge=False)
+    for column in ("host", "desired", "deployed", "status", "last seen", "message", "log"):
+        grid.add_column(column)
+    for row in view.rows():
+        status = row.status(at)
+        grid.add_row(
+            row.host,
+            str(row.desired.generation) if row.desired else "-",
+            str(row.state.deployed_generation) if row.state and row.state.deployed_generation else "-",
+            f"[{_STYLE[status]}]{status}[/]",
+            _ago(row.last_seen(), at),
+            (row.state.message if row.state else "")[:60],
+            (row.state.log or "") if row.state else "",
+        )
+    return grid
+
+
+def as_json(view: FleetView) -> bytes:
+    at = now()
+    rows = [
+        {
+            "host": row.host,
+            "status": row.status(at).value,
+            "desired": row.desired,
+            "state": row.state,
+            "online": row.online,
+        }
+        for row in view.rows()
+    ]
+    return msgspec.json.format(msgspec.json.encode(rows), indent=2)

@@ -1,0 +1,45 @@
+"""Human output: tables on a terminal, plain lines otherwise (rich decides)."""
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from publisher.publish import Report, Status
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+_STYLE = {Status.CHANGED: "green", Status.UNCHANGED: "dim", Status.FAILED: "bold red"}
+
+
+def fail(message: str) -> None:
+    """The one line a user sees for an error they can act on."""
+    errors.print(f"[bold red]herald:[/] {message}", markup=True, soft_wrap=True)
+
+
+def print_report(report: Report) -> None:
+    grid = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("host", "result", "generation", "files", "note"):
+        grid.add_column(column)
+    for result in report.hosts:
+        files = ""
+        if result.status is Status.CHANGED:
+            files = f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}"
+        note = result.message.splitlines()[0] if result.message else ""
+        grid.add_row(
+            result.host,
+            f"[{_STYLE[result.status]}]{'would change' if report.dry_run and result.status is Status.CHANGED else result.status}[/]",
+            str(result.generation or "-"),
+            files,
+            note,
+        )
+    console.print(grid)
+    if report.dry_run:
+        for result in report.of(Status.CHANGED):
+            for mark, paths in (("+", result.added), ("~", result.modified), ("-", result.removed)):
+                for path in paths:
+                    console.print(f"  {result.host}: {mark} {path}")
+    counts = ", ".join(f"{len(report.of(status))} {status}" for status in Status)
+    console.print(f"{'dry run: ' if report.dry_run else ''}{counts} in {report.seconds:.2f}s", style="bold")
+    sys.stdout.flush()

@@ -1,0 +1,38 @@
+"""herald's exception tree.
+
+Every error herald raises for a reason a person can act on is a `HeraldError`: its text is one
+line that says what failed and, where it helps, what to do. Only the CLI catches them; it prints
+the line and exits with `exit_code`. Anything else is a bug and keeps its traceback.
+"""
+
+
+class HeraldError(Exception):
+    """A failure herald explains in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(HeraldError):
+    """A file the user wrote (fleet.toml, server.toml, agent.toml) or the fleet repo is wrong."""
+
+    exit_code = 2
+
+
+class PayloadError(HeraldError):
+    """An MQTT payload, `current` file or MANIFEST that does not decode. Logged and dropped."""
+
+
+class ReleaseError(HeraldError):
+    """A release failed verification: bad signature, hash, path, host or generation."""
+
+
+class PublishError(HeraldError):
+    """Writing releases failed (disk, permissions, lock)."""
+
+
+class UnreachableError(HeraldError):
+    """A server (SFTP or broker) cannot be reached or refused us."""
+
+
+class RebuildError(HeraldError):
+    """The rebuild command failed, timed out or could not start."""

@@ -1,0 +1,54 @@
+"""Where things live in the server's state directory (the `--state DIR` of publish and serve).
+
+    STATE/chroot/<host>/            served to <host> over SFTP (protocol.release describes it)
+    STATE/publisher/                signing key, hash cache, generations, lock
+    STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
+    STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
+    STATE/ssh/authorized_keys/<host> the key each host logs in with, from fleet.toml at publish
+    STATE/sftp/ssh_host_ed25519_key the embedded SFTP server's host key
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class StateDir:
+    root: Path
+
+    def chroot(self, host: str) -> Path:
+        return self.root / "chroot" / host
+
+    @property
+    def chroots(self) -> Path:
+        return self.root / "chroot"
+
+    @property
+    def publisher(self) -> Path:
+        return self.root / "publisher"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.publisher / "signing.key"
+
+    @property
+    def broker(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def passwd(self) -> Path:
+        return self.broker / "passwd"
+
+    def service_secret(self, user: str) -> Path:
+        return self.broker / f"{user}.secret"
+
+    @property
+    def authorized_keys_dir(self) -> Path:
+        return self.root / "ssh" / "authorized_keys"
+
+    def authorized_keys(self, host: str) -> Path:
+        return self.authorized_keys_dir / host
+
+    @property
+    def sftp_host_key(self) -> Path:
+        return self.root / "sftp" / "ssh_host_ed25519_key"

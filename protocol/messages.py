@@ -1,0 +1,105 @@
+"""MQTT payloads: JSON encodings of strict Structs.
+
+A payload that does not decode raises `PayloadError` with one line; callers log it and drop the
+message. MQTT carries hints: nothing here is ever trusted as a release.
+"""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Final, TypeVar, cast
+
+import msgspec
+
+from protocol.errors import PayloadError
+
+MAX_PAYLOAD: Final = 64 * 1024
+
+Generation = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
+Identifier = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    CHECKING = "checking"
+    FETCHING = "fetching"
+    APPLYING = "applying"
+    CONFIRMING = "confirming"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Action(StrEnum):
+    CHECK = "check"
+    REBUILD = "rebuild"
+    ROLLBACK = "rollback"
+
+
+class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Desired(_Payload, kw_only=True):
+    """What the publisher wants a host to run."""
+
+    generation: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
+    version: Version
+    published_at: Timestamp
+    source_rev: ShortText | None = None
+
+
+class Command(_Payload, kw_only=True):
+    """A request from the sysadmin, executed once per id, ignored once expired."""
+
+    id: Identifier
+    action: Action
+    issued_at: Timestamp
+    expires_at: Timestamp | None = None
+    by: ShortText = ""
+
+
+class State(_Payload, kw_only=True):
+    """What a host runs and what it is doing."""
+
+    phase: Phase
+    deployed_generation: Generation = 0
+    deployed_version: Version | None = None
+    target_generation: Generation = 0
+    since: Timestamp
+    message: ShortText = ""
+    log: ShortText | None = None
+    agent_version: ShortText = ""
+
+
+class Online(_Payload, kw_only=True):
+    online: bool
+    at: Timestamp
+
+
+Payload = Desired | Command | State | Online
+P = TypeVar("P", Desired, Command, State, Online)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Payload]] = {
+    kind: msgspec.json.Decoder(kind) for kind in (Desired, Command, State, Online)
+}
+
+
+def encode(payload: Payload) -> bytes:
+    return _encoder.encode(payload)
+
+
+def decode(data: bytes | bytearray, kind: type[P]) -> P:
+    """Decode `data` strictly as `kind`, or raise PayloadError with one line."""
+    if len(data) > MAX_PAYLOAD:
+        raise PayloadError(f"{kind.__name__} payload too large ({len(data)} bytes)")
+    try:
+        return cast("P", _decoders[kind].decode(data))
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise PayloadError(f"invalid {kind.__name__} payload: {exc}") from exc

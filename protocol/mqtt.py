@@ -1,0 +1,100 @@
+"""Connecting to a broker: URLs, clients, and confirming that messages were routed.
+
+Every herald client (publisher, admin, agent) connects through `connect()`, so TLS, timeouts and
+identifiers are set in one place.
+"""
+
+import asyncio
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from protocol.credentials import Secret
+from protocol.errors import ConfigError, UnreachableError
+from protocol.topics import Topics
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerURL":
+        """mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r}: {exc}") from exc
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"broker URL {url!r}: only scheme, host and port are allowed")
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def connect(
+    url: BrokerURL,
+    *,
+    username: str,
+    password: Secret,
+    identifier: str | None = None,
+    will: aiomqtt.Will | None = None,
+    keepalive: int = 60,
+    timeout: float = 10.0,
+) -> aiomqtt.Client:
+    """An unconnected client; use it as `async with connect(...) as client:`."""
+    return aiomqtt.Client(
+        url.host,
+        url.port,
+        username=username,
+        password=password.reveal(),
+        identifier=identifier,
+        will=will,
+        keepalive=keepalive,
+        timeout=timeout,
+        clean_session=True,
+        tls_context=ssl.create_default_context() if url.tls else None,
+    )
+
+
+async def confirm_routed(
+    client: aiomqtt.Client,
+    topics: Topics,
+    user: str,
+    timeout: float = 10.0,
+    on_message: Callable[[aiomqtt.Message], None] | None = None,
+) -> None:
+    """Return once the broker has routed everything this client published before.
+
+    Messages that arrive meanwhile go to `on_message`. The same marker also tells a client
+    that subscribed before calling this that the broker has sent it every retained message.
+
+    A PUBACK only says the broker received a message; amqtt can still drop it if the client
+    disconnects at once (FINDINGS.md). Brokers route one client's messages in order, so once a
+    marker published last comes back, everything published before it has been routed.
+    """
+    topic = topics.confirm(user, secrets.token_hex(8))
+    try:
+        await client.subscribe(topic, qos=1)
+        await client.publish(topic, b"1", qos=1)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                if message.topic.value == topic:
+                    break
+                if on_message is not None:
+                    on_message(message)
+        await client.unsubscribe(topic)
+    except (aiomqtt.MqttError, TimeoutError) as exc:
+        raise UnreachableError(f"broker did not confirm delivery within {timeout:g}s: {exc}") from exc

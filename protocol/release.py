@@ -1,0 +1,175 @@
+"""The release format: what the publisher writes into a chroot and what an agent verifies.
+
+    current                     "<generation> <version>\\n", replaced atomically, written last
+    objects/<sha256>            file contents, named by their hash
+    releases/<generation>/MANIFEST      this module's `Manifest`, JSON
+    releases/<generation>/MANIFEST.sig  ed25519 signature of MANIFEST, base64
+
+`version` is the hash of what the host gets (files, modes, operation, flake); `generation` grows
+by one whenever the version changes. Releases are named by generation, not version, so that a
+host returning to an earlier content gets a new release instead of a rewritten old one.
+"""
+
+import base64
+import hashlib
+import posixpath
+from typing import Annotated, Final
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from protocol.errors import ReleaseError
+from protocol.messages import Timestamp, Version
+from protocol.settings import Operation
+
+CURRENT: Final = "current"
+OBJECTS: Final = "objects"
+RELEASES: Final = "releases"
+CREDENTIALS: Final = "credentials"
+LOGS: Final = "logs"
+MANIFEST: Final = "MANIFEST"
+SIGNATURE: Final = "MANIFEST.sig"
+BROKER_SECRET: Final = "broker.secret"
+PUBLISHER_KEY: Final = "publisher.pub"
+
+MAX_MANIFEST: Final = 32 * 1024 * 1024
+MAX_CURRENT: Final = 256
+_KEY_PREFIX: Final = "ed25519:"
+
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """One regular file of a release: [path, mode, size, sha256]."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: Sha256
+
+
+class Content(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a host gets; its hash is the release's version."""
+
+    operation: Operation
+    flake: str | None = None
+    files: list[FileEntry]
+
+    def version(self) -> str:
+        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: str
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+    version: Version
+    published_at: Timestamp
+    source_rev: str | None = None
+    content: Content
+
+
+class Current(msgspec.Struct, frozen=True):
+    generation: int
+    version: str
+
+    def encode(self) -> bytes:
+        return f"{self.generation} {self.version}\n".encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Current":
+        try:
+            generation, version = data.decode("ascii").split()
+            current = cls(int(generation), version)
+        except ValueError as exc:
+            raise ReleaseError(f"malformed `current` file: {data[:80]!r}") from exc
+        if current.generation < 1 or len(version) != 64 or version.strip("0123456789abcdef"):
+            raise ReleaseError(f"malformed `current` file: {data[:80]!r}")
+        return current
+
+
+def release_dir(generation: int) -> str:
+    return f"{RELEASES}/{generation}"
+
+
+def check_path(path: str) -> None:
+    """Refuse any release path that is not a plain relative path below the release root."""
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or posixpath.normpath(path) != path
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
+        raise ReleaseError(f"unsafe path in MANIFEST: {path!r}")
+
+
+def check_content(content: Content) -> None:
+    """Paths safe, sorted, unique, and no file standing where another needs a directory."""
+    paths = [entry.path for entry in content.files]
+    for path in paths:
+        check_path(path)
+    if paths != sorted(paths):
+        raise ReleaseError("MANIFEST files are not sorted by path")
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            raise ReleaseError(f"duplicate path in MANIFEST: {path!r}")
+        seen.add(path)
+    for path in paths:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in seen:
+                raise ReleaseError(f"MANIFEST names {parent!r} both as a file and as a directory")
+            parent = posixpath.dirname(parent)
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    return msgspec.json.encode(manifest)
+
+
+def decode_manifest(data: bytes, *, host: str, current: Current) -> Manifest:
+    """Decode and check a MANIFEST against the host and the `current` that named it."""
+    if len(data) > MAX_MANIFEST:
+        raise ReleaseError(f"MANIFEST too large ({len(data)} bytes)")
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ReleaseError(f"malformed MANIFEST: {exc}") from exc
+    if manifest.host != host:
+        raise ReleaseError(f"MANIFEST is for host {manifest.host!r}, not {host!r}")
+    if (manifest.generation, manifest.version) != (current.generation, current.version):
+        raise ReleaseError(
+            f"MANIFEST is generation {manifest.generation}, `current` names {current.generation}"
+        )
+    if manifest.content.version() != manifest.version:
+        raise ReleaseError("MANIFEST version does not match its content")
+    check_content(manifest.content)
+    return manifest
+
+
+# ---------------------------------------------------------------- signatures
+
+
+def encode_public_key(key: Ed25519PublicKey) -> str:
+    """'ed25519:<base64>' — the one-line form kept in agent.toml and credentials/."""
+    return _KEY_PREFIX + base64.b64encode(key.public_bytes_raw()).decode()
+
+
+def decode_public_key(text: str) -> Ed25519PublicKey:
+    body = text.strip()
+    if not body.startswith(_KEY_PREFIX):
+        raise ReleaseError("publisher key must look like 'ed25519:<base64>'")
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(body[len(_KEY_PREFIX) :], validate=True))
+    except ValueError as exc:
+        raise ReleaseError(f"invalid publisher key: {exc}") from exc
+
+
+def verify_signature(manifest: bytes, signature: bytes, key: Ed25519PublicKey) -> None:
+    try:
+        key.verify(base64.b64decode(signature.strip(), validate=True), manifest)
+    except (InvalidSignature, ValueError) as exc:
+        raise ReleaseError("MANIFEST signature does not verify against the publisher key") from exc
+

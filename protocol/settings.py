@@ -1,0 +1,216 @@
+"""The TOML files people write: fleet.toml, server.toml, agent.toml.
+
+Each is decoded strictly (unknown fields are errors) and every error is one line naming the
+file and the field: `fleet.toml: hosts.alpha.operation: Invalid enum value 'swtich'`.
+"""
+
+import base64
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
+
+import msgspec
+
+from protocol.errors import ConfigError
+from protocol.topics import DEFAULT_PREFIX, is_host_name
+
+_DURATION = r"^[1-9][0-9]*(s|m|h|d)$"
+_ENDPOINT = r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+_PREFIX = r"^[A-Za-z0-9_-]{1,32}$"
+Duration = Annotated[str, msgspec.Meta(pattern=_DURATION)]
+Endpoint = Annotated[str, msgspec.Meta(pattern=_ENDPOINT)]
+Prefix = Annotated[str, msgspec.Meta(pattern=_PREFIX)]
+
+# What to tell a person instead of msgspec's "Expected `str` matching regex '...'".
+_PATTERN_HINTS: Final = {
+    _DURATION: "expected a duration such as '90s', '15m', '1h' or '2d'",
+    _ENDPOINT: "expected HOST:PORT, such as '127.0.0.1:1883' or '[::1]:2222'",
+    _PREFIX: "expected one topic level of letters, digits, '_' or '-'",
+}
+
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SSH_KEY_RE: Final = re.compile(r"(?P<type>[a-z0-9@.-]+) (?P<blob>[A-Za-z0-9+/]+={0,2})(?: .*)?")
+
+
+def seconds(duration: str) -> int:
+    """Seconds in a Duration such as '15m'."""
+    return int(duration[:-1]) * _UNITS[duration[-1]]
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """('127.0.0.1', 1883) from '127.0.0.1:1883'; ('::1', 22) from '[::1]:22'."""
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_ssh_public_key(text: str) -> str:
+    """The key itself if `text` looks like one OpenSSH public key line, else ValueError."""
+    match = _SSH_KEY_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("not an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+    try:
+        blob = base64.b64decode(match["blob"], validate=True)
+    except ValueError as exc:
+        raise ValueError("public key is not valid base64") from exc
+    kind = match["type"].encode()
+    if blob[4 : 4 + len(kind)] != kind or int.from_bytes(blob[:4], "big") != len(kind):
+        raise ValueError(f"public key blob does not hold a {match['type']} key")
+    return f"{match['type']} {match['blob']}"
+
+
+class Operation(StrEnum):
+    SWITCH = "switch"
+    BOOT = "boot"
+    TEST = "test"
+
+
+class _Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# ---------------------------------------------------------------- fleet.toml
+
+
+class HostEntry(_Settings, kw_only=True):
+    """One `[hosts.<name>]` table of fleet.toml."""
+
+    ssh_key: str
+    operation: Operation = Operation.SWITCH
+    poll: Duration | None = None
+    tags: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = []
+    flake: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            check_ssh_public_key(self.ssh_key)
+        except ValueError as exc:
+            raise ValueError(f"ssh_key: {exc}") from None
+
+
+class FleetConfig(_Settings, kw_only=True):
+    hosts: dict[str, HostEntry]
+
+
+# ---------------------------------------------------------------- server.toml
+
+
+class ServerConfig(_Settings, kw_only=True):
+    """`herald serve`: one process with the broker, the SFTP server and the publisher."""
+
+    fleet: str
+    state: str
+    mqtt: Endpoint = "127.0.0.1:1883"
+    sftp: Endpoint = "127.0.0.1:2222"
+    prefix: Prefix = DEFAULT_PREFIX
+    keep_releases: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
+
+
+# ---------------------------------------------------------------- agent.toml
+
+
+class AgentServer(_Settings, kw_only=True):
+    """Where the host's chroot is served, and the server's pinned host key."""
+
+    address: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 22
+    host_key: str
+
+    def __post_init__(self) -> None:
+        try:
+            check_ssh_public_key(self.host_key)
+        except ValueError as exc:
+            raise ValueError(f"host_key: {exc}") from None
+
+
+class AgentBroker(_Settings, kw_only=True):
+    url: Annotated[str, msgspec.Meta(pattern=r"^mqtts?://")] | None = None
+    keepalive: Annotated[int, msgspec.Meta(ge=5, le=60)] = 60
+    prefix: Prefix = DEFAULT_PREFIX
+
+
+class AgentRebuild(_Settings, kw_only=True):
+    """The rebuild command, as an argv template.
+
+    Placeholders: {operation} {dir} {host} {flake}. Without `command`, herald runs
+    `nixos-rebuild {operation} --flake {dir}#{flake}` for a release with flake.nix and
+    `nixos-rebuild {operation} -I nixos-config={dir}/configuration.nix` otherwise.
+    """
+
+    command: list[str] | None = None
+    operation: Operation | None = None
+    timeout: Duration = "1h"
+
+
+class AgentConfig(_Settings, kw_only=True):
+    host: str
+    ssh_key: str
+    state_dir: str = "/var/lib/herald"
+    root: str = "/"
+    poll: Duration = "15m"
+    publisher_key: str | None = None
+    server: AgentServer
+    broker: AgentBroker = AgentBroker()
+    rebuild: AgentRebuild = AgentRebuild()
+
+    def __post_init__(self) -> None:
+        if not is_host_name(self.host):
+            raise ValueError(f"host {self.host!r} is not a valid host name")
+
+
+# ---------------------------------------------------------------- loading
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _where(exc: msgspec.ValidationError, prefix: str) -> str:
+    """'hosts.alpha.poll: Expected ...' from msgspec's 'Expected ... - at `$.poll`'."""
+    message, sep, location = str(exc).rpartition(" - at `")
+    if not sep:
+        message, location = location, ""
+    for pattern, hint in _PATTERN_HINTS.items():
+        if message.endswith(f"matching regex '{pattern}'"):
+            message = hint
+    path = location.rstrip("`").removeprefix("$").lstrip(".")
+    path = ".".join(part for part in (prefix, path) if part)
+    return f"{path}: {message}" if path else message
+
+
+def convert(data: object, kind: type[S], *, source: str, at: str = "") -> S:
+    try:
+        return msgspec.convert(data, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_where(exc, at)}") from exc
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def load(path: Path, kind: type[S]) -> S:
+    """Decode the TOML file at `path` strictly as `kind`."""
+    return convert(read_toml(path), kind, source=str(path))
+
+
+def load_fleet(path: Path) -> FleetConfig:
+    """fleet.toml, each host decoded on its own so that errors name the host."""
+    data = read_toml(path)
+    hosts = data.get("hosts")
+    if not isinstance(hosts, dict) or not hosts:
+        raise ConfigError(f"{path}: hosts: at least one [hosts.<name>] table is required")
+    for name, entry in hosts.items():
+        if not is_host_name(name):
+            raise ConfigError(
+                f"{path}: hosts.{name}: invalid host name (lower-case letters, digits and '-', "
+                "starting with a letter, at most 32 characters, not starting with 'herald-')"
+            )
+        hosts[name] = convert(entry, HostEntry, source=str(path), at=f"hosts.{name}")
+    return convert(data, FleetConfig, source=str(path))

@@ -1,0 +1,57 @@
+"""Announce releases: a retained `desired` per host, confirmed routed before returning."""
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import aiomqtt
+from loguru import logger
+
+from protocol.credentials import Secret
+from protocol.errors import UnreachableError
+from protocol.layout import StateDir
+from protocol.messages import Desired, encode
+from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.topics import PUBLISHER_USER, Topics
+from publisher.chroot import Chroot
+
+
+def desired_of(state: Path, hosts: Iterable[str]) -> dict[str, Desired]:
+    """What each host's chroot serves now, as `desired` payloads (hosts never published are left out)."""
+    found: dict[str, Desired] = {}
+    for host in hosts:
+        chroot = Chroot(StateDir(state).chroot(host))
+        current = chroot.current()
+        manifest = chroot.manifest(current.generation) if current else None
+        if current is None or manifest is None:
+            continue
+        found[host] = Desired(
+            generation=current.generation,
+            version=current.version,
+            published_at=manifest.published_at,
+            source_rev=manifest.source_rev,
+        )
+    return found
+
+
+async def announce(
+    desired: Mapping[str, Desired],
+    *,
+    url: BrokerURL,
+    password: Secret,
+    topics: Topics,
+    timeout: float = 10.0,
+) -> None:
+    """Publish every `desired` retained (QoS 1) and wait until the broker has routed them all."""
+    if not desired:
+        return
+    try:
+        async with connect(
+            url, username=PUBLISHER_USER, password=password, identifier=f"herald-publisher-{os.getpid()}", timeout=timeout
+        ) as client:
+            for host, payload in desired.items():
+                await client.publish(topics.desired(host), encode(payload), qos=1, retain=True)
+            await confirm_routed(client, topics, PUBLISHER_USER, timeout)
+    except (aiomqtt.MqttError, OSError) as exc:
+        raise UnreachableError(f"broker {url}: {exc}") from exc
+    logger.info("announced {} host(s) on {}", len(desired), url)

@@ -1,0 +1,151 @@
+"""One host's chroot on the server: the only tree that host can read.
+
+    <chroot>/current                   "<generation> <version>", replaced last
+    <chroot>/objects/<sha256>          contents, each written once
+    <chroot>/releases/<generation>/    MANIFEST + MANIFEST.sig, immutable once renamed into place
+    <chroot>/credentials/              broker.secret, publisher.pub
+    <chroot>/logs/                     the host's uploads
+
+Every write goes to a temp name first; a crash leaves the previous release served.
+"""
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from protocol.credentials import Secret, new_secret, read_secret
+from protocol.errors import PublishError, ReleaseError
+from protocol.files import fsync_dir, write_atomic
+from protocol.release import (
+    BROKER_SECRET,
+    CREDENTIALS,
+    CURRENT,
+    LOGS,
+    MANIFEST,
+    OBJECTS,
+    PUBLISHER_KEY,
+    RELEASES,
+    SIGNATURE,
+    Current,
+    Manifest,
+)
+from publisher.materialise import Source
+
+_CHUNK: Final = 1 << 20
+_TMP: Final = ".tmp-"
+
+
+class Chroot:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.objects = path / OBJECTS
+        self.releases = path / RELEASES
+
+    def current(self) -> Current | None:
+        try:
+            return Current.decode((self.path / CURRENT).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, generation: int) -> Manifest | None:
+        try:
+            data = (self.releases / str(generation) / MANIFEST).read_bytes()
+            return msgspec.json.decode(data, type=Manifest)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    def ensure_layout(self) -> None:
+        for directory, mode in (
+            (self.path, 0o755),
+            (self.objects, 0o755),
+            (self.releases, 0o755),
+            (self.path / CREDENTIALS, 0o750),
+            (self.path / LOGS, 0o750),
+        ):
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+
+    def ensure_credentials(self, publisher_key: str) -> tuple[Secret, bool]:
+        """The host's broker secret (created if missing) and whether it is new."""
+        credentials = self.path / CREDENTIALS
+        key_file = credentials / PUBLISHER_KEY
+        if not key_file.exists() or key_file.read_text(encoding="ascii").strip() != publisher_key:
+            write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640)
+        secret_file = credentials / BROKER_SECRET
+        if secret_file.exists():
+            return read_secret(secret_file), False
+        secret = new_secret()
+        write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640)
+        return secret, True
+
+    def write_object(self, source: Source, sha256: str) -> bool:
+        """Store `source` as objects/<sha256> unless present; True if a file was written.
+
+        The content is hashed again while it is copied: a file edited since it was hashed
+        fails here instead of being served under a name that is not its hash.
+        """
+        target = self.objects / sha256
+        if target.exists():
+            return False
+        tmp = self.objects / f"{_TMP}{sha256}.{os.getpid()}"
+        digest = hashlib.sha256()
+        try:
+            with open(source.real, "rb") as src, open(tmp, "wb") as dst:  # noqa: PTH123
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if digest.hexdigest() != sha256:
+                raise PublishError(f"{source.path}: file changed while publishing; publish again")
+            tmp.chmod(0o644)
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
+        """releases/<generation>/ with MANIFEST and its signature, renamed into place whole."""
+        final = self.releases / str(manifest.generation)
+        tmp = self.releases / f"{_TMP}{manifest.generation}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o755)
+        for name, content in ((MANIFEST, data), (SIGNATURE, signature)):
+            with open(tmp / name, "wb") as stream:  # noqa: PTH123
+                stream.write(content)
+                stream.flush()
+                os.fsync(stream.fileno())
+        fsync_dir(tmp)
+        if final.exists():  # left by a run that crashed before `current` named it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(self.releases)
+
+    def set_current(self, current: Current) -> None:
+        write_atomic(self.path / CURRENT, current.encode(), mode=0o644)
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes."""
+        current = self.current()
+        generations = sorted(
+            (int(entry.name) for entry in self.releases.iterdir() if entry.name.isdigit()), reverse=True
+        )
+        kept = [g for g in generations if current is None or g <= current.generation][:keep]
+        for entry in self.releases.iterdir():
+            if entry.name.startswith(_TMP) or (entry.name.isdigit() and int(entry.name) not in kept):
+                shutil.rmtree(entry, ignore_errors=True)
+        named: set[str] = set()
+        for generation in kept:
+            manifest = self.manifest(generation)
+            if manifest is None:
+                raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning objects")
+            named.update(entry.sha256 for entry in manifest.content.files)
+        for entry in self.objects.iterdir():
+            if entry.name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()

@@ -1,0 +1,44 @@
+"""The publisher's ed25519 key: created on first run, kept 0600 in STATE/publisher/."""
+
+import base64
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.errors import ConfigError
+from protocol.release import encode_public_key
+
+
+class Signer:
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public = encode_public_key(key.public_key())
+
+    def sign(self, data: bytes) -> bytes:
+        return base64.b64encode(self._key.sign(data)) + b"\n"
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "Signer":
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{path}: cannot load the publisher signing key: {exc}") from exc
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ConfigError(f"{path}: the publisher signing key must be ed25519")
+            return cls(key)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(pem)
+            stream.flush()
+            os.fsync(stream.fileno())
+        tmp.replace(path)
+        return cls(key)
