@@ -82,9 +82,7 @@ def _expand(rule: Rule, user: str) -> str:
 
 
 def may_publish(user: str, topic: str, topics: Topics) -> bool:
-    return any(
-        r.access is Access.WRITE and matches(_expand(r, user), topic) for r in rules(user, topics)
-    )
+    return any(r.access is Access.WRITE and matches(_expand(r, user), topic) for r in rules(user, topics))
 
 
 def may_receive(user: str, topic: str, topics: Topics) -> bool:

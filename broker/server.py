@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -34,14 +35,16 @@ class HeraldBroker(Broker):
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _initialize_client_session(
-        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
         if session.keep_alive > 0:
             # The reader loop waits this long for each packet; on timeout it calls
             # handle_read_timeout, which amqtt leaves empty.
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
-            handler.handle_read_timeout = lambda: _drop_silent(handler, session)  # type: ignore[method-assign]
+            handler.handle_read_timeout = lambda: _drop_silent(handler, session)
         return handler, session
 
 

@@ -35,6 +35,26 @@ from protocol.settings import AgentConfig, seconds
 _KEEP_LOGS: Final = 20
 
 
+def decide(
+    current: Current, deployed: Applied | None, failed: Applied | None, *, force: bool
+) -> tuple[Phase, str] | None:
+    """What to report without fetching, or None when `current` should be fetched and applied."""
+    if deployed is not None and current.generation < deployed.generation:
+        offered = f"server offers generation {current.generation}"
+        return Phase.FAILED, f"refused: {offered}, older than deployed {deployed.generation}"
+    if deployed is not None and current.generation == deployed.generation:
+        if current.version != deployed.version:
+            return Phase.FAILED, f"refused: generation {current.generation} reused with other content"
+        return None if force else (Phase.IDLE, "up to date")
+    if (
+        not force
+        and failed is not None
+        and (failed.generation, failed.version) == (current.generation, current.version)
+    ):
+        return Phase.FAILED, failed.message
+    return None
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -124,28 +144,15 @@ class Agent:
 
     async def cycle(self, *, force: bool) -> State:
         """Check; fetch, verify and apply a new generation; report. Returns the state reported."""
-        report = self.reporter.report
-        deployed = self.store.deployed()
         sftp = await self.link.sftp()
         key = await self._credentials(sftp)
         current = await check(sftp)
-        if deployed is not None and current.generation <= deployed.generation:
-            if current.generation < deployed.generation:
-                message = f"server offers generation {current.generation}, older than deployed {deployed.generation}"
-                self.log.error("refused: {}", message)
-                return await report(Phase.FAILED, target=current.generation, message=f"refused: {message}")
-            if current.version != deployed.version:
-                return await report(
-                    Phase.FAILED, target=current.generation, message="refused: generation reused with other content"
-                )
-            if not force:
-                return await report(Phase.IDLE, target=current.generation, message="up to date")
-        failed = self.store.failed()
-        if not force and failed is not None and (failed.generation, failed.version) == (
-            current.generation,
-            current.version,
-        ):
-            return await report(Phase.FAILED, target=current.generation, message=failed.message)
+        verdict = decide(current, self.store.deployed(), self.store.failed(), force=force)
+        if verdict is not None:
+            phase, message = verdict
+            if phase is Phase.FAILED:
+                self.log.warning("generation {}: {}", current.generation, message)
+            return await self.reporter.report(phase, target=current.generation, message=message)
 
         started = now()
         log_path = self.store.logs / log_name(started, current.generation, "running")
@@ -158,7 +165,12 @@ class Agent:
         return await self._finish(outcome, log_path)
 
     async def _apply(
-        self, sftp: asyncssh.SFTPClient, key: Ed25519PublicKey, current: Current, started: datetime, run_log: TextIO
+        self,
+        sftp: asyncssh.SFTPClient,
+        key: Ed25519PublicKey,
+        current: Current,
+        started: datetime,
+        run_log: TextIO,
     ) -> "_Outcome":
         report = self.reporter.report
         generation, version = current.generation, current.version
@@ -208,7 +220,9 @@ class Agent:
         result = "applied" if outcome.ok else "failed"
         log_path = running_log.with_name(log_name(outcome.started, outcome.generation, result))
         running_log.replace(log_path)
-        record = Applied(generation=outcome.generation, version=outcome.version, at=now(), message=outcome.message)
+        record = Applied(
+            generation=outcome.generation, version=outcome.version, at=now(), message=outcome.message
+        )
         previous = self.store.deployed()
         if outcome.ok:
             self.store.set_deployed(record)
@@ -220,7 +234,9 @@ class Agent:
             self.log.error("generation {}: {}", outcome.generation, outcome.message)
         await self._upload_log(log_path)
         phase = Phase.IDLE if outcome.ok else Phase.FAILED
-        return await self.reporter.report(phase, target=outcome.generation, message=outcome.message, log=log_path.name)
+        return await self.reporter.report(
+            phase, target=outcome.generation, message=outcome.message, log=log_path.name
+        )
 
     # ---------------------------------------------------------------- server side files
 
@@ -255,7 +271,7 @@ class Agent:
             names = sorted(name for name in await sftp.listdir(LOGS) if name.endswith(".log"))
             for name in names[:-_KEEP_LOGS]:
                 await sftp.remove(f"{LOGS}/{name}")
-        except (HeraldError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, HeraldError, OSError) as exc:
             self.log.warning("log {} not uploaded: {}", path.name, exc)
         except Exception as exc:  # noqa: BLE001 - asyncssh raises many kinds; a log upload never stops the agent
             self.log.warning("log {} not uploaded: {}", path.name, exc)

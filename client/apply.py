@@ -1,6 +1,7 @@
 """Apply a verified release: install `files/` into the root, then run the rebuild command."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -26,7 +27,12 @@ def rebuild_argv(config: AgentConfig, manifest: Manifest, tree: Path) -> list[st
         template = ["nixos-rebuild", "{operation}", "--flake", "{dir}#{flake}"]
     else:
         template = ["nixos-rebuild", "{operation}", "-I", "nixos-config={dir}/configuration.nix"]
-    values = {"operation": Operation(operation).value, "dir": str(tree), "host": config.host, "flake": flake or ""}
+    values = {
+        "operation": Operation(operation).value,
+        "dir": str(tree),
+        "host": config.host,
+        "flake": flake or "",
+    }
     try:
         return [part.format_map(values) for part in template]
     except (KeyError, ValueError, IndexError) as exc:
@@ -98,12 +104,8 @@ async def run_rebuild(argv: list[str], *, timeout: float, log: TextIO) -> Rebuil
 async def _kill(process: asyncio.subprocess.Process) -> None:
     """SIGTERM the whole process group, SIGKILL whatever is left after a grace period."""
     for sig, grace in ((signal.SIGTERM, _KILL_GRACE), (signal.SIGKILL, None)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await process.wait()
-        except TimeoutError:
-            continue

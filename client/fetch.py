@@ -22,9 +22,9 @@ from client.store import Store
 from protocol.errors import ReleaseError, UnreachableError
 from protocol.release import (
     CURRENT,
+    MANIFEST,
     MAX_CURRENT,
     MAX_MANIFEST,
-    MANIFEST,
     OBJECTS,
     SIGNATURE,
     Current,
@@ -56,9 +56,9 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
         raise ReleaseError(f"{path} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
         raise ReleaseError(f"{path}: {exc.reason}") from exc
-    if not isinstance(data, bytes) or len(data) > limit:
+    if len(data) > limit:
         raise ReleaseError(f"{path} is larger than {limit} bytes")
-    return data
+    return _binary(data)
 
 
 async def check(sftp: asyncssh.SFTPClient) -> Current:
@@ -147,11 +147,9 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
         with os.fdopen(fd, "wb") as out:
             async with sftp.open(path, "rb") as stream:
                 while size <= entry.size:
-                    chunk = await stream.read(_CHUNK)
+                    chunk = _binary(await stream.read(_CHUNK))
                     if not chunk:
                         break
-                    if not isinstance(chunk, bytes):
-                        raise ReleaseError(f"{path}: unexpected data")
                     size += len(chunk)
                     digest.update(chunk)
                     out.write(chunk)
@@ -163,6 +161,13 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
         raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
     if size != entry.size or digest.hexdigest() != entry.sha256:
         raise ReleaseError(f"{entry.path}: content does not match its sha256 in MANIFEST")
+
+
+def _binary(data: str | bytes) -> bytes:
+    """asyncssh types reads as str | bytes; files opened "rb" give bytes."""
+    if isinstance(data, bytes):
+        return data
+    raise TypeError("SFTP file was not opened in binary mode")
 
 
 def _write_new(target: Path, data: bytes) -> None:

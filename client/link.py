@@ -5,6 +5,7 @@ The server's host key is pinned from agent.toml: an unknown or changed key is re
 
 import asyncio
 from types import TracebackType
+from typing import Self
 
 import asyncssh
 from loguru import logger
@@ -56,14 +57,13 @@ class ServerLink:
             except asyncssh.HostKeyNotVerifiable as exc:
                 await self._close()
                 raise UnreachableError(
-                    f"SFTP server {where}: its host key is not the one pinned in agent.toml (server.host_key); "
-                    "if the server's key changed on purpose, update agent.toml"
+                    f"SFTP server {where}: its host key is not the one pinned in agent.toml "
+                    "(server.host_key); if the server's key changed on purpose, update agent.toml"
                 ) from exc
             except asyncssh.PermissionDenied as exc:
                 await self._close()
-                raise UnreachableError(
-                    f"SFTP server {where}: our key {self._config.ssh_key} was refused for user {self._config.host}"
-                ) from exc
+                refused = f"our key {self._config.ssh_key} was refused for user {self._config.host}"
+                raise UnreachableError(f"SFTP server {where}: {refused}") from exc
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 await self._close()
                 raise UnreachableError(f"SFTP server {where}: {exc or exc.__class__.__name__}") from exc
@@ -84,7 +84,7 @@ class ServerLink:
             await self._conn.wait_closed()
             self._conn = None
 
-    async def __aenter__(self) -> "ServerLink":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

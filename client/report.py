@@ -6,6 +6,7 @@ logged and dropped.
 """
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
@@ -118,10 +119,8 @@ class Reporter:
             return
         backoff = Backoff(cap=60.0)
         if self._secret is None:
-            try:
+            with contextlib.suppress(ConfigError):  # else it is read over SFTP at the first check
                 self.set_secret(read_secret(self.store.root / BROKER_SECRET))
-            except ConfigError:
-                pass  # read over SFTP at the first check
         while True:
             await self._secret_ready.wait()
             if self._secret is None:
@@ -182,7 +181,10 @@ class Reporter:
 
     def _on_desired(self, agent: "Agent", desired: Desired) -> None:
         deployed = self.store.deployed()
-        if deployed is None or (desired.generation, desired.version) != (deployed.generation, deployed.version):
+        if deployed is None or (desired.generation, desired.version) != (
+            deployed.generation,
+            deployed.version,
+        ):
             agent.request(f"desired generation {desired.generation}")
 
     def _on_command(self, agent: "Agent", command: Command) -> None:
@@ -199,4 +201,3 @@ class Reporter:
             agent.request(f"command {command.id}", force=True)
         else:
             self.log.warning("command {}: {} is not supported by this agent yet", command.id, command.action)
-

@@ -1,14 +1,14 @@
 """The agent's state directory: fetched trees, what is deployed, what failed.
 
-    <state>/trees/<generation>/           a verified release tree, never changed once renamed in
-    <state>/trees/<generation>.manifest   its MANIFEST (the index of what the agent already has)
-    <state>/release -> trees/<generation> the tree the last rebuild ran against
-    <state>/deployed.json                 the last generation applied successfully
-    <state>/failed.json                   the last generation that failed (not retried in a loop)
-    <state>/commands.json                 ids of commands already executed
-    <state>/publisher.pub                 the publisher key, pinned on first use
-    <state>/broker.secret                 the broker secret read from the server (0600)
-    <state>/logs/                         one log per run, uploaded to the server's logs/
+<state>/trees/<generation>/           a verified release tree, never changed once renamed in
+<state>/trees/<generation>.manifest   its MANIFEST (the index of what the agent already has)
+<state>/release -> trees/<generation> the tree the last rebuild ran against
+<state>/deployed.json                 the last generation applied successfully
+<state>/failed.json                   the last generation that failed (not retried in a loop)
+<state>/commands.json                 ids of commands already executed
+<state>/publisher.pub                 the publisher key, pinned on first use
+<state>/broker.secret                 the broker secret read from the server (0600)
+<state>/logs/                         one log per run, uploaded to the server's logs/
 """
 
 import os
@@ -76,7 +76,9 @@ class Store:
     def mark_command(self, command_id: str) -> None:
         done = self._commands().done
         done.append(command_id)
-        write_atomic(self.root / "commands.json", msgspec.json.encode(_Commands(done[-_KEEP_COMMANDS:])), mode=0o600)
+        write_atomic(
+            self.root / "commands.json", msgspec.json.encode(_Commands(done[-_KEEP_COMMANDS:])), mode=0o600
+        )
 
     def _commands(self) -> _Commands:
         try:

@@ -17,7 +17,9 @@ from publisher.announce import announce, desired_of
 
 async def announce_hosts(state: Path, broker: str, hosts: list[str], prefix: str) -> None:
     password = read_secret(StateDir(state).service_secret(PUBLISHER_USER))
-    await announce(desired_of(state, hosts), url=BrokerURL.parse(broker), password=password, topics=Topics(prefix))
+    await announce(
+        desired_of(state, hosts), url=BrokerURL.parse(broker), password=password, topics=Topics(prefix)
+    )
 
 
 async def trigger(state: Path, broker: str, hosts: list[str], action: Action, prefix: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -11,9 +12,20 @@ from typing import Any, TypeVar
 import msgspec
 from loguru import logger
 
+from client.agent import Agent
+from herald.announcing import announce_hosts, trigger
+from herald.fleet import as_json, collect, table
+from herald.output import console, fail, print_report
 from protocol import __version__, log
+from protocol.credentials import read_secret
 from protocol.errors import ConfigError, HeraldError, UnreachableError
+from protocol.layout import StateDir
+from protocol.messages import Action, Phase
+from protocol.mqtt import BrokerURL
 from protocol.settings import AgentConfig, ServerConfig, convert, load
+from protocol.topics import ADMIN_USER, Topics
+from publisher.inventory import load_inventory
+from publisher.publish import Status, publish
 
 T = TypeVar("T")
 DEFAULT_STATE = "/var/lib/herald"
@@ -34,30 +46,32 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from herald.output import print_report  # noqa: PLC0415 - keep `herald agent` light
-    from publisher.publish import Status, publish
-
     report = publish(args.fleet, args.state, dry_run=args.dry_run, keep_releases=args.keep)
     print_report(report)
     changed = [result.host for result in report.of(Status.CHANGED)]
     if args.broker and changed and not args.dry_run:
-        from herald.announcing import announce_hosts  # noqa: PLC0415
-
         try:
             _run(announce_hosts(args.state, args.broker, changed, args.prefix))
         except UnreachableError as exc:
-            logger.warning("releases written, announcement skipped: {}; agents pick them up on their timer", exc)
+            logger.warning(
+                "releases written, announcement skipped: {}; agents pick them up on their timer", exc
+            )
     return 1 if report.of(Status.FAILED) else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from herald.serve import serve  # noqa: PLC0415 - needs the server extra (amqtt)
+    from herald.serve import serve  # noqa: PLC0415 - only servers install amqtt (the server extra)
 
     if args.config is not None:
         config = load(args.config, ServerConfig)
         overrides = {
             key: str(value)
-            for key, value in (("fleet", args.fleet), ("state", args.state), ("mqtt", args.mqtt), ("sftp", args.sftp))
+            for key, value in (
+                ("fleet", args.fleet),
+                ("state", args.state),
+                ("mqtt", args.mqtt),
+                ("sftp", args.sftp),
+            )
             if value is not None
         }
         config = convert(msgspec.structs.asdict(config) | overrides, ServerConfig, source=str(args.config))
@@ -65,23 +79,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.fleet is None or args.state is None:
             raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
         fields = {"fleet": str(args.fleet), "state": str(args.state)}
-        fields |= {key: value for key, value in (("mqtt", args.mqtt), ("sftp", args.sftp)) if value is not None}
+        fields |= {
+            key: value for key, value in (("mqtt", args.mqtt), ("sftp", args.sftp)) if value is not None
+        }
         config = convert(fields, ServerConfig, source="command line")
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         _run(serve(config))
-    except asyncio.CancelledError:
-        pass
     return 0
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from client.agent import Agent  # noqa: PLC0415
-    from protocol.messages import Phase  # noqa: PLC0415
-
     agent = Agent(load(args.config, AgentConfig))
     if args.once:
         state = _run(agent.once())
-        print(f"{agent.host}: {state.phase} (deployed generation {state.deployed_generation}) {state.message}")  # noqa: T201
+        deployed = state.deployed_generation
+        console.print(f"{agent.host}: {state.phase} (deployed generation {deployed}) {state.message}")
         return 0 if state.phase is Phase.IDLE else 1
     try:
         _run(agent.run())
@@ -91,14 +103,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from herald.fleet import as_json, collect, table  # noqa: PLC0415
-    from herald.output import console  # noqa: PLC0415
-    from protocol.credentials import read_secret  # noqa: PLC0415
-    from protocol.layout import StateDir  # noqa: PLC0415
-    from protocol.mqtt import BrokerURL  # noqa: PLC0415
-    from protocol.topics import ADMIN_USER, Topics  # noqa: PLC0415
-    from publisher.inventory import load_inventory  # noqa: PLC0415
-
     password = read_secret(StateDir(args.state).service_secret(ADMIN_USER))
     view = _run(collect(BrokerURL.parse(args.broker), password, Topics(args.prefix)))
     if args.fleet is not None:
@@ -111,17 +115,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    from herald.announcing import trigger  # noqa: PLC0415
-    from protocol.messages import Action  # noqa: PLC0415
-
     ids = _run(trigger(args.state, args.broker, args.hosts, Action(args.action), args.prefix))
     for host, command_id in ids.items():
-        print(f"{host}: {args.action} requested ({command_id})")  # noqa: T201
+        console.print(f"{host}: {args.action} requested ({command_id})")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from herald.demo import demo  # noqa: PLC0415
+def cmd_demo(_args: argparse.Namespace) -> int:
+    from herald.demo import demo  # noqa: PLC0415 - only servers install amqtt (the server extra)
 
     return _run(demo())
 
@@ -130,24 +131,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="herald", description="Keep a NixOS fleet on the configuration in git.")
+    top = argparse.ArgumentParser(
+        prog="herald", description="Keep a NixOS fleet on the configuration in git."
+    )
     top.add_argument("--version", action="version", version=f"herald {__version__}")
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.set_defaults(handler=handler)
         return cmd
 
     def broker_options(cmd: argparse.ArgumentParser, *, required: bool) -> None:
-        cmd.add_argument("--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        cmd.add_argument(
+            "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+        )
         cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
 
     cmd = command("publish", cmd_publish, "write releases for every changed host, and announce them")
     cmd.add_argument("--fleet", type=Path, required=True, metavar="DIR", help="the fleet repository")
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
-    cmd.add_argument("--dry-run", action="store_true", help="say which hosts and files would change; write nothing")
+    cmd.add_argument(
+        "--dry-run", action="store_true", help="say which hosts and files would change; write nothing"
+    )
     cmd.add_argument("--keep", type=int, default=3, metavar="N", help="releases kept per host (default: 3)")
     broker_options(cmd, required=False)
 
@@ -164,13 +173,17 @@ def parser() -> argparse.ArgumentParser:
 
     cmd = command("status", cmd_status, "show every host's desired and deployed generation")
     broker_options(cmd, required=True)
-    cmd.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret")
+    cmd.add_argument(
+        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
+    )
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="also list hosts never seen")
     cmd.add_argument("--json", action="store_true", help="JSON on stdout")
 
     cmd = command("trigger", cmd_trigger, "ask hosts to check (or rebuild) now")
     broker_options(cmd, required=True)
-    cmd.add_argument("--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret")
+    cmd.add_argument(
+        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
+    )
     cmd.add_argument("--action", choices=("check", "rebuild", "rollback"), default="check")
     cmd.add_argument("hosts", nargs="+", metavar="HOST")
 
@@ -184,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except HeraldError as exc:
-        from herald.output import fail  # noqa: PLC0415
-
         fail(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:

@@ -32,21 +32,31 @@ WAIT = 60.0
 
 
 def example_fleet() -> Path:
-    for candidate in (Path(__file__).parent / "example_fleet", Path(__file__).parents[1] / "deploy" / "example-fleet"):
+    for candidate in (
+        Path(__file__).parent / "example_fleet",
+        Path(__file__).parents[1] / "deploy" / "example-fleet",
+    ):
         if (candidate / "fleet.toml").is_file():
             return candidate
     raise HeraldError("the example fleet (deploy/example-fleet) is not installed with this copy of herald")
 
 
-def _agent_toml(
-    host: str, home: Path, server: Server, host_key: str, sftp_port: int, record: Path
-) -> str:
-    command = [sys.executable, "-m", "herald.standin", "--record", str(record), "{operation}", "{dir}", "{host}"]
+def _agent_toml(host: str, home: Path, server: Server, host_key: str, sftp_port: int, record: Path) -> str:
+    command = [
+        sys.executable,
+        "-m",
+        "herald.standin",
+        "--record",
+        str(record),
+        "{operation}",
+        "{dir}",
+        "{host}",
+    ]
     return f"""\
 host = "{host}"
-ssh_key = "{home / 'id_ed25519'}"
-state_dir = "{home / 'state'}"
-root = "{home / 'root'}"
+ssh_key = "{home / "id_ed25519"}"
+state_dir = "{home / "state"}"
+root = "{home / "root"}"
 poll = "1h"
 
 [server]
@@ -63,7 +73,9 @@ command = {json.dumps(command)}
 """
 
 
-async def _watch(view: FleetView, client: aiomqtt.Client, done: Callable[[FleetView], bool], what: str) -> None:
+async def _watch(
+    view: FleetView, client: aiomqtt.Client, done: Callable[[FleetView], bool], what: str
+) -> None:
     if done(view):
         return
     try:
@@ -95,83 +107,108 @@ async def demo() -> int:
         return await _demo(Path(tmp))
 
 
-async def _demo(root: Path) -> int:
+def _prepare_fleet(root: Path) -> tuple[Path, dict[str, Path]]:
+    """A copy of the example fleet whose hosts log in with keys made now; each host's home dir."""
     fleet = root / "fleet"
     shutil.copytree(example_fleet(), fleet, symlinks=True)
     fleet_toml = (fleet / "fleet.toml").read_text(encoding="utf-8")
-    hosts = sorted(tomllib.loads(fleet_toml)["hosts"])
-    homes = {host: root / "agents" / host for host in hosts}
+    entries = tomllib.loads(fleet_toml)["hosts"]
+    homes = {host: root / "agents" / host for host in sorted(entries)}
     for host, home in homes.items():
         home.mkdir(parents=True)
         key = asyncssh.generate_private_key("ssh-ed25519", comment=f"root@{host}")
         key.write_private_key(str(home / "id_ed25519"))
-        old = tomllib.loads(fleet_toml)["hosts"][host]["ssh_key"]
-        fleet_toml = fleet_toml.replace(old, key.export_public_key().decode().strip())
+        fleet_toml = fleet_toml.replace(entries[host]["ssh_key"], key.export_public_key().decode().strip())
     (fleet / "fleet.toml").write_text(fleet_toml, encoding="utf-8")
+    return fleet, homes
 
+
+async def _start_agents(server: Server, homes: dict[str, Path]) -> list[asyncio.subprocess.Process]:
+    sftp = server.sftp
+    if sftp is None:
+        raise HeraldError("demo: the SFTP server did not start")
+    agents = []
+    for host, home in homes.items():
+        config = home / "agent.toml"
+        text = _agent_toml(host, home, server, sftp.public_host_key, sftp.port, home / "rebuilds.jsonl")
+        config.write_text(text, encoding="utf-8")
+        with (home / "agent.log").open("w") as log:
+            agents.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "herald", "agent", "--config", str(config), stdout=log, stderr=log
+                )
+            )
+    return agents
+
+
+async def _stop_agents(agents: list[asyncio.subprocess.Process]) -> None:
+    for agent in agents:
+        if agent.returncode is None:
+            agent.terminate()
+    for agent in agents:
+        try:
+            async with asyncio.timeout(10):
+                await agent.wait()
+        except TimeoutError:
+            agent.kill()
+            await agent.wait()
+
+
+async def _propagate(server: Server, fleet: Path, homes: dict[str, Path]) -> FleetView:
+    """Wait for generation 1 everywhere, change one host, publish, and time its rebuild."""
+    if server.url is None:
+        raise HeraldError("demo: the broker did not start")
+    hosts = sorted(homes)
+    password = read_secret(server.state.service_secret(ADMIN_USER))
+    async with connect(server.url, username=ADMIN_USER, password=password) as watcher:
+        view = FleetView(server.topics)
+        for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE):
+            await watcher.subscribe(server.topics.every(kind), qos=1)
+        started = time.monotonic()
+        await _watch(view, watcher, _at(dict.fromkeys(hosts, 1)), "every host applying generation 1")
+        console.print(f"all {len(hosts)} hosts applied generation 1 in {time.monotonic() - started:.1f}s")
+
+        edited = hosts[0]
+        motd = fleet / "hosts" / edited / "files" / "etc" / "motd"
+        motd.write_text(
+            motd.read_text(encoding="utf-8") + "A change published by the demo.\n", encoding="utf-8"
+        )
+        console.rule(f"edit hosts/{edited}/files/etc/motd and publish again")
+        published = time.time()
+        report = await server.publish()
+        print_report(report)
+        generations = {row.host: row.generation for row in report.hosts}
+        await _watch(view, watcher, _at(generations), f"{edited} applying generation {generations[edited]}")
+    records = (homes[edited] / "rebuilds.jsonl").read_text(encoding="utf-8").splitlines()
+    rebuild_started = json.loads(records[-1])["t"]
+    installed = (homes[edited] / "root" / "etc" / "motd").read_text(encoding="utf-8").splitlines()[-1]
+    console.print(
+        f"{edited}: rebuild started {rebuild_started - published:.2f}s after the publish began "
+        f"(the publish itself took {report.seconds:.2f}s); its /etc/motd now ends {installed!r}"
+    )
+    return view
+
+
+async def _demo(root: Path) -> int:
+    fleet, homes = _prepare_fleet(root)
     console.rule("herald demo")
-    console.print(f"fleet: {len(hosts)} hosts ({', '.join(hosts)}) in {fleet}")
-    server = Server(ServerConfig(fleet=str(fleet), state=str(root / "state"), mqtt="127.0.0.1:0", sftp="127.0.0.1:0"))
+    console.print(f"fleet: {len(homes)} hosts ({', '.join(homes)}) in {fleet}")
+    config = ServerConfig(fleet=str(fleet), state=str(root / "state"), mqtt="127.0.0.1:0", sftp="127.0.0.1:0")
+    server = Server(config)
     agents: list[asyncio.subprocess.Process] = []
     try:
         report = await server.start()
-        sftp = server.sftp
-        if sftp is None:
-            raise HeraldError("demo: the SFTP server did not start")
-        console.print(f"embedded broker {server.url}, SFTP 127.0.0.1:{sftp.port}; first publish:")
+        console.print(
+            f"embedded broker {server.url}, SFTP on port {server.sftp.port if server.sftp else '?'}:"
+        )
         print_report(report)
-        for host, home in homes.items():
-            config = home / "agent.toml"
-            config.write_text(
-                _agent_toml(host, home, server, sftp.public_host_key, sftp.port, home / "rebuilds.jsonl"),
-                encoding="utf-8",
-            )
-            with (home / "agent.log").open("w") as log:
-                agents.append(
-                    await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "herald", "agent", "--config", str(config), stdout=log, stderr=log
-                    )
-                )
-        console.print(f"started {len(agents)} agents; their logs are in {root / 'agents'}/*/agent.log")
-
-        password = read_secret(server.state.service_secret(ADMIN_USER))
-        async with connect(server.url, username=ADMIN_USER, password=password) as watcher:
-            view = FleetView(server.topics)
-            for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE):
-                await watcher.subscribe(server.topics.every(kind), qos=1)
-            started = time.monotonic()
-            await _watch(view, watcher, _at(dict.fromkeys(hosts, 1)), "every host applying generation 1")
-            console.print(f"all {len(hosts)} hosts applied generation 1 in {time.monotonic() - started:.1f}s")
-
-            edited = hosts[0]
-            motd = fleet / "hosts" / edited / "files" / "etc" / "motd"
-            motd.write_text(motd.read_text(encoding="utf-8") + "A change published by the demo.\n", encoding="utf-8")
-            console.rule(f"edit hosts/{edited}/files/etc/motd and publish again")
-            published = time.time()
-            report = await server.publish()
-            print_report(report)
-            generations = {row.host: row.generation for row in report.hosts}
-            await _watch(view, watcher, _at(generations), f"{edited} applying generation {generations[edited]}")
-            records = (homes[edited] / "rebuilds.jsonl").read_text(encoding="utf-8").splitlines()
-            rebuild_started = json.loads(records[-1])["t"]
-            console.print(
-                f"{edited}: rebuild started {rebuild_started - published:.2f}s after the publish began "
-                f"(the publish itself took {report.seconds:.2f}s); "
-                f"installed motd: {(homes[edited] / 'root' / 'etc' / 'motd').read_text(encoding='utf-8').splitlines()[-1]!r}"
-            )
+        agents = await _start_agents(server, homes)
+        console.print(f"started {len(agents)} agents; their logs are in {root / 'agents'}/<host>/agent.log")
+        view = await _propagate(server, fleet, homes)
         console.rule("fleet")
         console.print(table(view))
         return 0
     finally:
-        for agent in agents:
-            if agent.returncode is None:
-                agent.terminate()
-        for agent in agents:
-            try:
-                async with asyncio.timeout(10):
-                    await agent.wait()
-            except TimeoutError:
-                agent.kill()
-                await agent.wait()
+        await _stop_agents(agents)
         await server.stop()
         logger.debug("demo stopped")

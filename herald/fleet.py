@@ -40,6 +40,9 @@ _STYLE: Final = {
 }
 
 
+_BUSY: Final = {Phase.FAILED: Status.FAILED, Phase.ROLLED_BACK: Status.ROLLED_BACK}
+
+
 @dataclass(slots=True)
 class HostView:
     host: str
@@ -51,23 +54,22 @@ class HostView:
         return self.online is not None and self.online.online and at - self.online.at < 3 * HEARTBEAT
 
     def status(self, at: datetime | None = None) -> Status:
-        at = at or now()
         if self.state is None:
             return Status.NEVER_SEEN
-        if not self.is_online(at):
+        if not self.is_online(at or now()):
             return Status.OFFLINE
-        if self.state.phase is Phase.FAILED:
-            return Status.FAILED
-        if self.state.phase is Phase.ROLLED_BACK:
-            return Status.ROLLED_BACK
         if self.state.phase is not Phase.IDLE:
-            return Status.APPLYING
+            return _BUSY.get(self.state.phase, Status.APPLYING)
         if self.desired is not None and self.state.deployed_generation < self.desired.generation:
             return Status.PENDING
         return Status.UP_TO_DATE
 
     def last_seen(self) -> datetime | None:
-        times = [t for t in (self.online.at if self.online else None, self.state.since if self.state else None) if t]
+        times = [
+            t
+            for t in (self.online.at if self.online else None, self.state.since if self.state else None)
+            if t
+        ]
         return max(times) if times else None
 
 

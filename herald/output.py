@@ -1,4 +1,4 @@
-"""Human output: tables on a terminal, plain lines otherwise (rich decides)."""
+"""Human output: tables on a terminal, plain wide lines otherwise (rich decides the styling)."""
 
 import sys
 
@@ -7,7 +7,8 @@ from rich.table import Table
 
 from publisher.publish import Report, Status
 
-console = Console(highlight=False)
+# Not a terminal: no wrapping at 80 columns, so lines stay whole for grep and logs.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 errors = Console(stderr=True, highlight=False)
 
 _STYLE = {Status.CHANGED: "green", Status.UNCHANGED: "dim", Status.FAILED: "bold red"}
@@ -15,24 +16,23 @@ _STYLE = {Status.CHANGED: "green", Status.UNCHANGED: "dim", Status.FAILED: "bold
 
 def fail(message: str) -> None:
     """The one line a user sees for an error they can act on."""
-    errors.print(f"[bold red]herald:[/] {message}", markup=True, soft_wrap=True)
+    errors.print(f"[bold red]herald:[/] {message}", soft_wrap=True)
 
 
 def print_report(report: Report) -> None:
+    """The publish summary: one row per host, then the counts."""
     grid = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("host", "result", "generation", "files", "note"):
         grid.add_column(column)
     for result in report.hosts:
-        files = ""
-        if result.status is Status.CHANGED:
-            files = f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}"
-        note = result.message.splitlines()[0] if result.message else ""
+        changed = result.status is Status.CHANGED
+        label = "would change" if report.dry_run and changed else str(result.status)
         grid.add_row(
             result.host,
-            f"[{_STYLE[result.status]}]{'would change' if report.dry_run and result.status is Status.CHANGED else result.status}[/]",
+            f"[{_STYLE[result.status]}]{label}[/]",
             str(result.generation or "-"),
-            files,
-            note,
+            f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}" if changed else "",
+            result.message.splitlines()[0] if result.message else "",
         )
     console.print(grid)
     if report.dry_run:
@@ -42,4 +42,3 @@ def print_report(report: Report) -> None:
                     console.print(f"  {result.host}: {mark} {path}")
     counts = ", ".join(f"{len(report.of(status))} {status}" for status in Status)
     console.print(f"{'dry run: ' if report.dry_run else ''}{counts} in {report.seconds:.2f}s", style="bold")
-    sys.stdout.flush()

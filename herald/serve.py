@@ -7,6 +7,7 @@ that matters, so a restart loses nothing.
 import asyncio
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ from protocol.credentials import read_secret
 from protocol.errors import UnreachableError
 from protocol.files import write_atomic
 from protocol.layout import StateDir
+from protocol.messages import Desired
 from protocol.mqtt import BrokerURL
 from protocol.settings import ServerConfig, parse_endpoint
 from protocol.topics import PUBLISHER_USER, Topics
@@ -41,25 +43,31 @@ class Server:
         self.config = config
         self.state = StateDir(Path(config.state))
         self.topics = Topics(config.prefix)
-        mqtt_host, mqtt_port = parse_endpoint(config.mqtt)
         sftp_host, sftp_port = parse_endpoint(config.sftp)
-        self.broker = EmbeddedBroker(
-            host=mqtt_host, port=mqtt_port, password_file=self.state.passwd, prefix=config.prefix
-        )
+        self.broker: EmbeddedBroker | None = None
+        if config.mqtt != "off":
+            mqtt_host, mqtt_port = parse_endpoint(config.mqtt)
+            self.broker = EmbeddedBroker(
+                host=mqtt_host, port=mqtt_port, password_file=self.state.passwd, prefix=config.prefix
+            )
         self._sftp_address = (sftp_host, sftp_port)
         self.sftp: SFTPService | None = None
         self._lock = asyncio.Lock()
 
     @property
-    def url(self) -> BrokerURL:
-        return BrokerURL(self.broker.host, self.broker.port)
+    def url(self) -> BrokerURL | None:
+        """The embedded broker's address; None when it is off."""
+        return BrokerURL(self.broker.host, self.broker.port) if self.broker else None
 
     async def start(self) -> Report:
         report = await self.publish(announce_changes=False)
         self.sftp = SFTPService(self.state.root, host=self._sftp_address[0], port=self._sftp_address[1])
-        await self.broker.start()
+        if self.broker is not None:
+            await self.broker.start()
         await self.sftp.start()
-        info = RunInfo(os.getpid(), str(self.url), self.sftp.host, self.sftp.port, self.sftp.public_host_key)
+        info = RunInfo(
+            os.getpid(), str(self.url or ""), self.sftp.host, self.sftp.port, self.sftp.public_host_key
+        )
         (self.state.root / "run").mkdir(exist_ok=True)
         write_atomic(self.state.root / "run" / "serve.json", msgspec.json.encode(info), mode=0o644)
         hosts = [result.host for result in report.hosts]
@@ -77,14 +85,17 @@ class Server:
             await self._announce(desired_of(self.state.root, changed))
         return report
 
-    async def _announce(self, desired: dict[str, object]) -> None:
+    async def _announce(self, desired: Mapping[str, Desired]) -> None:
+        if self.url is None:
+            return
         password = read_secret(self.state.service_secret(PUBLISHER_USER))
-        await announce(desired, url=self.url, password=password, topics=self.topics)  # type: ignore[arg-type]
+        await announce(desired, url=self.url, password=password, topics=self.topics)
 
     async def stop(self) -> None:
         if self.sftp is not None:
             await self.sftp.stop()
-        await self.broker.stop()
+        if self.broker is not None:
+            await self.broker.stop()
         (self.state.root / "run" / "serve.json").unlink(missing_ok=True)
 
 

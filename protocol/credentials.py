@@ -69,7 +69,9 @@ def verify_secret(secret: str, hashed: str) -> bool:
         if kind != "7" or not 1 <= int(rounds) <= 100_000:
             return False
         expected = base64.b64decode(digest, validate=True)
-        actual = hashlib.pbkdf2_hmac("sha512", secret.encode(), base64.b64decode(salt, validate=True), int(rounds))
+        actual = hashlib.pbkdf2_hmac(
+            "sha512", secret.encode(), base64.b64decode(salt, validate=True), int(rounds)
+        )
     except (ValueError, UnicodeEncodeError):
         return False
     return hmac.compare_digest(expected, actual)

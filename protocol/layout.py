@@ -1,11 +1,11 @@
 """Where things live in the server's state directory (the `--state DIR` of publish and serve).
 
-    STATE/chroot/<host>/            served to <host> over SFTP (protocol.release describes it)
-    STATE/publisher/                signing key, hash cache, generations, lock
-    STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
-    STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
-    STATE/ssh/authorized_keys/<host> the key each host logs in with, from fleet.toml at publish
-    STATE/sftp/ssh_host_ed25519_key the embedded SFTP server's host key
+STATE/chroot/<host>/            served to <host> over SFTP (protocol.release describes it)
+STATE/publisher/                signing key, hash cache, generations, lock
+STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
+STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
+STATE/ssh/authorized_keys/<host> the key each host logs in with, from fleet.toml at publish
+STATE/sftp/ssh_host_ed25519_key the embedded SFTP server's host key
 """
 
 from dataclasses import dataclass

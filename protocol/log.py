@@ -28,7 +28,11 @@ class _Intercept(logging.Handler):
 def _format(record: "Record") -> str:
     host = record["extra"].get("host")
     where = f"[{host}] " if host else ""
-    return "{time:HH:mm:ss.SSS} {level: <7} " + where.replace("{", "{{").replace("}", "}}") + "{message}\n{exception}"
+    return (
+        "{time:HH:mm:ss.SSS} {level: <7} "
+        + where.replace("{", "{{").replace("}", "}}")
+        + "{message}\n{exception}"
+    )
 
 
 def setup(level: str = "INFO", *, stream: TextIO | None = None, libraries: str = "WARNING") -> None:

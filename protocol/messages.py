@@ -45,7 +45,7 @@ class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class Desired(_Payload, kw_only=True):
+class Desired(_Payload, frozen=True, kw_only=True):
     """What the publisher wants a host to run."""
 
     generation: Annotated[int, msgspec.Meta(ge=1, le=2**53)]
@@ -54,7 +54,7 @@ class Desired(_Payload, kw_only=True):
     source_rev: ShortText | None = None
 
 
-class Command(_Payload, kw_only=True):
+class Command(_Payload, frozen=True, kw_only=True):
     """A request from the sysadmin, executed once per id, ignored once expired."""
 
     id: Identifier
@@ -64,7 +64,7 @@ class Command(_Payload, kw_only=True):
     by: ShortText = ""
 
 
-class State(_Payload, kw_only=True):
+class State(_Payload, frozen=True, kw_only=True):
     """What a host runs and what it is doing."""
 
     phase: Phase
@@ -77,7 +77,7 @@ class State(_Payload, kw_only=True):
     agent_version: ShortText = ""
 
 
-class Online(_Payload, kw_only=True):
+class Online(_Payload, frozen=True, kw_only=True):
     online: bool
     at: Timestamp
 

@@ -30,7 +30,7 @@ CREDENTIALS: Final = "credentials"
 LOGS: Final = "logs"
 MANIFEST: Final = "MANIFEST"
 SIGNATURE: Final = "MANIFEST.sig"
-BROKER_SECRET: Final = "broker.secret"
+BROKER_SECRET: Final = "broker.secret"  # noqa: S105 - a file name, not a secret
 PUBLISHER_KEY: Final = "publisher.pub"
 
 MAX_MANIFEST: Final = 32 * 1024 * 1024
@@ -172,4 +172,3 @@ def verify_signature(manifest: bytes, signature: bytes, key: Ed25519PublicKey) -
         key.verify(base64.b64decode(signature.strip(), validate=True), manifest)
     except (InvalidSignature, ValueError) as exc:
         raise ReleaseError("MANIFEST signature does not verify against the publisher key") from exc
-

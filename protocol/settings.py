@@ -19,6 +19,8 @@ from protocol.topics import DEFAULT_PREFIX, is_host_name
 _DURATION = r"^[1-9][0-9]*(s|m|h|d)$"
 _ENDPOINT = r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
 _PREFIX = r"^[A-Za-z0-9_-]{1,32}$"
+_LISTENER = r"^(off|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})$"
+Listener = Annotated[str, msgspec.Meta(pattern=_LISTENER)]
 Duration = Annotated[str, msgspec.Meta(pattern=_DURATION)]
 Endpoint = Annotated[str, msgspec.Meta(pattern=_ENDPOINT)]
 Prefix = Annotated[str, msgspec.Meta(pattern=_PREFIX)]
@@ -28,6 +30,7 @@ _PATTERN_HINTS: Final = {
     _DURATION: "expected a duration such as '90s', '15m', '1h' or '2d'",
     _ENDPOINT: "expected HOST:PORT, such as '127.0.0.1:1883' or '[::1]:2222'",
     _PREFIX: "expected one topic level of letters, digits, '_' or '-'",
+    _LISTENER: "expected HOST:PORT, such as '127.0.0.1:1883', or 'off'",
 }
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -73,7 +76,7 @@ class _Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 # ---------------------------------------------------------------- fleet.toml
 
 
-class HostEntry(_Settings, kw_only=True):
+class HostEntry(_Settings, frozen=True, kw_only=True):
     """One `[hosts.<name>]` table of fleet.toml."""
 
     ssh_key: str
@@ -89,19 +92,23 @@ class HostEntry(_Settings, kw_only=True):
             raise ValueError(f"ssh_key: {exc}") from None
 
 
-class FleetConfig(_Settings, kw_only=True):
+class FleetConfig(_Settings, frozen=True, kw_only=True):
     hosts: dict[str, HostEntry]
 
 
 # ---------------------------------------------------------------- server.toml
 
 
-class ServerConfig(_Settings, kw_only=True):
-    """`herald serve`: one process with the broker, the SFTP server and the publisher."""
+class ServerConfig(_Settings, frozen=True, kw_only=True):
+    """`herald serve`: one process with the broker, the SFTP server and the publisher.
+
+    `mqtt = "off"` runs no embedded broker: SFTP only, agents converge on their timers (or use
+    an external broker).
+    """
 
     fleet: str
     state: str
-    mqtt: Endpoint = "127.0.0.1:1883"
+    mqtt: Listener = "127.0.0.1:1883"
     sftp: Endpoint = "127.0.0.1:2222"
     prefix: Prefix = DEFAULT_PREFIX
     keep_releases: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
@@ -110,7 +117,7 @@ class ServerConfig(_Settings, kw_only=True):
 # ---------------------------------------------------------------- agent.toml
 
 
-class AgentServer(_Settings, kw_only=True):
+class AgentServer(_Settings, frozen=True, kw_only=True):
     """Where the host's chroot is served, and the server's pinned host key."""
 
     address: str
@@ -124,13 +131,13 @@ class AgentServer(_Settings, kw_only=True):
             raise ValueError(f"host_key: {exc}") from None
 
 
-class AgentBroker(_Settings, kw_only=True):
+class AgentBroker(_Settings, frozen=True, kw_only=True):
     url: Annotated[str, msgspec.Meta(pattern=r"^mqtts?://")] | None = None
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=60)] = 60
     prefix: Prefix = DEFAULT_PREFIX
 
 
-class AgentRebuild(_Settings, kw_only=True):
+class AgentRebuild(_Settings, frozen=True, kw_only=True):
     """The rebuild command, as an argv template.
 
     Placeholders: {operation} {dir} {host} {flake}. Without `command`, herald runs
@@ -143,7 +150,7 @@ class AgentRebuild(_Settings, kw_only=True):
     timeout: Duration = "1h"
 
 
-class AgentConfig(_Settings, kw_only=True):
+class AgentConfig(_Settings, frozen=True, kw_only=True):
     host: str
     ssh_key: str
     state_dir: str = "/var/lib/herald"
@@ -170,7 +177,8 @@ def _where(exc: msgspec.ValidationError, prefix: str) -> str:
     if not sep:
         message, location = location, ""
     for pattern, hint in _PATTERN_HINTS.items():
-        if message.endswith(f"matching regex '{pattern}'"):
+        escaped = pattern.replace("\\", "\\\\")  # msgspec shows the pattern with backslashes doubled
+        if message.endswith((f"matching regex '{pattern}'", f"matching regex '{escaped}'")):
             message = hint
     path = location.rstrip("`").removeprefix("$").lstrip(".")
     path = ".".join(part for part in (prefix, path) if part)

@@ -47,7 +47,11 @@ async def announce(
         return
     try:
         async with connect(
-            url, username=PUBLISHER_USER, password=password, identifier=f"herald-publisher-{os.getpid()}", timeout=timeout
+            url,
+            username=PUBLISHER_USER,
+            password=password,
+            identifier=f"herald-publisher-{os.getpid()}",
+            timeout=timeout,
         ) as client:
             for host, payload in desired.items():
                 await client.publish(topics.desired(host), encode(payload), qos=1, retain=True)

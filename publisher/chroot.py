@@ -92,21 +92,16 @@ class Chroot:
         if target.exists():
             return False
         tmp = self.objects / f"{_TMP}{sha256}.{os.getpid()}"
-        digest = hashlib.sha256()
         try:
-            with open(source.real, "rb") as src, open(tmp, "wb") as dst:  # noqa: PTH123
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            if digest.hexdigest() != sha256:
-                raise PublishError(f"{source.path}: file changed while publishing; publish again")
-            tmp.chmod(0o644)
-            tmp.replace(target)
+            copied = _copy_hashing(source.real, tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if copied != sha256:
+            tmp.unlink(missing_ok=True)
+            raise PublishError(f"{source.path}: file changed while publishing; publish again")
+        tmp.chmod(0o644)
+        tmp.replace(target)
         return True
 
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
@@ -143,9 +138,23 @@ class Chroot:
         for generation in kept:
             manifest = self.manifest(generation)
             if manifest is None:
-                raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning objects")
+                raise ReleaseError(
+                    f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning objects"
+                )
             named.update(entry.sha256 for entry in manifest.content.files)
         for entry in self.objects.iterdir():
             if entry.name not in named:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
+
+
+def _copy_hashing(source: str, target: Path) -> str:
+    """Copy `source` to a new file `target`, durably; the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "xb") as dst:  # noqa: PTH123
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()

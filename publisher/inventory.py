@@ -1,9 +1,9 @@
 """The fleet repository as the publisher sees it: fleet.toml checked against hosts/.
 
-    fleet.toml
-    hosts/<name>/configuration.nix  or  hosts/<name>/flake.nix
-    hosts/<name>/common -> ../../common      (shared modules, through symlinks)
-    hosts/<name>/files/...                   (installed into the host's /)
+fleet.toml
+hosts/<name>/configuration.nix  or  hosts/<name>/flake.nix
+hosts/<name>/common -> ../../common      (shared modules, through symlinks)
+hosts/<name>/files/...                   (installed into the host's /)
 """
 
 from dataclasses import dataclass
@@ -60,7 +60,9 @@ def load_inventory(root: Path) -> Inventory:
     on_disk = {path.name for path in hosts_dir.iterdir() if path.is_dir() and not path.name.startswith(".")}
     if unlisted := sorted(on_disk - config.hosts.keys()):
         name = unlisted[0]
-        raise ConfigError(f"{fleet_toml}: hosts.{name}: hosts/{name}/ exists but fleet.toml has no entry for it")
+        raise ConfigError(
+            f"{fleet_toml}: hosts.{name}: hosts/{name}/ exists but fleet.toml has no entry for it"
+        )
     if missing := sorted(config.hosts.keys() - on_disk):
         name = missing[0]
         raise ConfigError(f"{fleet_toml}: hosts.{name}: no directory hosts/{name}/")

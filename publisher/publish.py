@@ -19,12 +19,12 @@ import msgspec
 from loguru import logger
 
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
-from protocol.errors import HeraldError, PublishError
+from protocol.errors import HeraldError
 from protocol.files import write_atomic
 from protocol.layout import StateDir
 from protocol.messages import now
-from protocol.settings import check_ssh_public_key
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
+from protocol.settings import check_ssh_public_key
 from protocol.topics import SERVICE_USERS
 from publisher.chroot import Chroot
 from publisher.hashcache import HashCache
@@ -157,7 +157,9 @@ class Publisher:
         chroot = Chroot(self.state.chroot(host.name))
         try:
             sources = materialise(inventory.root, host.name, host.directory)
-            entries = [FileEntry(source.path, source.mode, source.size, cache.sha256(source)) for source in sources]
+            entries = [
+                FileEntry(source.path, source.mode, source.size, cache.sha256(source)) for source in sources
+            ]
             content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
             check_content(content)  # what agents will enforce, enforced before anything is served
         except (HeraldError, OSError) as exc:
@@ -185,7 +187,10 @@ class Publisher:
         )
         try:
             chroot.ensure_layout()
-            written = sum(chroot.write_object(source, entry.sha256) for source, entry in zip(sources, entries, strict=True))
+            written = sum(
+                chroot.write_object(source, entry.sha256)
+                for source, entry in zip(sources, entries, strict=True)
+            )
             data = encode_manifest(manifest)
             chroot.write_release(manifest, data, signer.sign(data))
             chroot.set_current(Current(generation, version))
@@ -204,7 +209,10 @@ class Publisher:
         """STATE/ssh/authorized_keys/<host>: the key each host logs in with; removed hosts lose theirs."""
         directory = self.state.authorized_keys_dir
         directory.mkdir(parents=True, exist_ok=True)
-        wanted = {host.name: f"{check_ssh_public_key(host.entry.ssh_key)} herald:{host.name}\n" for host in inventory.hosts}
+        wanted = {
+            host.name: f"{check_ssh_public_key(host.entry.ssh_key)} herald:{host.name}\n"
+            for host in inventory.hosts
+        }
         for entry in directory.iterdir():
             if entry.name not in wanted:
                 entry.unlink()
@@ -237,7 +245,9 @@ class Publisher:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
 
-def _diff(old: list[FileEntry], new: list[FileEntry]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _diff(
+    old: list[FileEntry], new: list[FileEntry]
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(added, modified, removed) paths between two file lists."""
     before = {entry.path: entry for entry in old}
     after = {entry.path: entry for entry in new}

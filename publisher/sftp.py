@@ -31,7 +31,7 @@ _WRITE_FLAGS: Final = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRU
 
 
 class ChrootSFTPServer(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, root: Path) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], root: Path) -> None:
         super().__init__(chan)
         self._root = os.fsencode(os.path.realpath(root))
         self._logs = self._root + b"/" + LOGS.encode() + b"/"
@@ -230,7 +230,7 @@ class SFTPService:
     def public_host_key(self) -> str:
         return self.host_key.export_public_key("openssh").decode().strip()
 
-    def _session(self, chan: asyncssh.SSHServerChannel) -> ChrootSFTPServer:
+    def _session(self, chan: asyncssh.SSHServerChannel[bytes]) -> ChrootSFTPServer:
         return ChrootSFTPServer(chan, self._state.chroot(chan.get_extra_info("username")))
 
     async def start(self) -> None:
