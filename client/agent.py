@@ -96,13 +96,18 @@ class Agent:
                 group.create_task(self.reporter.listen(self), name="mqtt")
 
     async def once(self) -> State:
-        """One check (and apply, if there is something new), then report and return."""
+        """One check (and apply, if there is something new), then report and return.
+
+        An unreachable server is reported and then raised: the caller exits non-zero.
+        """
         self.store.prepare()
         async with self.link:
             try:
                 state = await self.cycle(force=False)
             except UnreachableError as exc:
-                state = await self.reporter.report(self.reporter.state.phase, message=str(exc))
+                await self.reporter.report(self.reporter.state.phase, message=str(exc))
+                await self.reporter.flush_once()
+                raise
             await self.reporter.flush_once()
         return state
 

@@ -19,7 +19,7 @@ import asyncssh
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.store import Store
-from protocol.errors import ReleaseError, UnreachableError
+from protocol.errors import HeraldError, ReleaseError, UnreachableError
 from protocol.release import (
     CURRENT,
     MANIFEST,
@@ -119,10 +119,20 @@ async def _assemble(
             downloaded_bytes += entry.size
         target.chmod(entry.mode)
 
-    async with asyncio.TaskGroup() as group:
-        for entry in files:
-            group.create_task(one(entry))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for entry in files:
+                group.create_task(one(entry))
+    except* HeraldError as failures:
+        # The first verification or connection failure rejects the release; one line says why.
+        raise _first(failures) from None
     return downloaded, downloaded_bytes, reused
+
+
+def _first(group: BaseExceptionGroup[HeraldError]) -> HeraldError:
+    for exc in group.exceptions:
+        return _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    raise group
 
 
 def _copy_verified(source: Path, target: Path, entry: FileEntry) -> bool:

@@ -82,8 +82,8 @@ class Reporter:
 
     async def flush_once(self) -> None:
         """For `agent --once`: connect, send state and online=false, disconnect. Best effort."""
-        if self.url is None:
-            return
+        if self.url is None or (self._secret is None and not (self.store.root / BROKER_SECRET).exists()):
+            return  # never reached the server: no broker secret yet
         try:
             secret = self._secret or read_secret(self.store.root / BROKER_SECRET)
             async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(self.url, secret) as client:

@@ -1,0 +1,158 @@
+"""The agent against a real server: it applies only what it fetched and verified, and fails politely."""
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from helpers import Agent, Fleet, Serve, herald, make_agent
+
+from protocol.release import Content, Current, FileEntry, Manifest, encode_manifest
+from protocol.settings import Operation
+from publisher.signing import Signer
+
+
+@pytest.fixture
+def alpha(fleet: Fleet, serve: Serve, tmp_path: Path) -> Agent:
+    return make_agent(fleet, "alpha", serve, tmp_path)
+
+
+def chroot(state: Path) -> Path:
+    return state / "chroot" / "alpha"
+
+
+def assert_nothing_applied(agent: Agent) -> None:
+    assert agent.rebuilds() == []
+    assert not (agent.home / "root").exists()
+    assert agent.deployed() == 0
+    assert not list((agent.home / "state" / "trees").glob("[0-9]*"))
+
+
+def test_once_fetches_verifies_applies_and_exits_0(alpha: Agent, fleet: Fleet):
+    done = alpha.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "alpha: idle (deployed generation 1)" in done.stdout
+    assert alpha.deployed() == 1
+    (rebuild,) = alpha.rebuilds()
+    assert rebuild["args"][0] == "switch"
+    tree = Path(rebuild["args"][1])
+    assert (tree / "configuration.nix").read_bytes() == (
+        fleet.root / "hosts/alpha/configuration.nix"
+    ).read_bytes()
+    again = alpha.once()
+    assert again.returncode == 0
+    assert "up to date" in again.stdout
+    assert len(alpha.rebuilds()) == 1
+
+
+def test_a_tampered_object_rejects_the_whole_release(alpha: Agent, state: Path):
+    objects = sorted((chroot(state) / "objects").iterdir())
+    objects[0].write_bytes(objects[0].read_bytes() + b"# tampered\n")
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "does not match its sha256" in done.stdout
+    assert_nothing_applied(alpha)
+
+
+def test_a_bad_signature_rejects_the_release(alpha: Agent, state: Path):
+    signature = chroot(state) / "releases" / "1" / "MANIFEST.sig"
+    signature.write_bytes(Signer.load_or_create(state.parent / "other.key").sign(b"something else"))
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "signature does not verify" in done.stdout
+    assert_nothing_applied(alpha)
+
+
+def _forge(state: Path, generation: int, files: list[FileEntry]) -> None:
+    """A release signed with the real publisher key, as a compromised or buggy publisher could."""
+    content = Content(operation=Operation.SWITCH, files=files)
+    manifest = Manifest(
+        host="alpha",
+        generation=generation,
+        version=content.version(),
+        published_at=msgspec.json.decode(
+            b'"2026-11-25T12:00:00Z"', type=Manifest.__annotations__["published_at"]
+        ),
+        content=content,
+    )
+    data = encode_manifest(manifest)
+    release = chroot(state) / "releases" / str(generation)
+    release.mkdir()
+    (release / "MANIFEST").write_bytes(data)
+    (release / "MANIFEST.sig").write_bytes(
+        Signer.load_or_create(state / "publisher" / "signing.key").sign(data)
+    )
+    (chroot(state) / "current").write_bytes(Current(generation, content.version()).encode())
+
+
+@pytest.mark.parametrize("path", ["../escape", "/etc/shadow", "files/../../x"])
+def test_a_signed_manifest_with_an_unsafe_path_is_refused(alpha: Agent, state: Path, path: str):
+    _forge(state, 2, [FileEntry(path, 0o644, 1, "0" * 64)])
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "unsafe path" in done.stdout
+    assert_nothing_applied(alpha)
+
+
+def test_a_lower_generation_is_refused(alpha: Agent, fleet: Fleet, state: Path):
+    assert alpha.once().returncode == 0
+    fleet.edit("alpha", "configuration.nix", "{ ... }: { }\n")
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert alpha.once().returncode == 0
+    assert alpha.deployed() == 2
+    old = (chroot(state) / "releases" / "1" / "MANIFEST").read_bytes()
+    version = msgspec.json.decode(old)["version"]
+    (chroot(state) / "current").write_bytes(Current(1, version).encode())
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "older than deployed 2" in done.stdout
+    assert alpha.deployed() == 2
+    assert len(alpha.rebuilds()) == 2
+
+
+def test_a_failed_rebuild_is_not_retried_until_a_new_generation(alpha: Agent, fleet: Fleet, state: Path):
+    (alpha.control / "fail").touch()
+    first = alpha.once()
+    assert first.returncode == 1
+    assert "rebuild failed with exit code 1" in first.stdout
+    assert alpha.once().returncode == 1
+    assert len(alpha.rebuilds()) == 1  # the same generation is not run again
+    (log,) = (chroot(state) / "logs").glob("*-g1-failed.log")
+    assert "failing on purpose" in log.read_text()
+
+    (alpha.control / "fail").unlink()
+    fleet.edit("alpha", "configuration.nix", "{ ... }: { }\n")
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert alpha.once().returncode == 0
+    assert alpha.deployed() == 2
+    assert len(alpha.rebuilds()) == 2
+
+
+def test_a_hung_rebuild_is_killed_at_its_timeout(alpha: Agent):
+    alpha.config.write_text(alpha.config.read_text().replace('timeout = "30s"', 'timeout = "2s"'))
+    (alpha.control / "hang").touch()
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "rebuild killed after 2s" in done.stdout
+    (rebuild,) = alpha.rebuilds()
+    pid = rebuild["pid"]
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_an_unreachable_server_is_one_line_and_no_change(fleet: Fleet, serve: Serve, tmp_path: Path):
+    agent = make_agent(fleet, "alpha", serve, tmp_path)
+    agent.config.write_text(agent.config.read_text().replace(f"port = {serve.sftp_port}", "port = 9"))
+    done = agent.once()
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("herald: SFTP server 127.0.0.1:9: ")
+    assert_nothing_applied(agent)
+
+
+def test_a_changed_server_host_key_is_refused(fleet: Fleet, serve: Serve, tmp_path: Path):
+    agent = make_agent(fleet, "alpha", serve, tmp_path)
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKw6pDRxgkA1qDnC0c7RLuTFrxVeDlUFHdA2fHHmSjVh"
+    agent.config.write_text(agent.config.read_text().replace(serve.host_key, other))
+    done = agent.once()
+    assert done.returncode == 1
+    assert "host key is not the one pinned in agent.toml" in done.stderr
+    assert_nothing_applied(agent)

@@ -1,0 +1,299 @@
+"""The embedded broker: users, ACL, and the two amqtt 0.12.1 defects herald works around.
+
+Each defect has two tests: herald's broker behaves, and stock amqtt still misbehaves the same
+way. When an amqtt upgrade changes the internals herald patches, the second kind fails and says
+so, instead of the fix silently turning into dead code.
+"""
+
+import asyncio
+import inspect
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiomqtt
+import amqtt.broker
+import paho.mqtt.client as mqtt
+import pytest
+from helpers import Fleet
+
+from broker.server import EmbeddedBroker, HeraldBroker, broker_config
+from protocol.credentials import Secret, read_secret
+from protocol.messages import Online, decode, encode, now
+from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
+from publisher.publish import publish
+
+T = Topics()
+
+
+def run(coroutine):
+    async def bounded():
+        async with asyncio.timeout(60):
+            return await coroutine
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture
+def state(fleet: Fleet, tmp_path: Path) -> Path:
+    """A published state dir: STATE/broker/passwd and every user's secret."""
+    path = tmp_path / "state"
+    publish(fleet.root, path)
+    return path
+
+
+def secret(state: Path, user: str) -> Secret:
+    if user in (ADMIN_USER, PUBLISHER_USER):
+        return read_secret(state / "broker" / f"{user}.secret")
+    return read_secret(state / "chroot" / user / "credentials" / "broker.secret")
+
+
+@asynccontextmanager
+async def embedded(state: Path) -> AsyncIterator[BrokerURL]:
+    broker = EmbeddedBroker(host="127.0.0.1", port=0, password_file=state / "broker" / "passwd")
+    await broker.start()
+    try:
+        yield BrokerURL("127.0.0.1", broker.port)
+    finally:
+        await broker.stop()
+
+
+@asynccontextmanager
+async def stock(state: Path) -> AsyncIterator[BrokerURL]:
+    """Unpatched amqtt with herald's plugins: to show the defects are still there."""
+    port = _free_port()
+    broker = amqtt.broker.Broker(
+        broker_config(bind=f"127.0.0.1:{port}", password_file=state / "broker" / "passwd")
+    )
+    await broker.start()
+    try:
+        yield BrokerURL("127.0.0.1", port)
+    finally:
+        await broker.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def client(url: BrokerURL, state: Path, user: str, **kwargs) -> aiomqtt.Client:
+    return connect(
+        url, username=user, password=secret(state, user), identifier=f"{user}-{time.monotonic_ns()}", **kwargs
+    )
+
+
+async def drain(c: aiomqtt.Client, seconds: float) -> list[tuple[str, bytes]]:
+    got: list[tuple[str, bytes]] = []
+    try:
+        async with asyncio.timeout(seconds):
+            async for message in c.messages:  # until the timeout: no comprehension can stop there
+                got.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]  # noqa: PERF401
+    except TimeoutError:
+        pass
+    return got
+
+
+async def publish_desired(url: BrokerURL, state: Path, hosts: list[str]) -> None:
+    async with client(url, state, PUBLISHER_USER) as publisher:
+        for host in hosts:
+            await publisher.publish(T.desired(host), f"for {host}".encode(), qos=1, retain=True)
+        await confirm_routed(publisher, T, PUBLISHER_USER)
+
+
+# ---------------------------------------------------------------- authentication
+
+
+def test_anonymous_wrong_and_unknown_users_are_refused(state: Path):
+    async def scenario():
+        async with embedded(state) as url:
+            refused = []
+            for username, password in (
+                (None, None),
+                ("alpha", "wrong"),
+                ("alpha", secret(state, "beta").reveal()),
+                ("zeta", "x"),
+            ):
+                try:
+                    async with aiomqtt.Client(url.host, url.port, username=username, password=password):
+                        refused.append(False)
+                except aiomqtt.MqttError:
+                    refused.append(True)
+            async with client(url, state, "alpha"):
+                pass
+            return refused
+
+    assert run(scenario()) == [True, True, True, True]
+
+
+def test_a_new_host_can_log_in_after_a_publish_without_a_restart(fleet: Fleet, state: Path):
+    async def scenario():
+        async with embedded(state) as url:
+            (fleet.root / "hosts" / "delta").mkdir()
+            (fleet.root / "hosts" / "delta" / "configuration.nix").write_text("{ ... }: { }\n")
+            key = (fleet.root / "fleet.toml").read_text().split('ssh_key = "')[1].split('"')[0]
+            with (fleet.root / "fleet.toml").open("a") as toml:
+                toml.write(f'\n[hosts.delta]\nssh_key = "{key}"\n')
+            await asyncio.to_thread(publish, fleet.root, state)
+            async with client(url, state, "delta"):
+                return True
+
+    assert run(scenario())
+
+
+# ---------------------------------------------------------------- ACL
+
+
+@pytest.mark.parametrize(
+    ("topic", "granted"),
+    [
+        ("herald/alpha/desired", True),
+        ("herald/alpha/command", True),
+        ("herald/beta/desired", False),
+        ("herald/+/desired", False),
+        ("herald/#", False),
+        ("#", False),
+        ("herald/alpha/#", False),
+        ("herald/alpha/state", False),
+    ],
+)
+def test_a_host_subscribes_only_to_its_own_desired_and_command(state: Path, topic: str, granted: bool):
+    async def scenario():
+        async with embedded(state) as url, client(url, state, "alpha") as alpha:
+            return await alpha.subscribe(topic, qos=1)
+
+    (code,) = run(scenario())
+    assert (code.value < 0x80) is granted
+
+
+def test_forged_messages_reach_nobody(state: Path):
+    forged = [T.desired("alpha"), T.desired("beta"), T.command("alpha"), T.state("beta"), T.online("beta")]
+
+    async def scenario():
+        async with embedded(state) as url, client(url, state, ADMIN_USER) as admin:
+            await admin.subscribe("herald/#", qos=1)
+            async with client(url, state, "alpha") as alpha:
+                for topic in forged:
+                    await alpha.publish(topic, b"forged", qos=1, retain=True)
+                await alpha.publish(T.state("alpha"), b"genuine", qos=1, retain=True)
+            seen: list[tuple[str, bytes]] = []
+            await confirm_routed(
+                admin, T, ADMIN_USER, on_message=lambda m: seen.append((str(m.topic), m.payload))
+            )
+            seen += await drain(admin, 0.5)
+            seen = [(topic, payload) for topic, payload in seen if "/_confirm/" not in topic]
+            async with client(url, state, "beta") as beta:  # and nothing forged was retained
+                await beta.subscribe(T.desired("beta"), qos=1)
+                await beta.subscribe(T.command("beta"), qos=1)
+                seen += await drain(beta, 0.5)
+            return seen
+
+    assert run(scenario()) == [(T.state("alpha"), b"genuine")]
+
+
+# ---------------------------------------------------------------- retained leak
+
+
+async def leak_scenario(server) -> list[str]:
+    """beta subscribes to its own desired; alpha then connects. What does alpha receive?"""
+    async with server as url:
+        state = leak_scenario.state  # type: ignore[attr-defined]
+        await publish_desired(url, state, ["alpha", "beta", "gamma"])
+        async with client(url, state, "beta") as beta:
+            await beta.subscribe(T.desired("beta"), qos=1)
+            await drain(beta, 0.3)
+            async with client(url, state, "alpha") as alpha:
+                before = await drain(alpha, 0.8)
+                await alpha.subscribe(T.desired("alpha"), qos=1)
+                after = await drain(alpha, 0.8)
+        return [topic for topic, _ in before + after]
+
+
+def test_a_host_never_receives_another_hosts_retained_message(state: Path):
+    leak_scenario.state = state  # type: ignore[attr-defined]
+    assert run(leak_scenario(embedded(state))) == [T.desired("alpha")]
+
+
+def test_stock_amqtt_still_leaks_retained_messages_so_the_fix_is_still_needed(state: Path):
+    leak_scenario.state = state  # type: ignore[attr-defined]
+    received = run(leak_scenario(stock(state)))
+    assert T.desired("beta") in received, "amqtt no longer leaks: review broker/server.py's override"
+    hooked = inspect.getsource(amqtt.broker.Broker._handle_client_session)
+    assert "_publish_retained_messages_for_subscription" in hooked
+
+
+# ---------------------------------------------------------------- keepalive and will
+
+
+def silent_client(url: BrokerURL, state: Path, host: str, keepalive: int) -> mqtt.Client:
+    """A paho client that connects with a will and then never reads or writes again."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"silent-{host}")
+    c.username_pw_set(host, secret(state, host).reveal())
+    c.will_set(T.online(host), encode(Online(online=False, at=now())), qos=1, retain=True)
+    c.connect(url.host, url.port, keepalive=keepalive)
+    deadline = time.monotonic() + 10
+    while not c.is_connected() and time.monotonic() < deadline:
+        c.loop(timeout=0.1)
+    assert c.is_connected()
+    return c
+
+
+async def wait_will(url: BrokerURL, state: Path, host: str, within: float) -> float | None:
+    """Seconds until the host's will (online=false) arrives, or None."""
+    async with client(url, state, ADMIN_USER) as admin:
+        await admin.subscribe(T.online(host), qos=1)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(within):
+                async for message in admin.messages:
+                    if not decode(message.payload, Online).online:  # type: ignore[arg-type]
+                        return time.monotonic() - started
+        except TimeoutError:
+            return None
+    return None
+
+
+def test_a_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will_fires(state: Path):
+    async def scenario():
+        async with embedded(state) as url:
+            silent = await asyncio.to_thread(silent_client, url, state, "alpha", 2)
+            try:
+                return await wait_will(url, state, "alpha", within=1.5 * 2 + 1)
+            finally:
+                silent.socket().close()
+
+    assert run(scenario()) is not None
+
+
+def test_a_client_that_pings_in_time_stays_connected(state: Path):
+    async def scenario():
+        async with embedded(state) as url, client(url, state, "alpha", keepalive=2):
+            # aiomqtt pings at the keepalive; no will may fire in 3 keepalives.
+            return await wait_will(url, state, "alpha", within=6)
+
+    assert run(scenario()) is None
+
+
+def test_stock_amqtt_still_ignores_keepalive_so_the_fix_is_still_needed(state: Path):
+    async def scenario():
+        async with stock(state) as url:
+            silent = await asyncio.to_thread(silent_client, url, state, "alpha", 1)
+            try:
+                return await wait_will(url, state, "alpha", within=3.5)
+            finally:
+                silent.socket().close()
+
+    assert run(scenario()) is None, "amqtt now enforces keepalive: review broker/server.py's override"
+    handler = amqtt.broker.BrokerProtocolHandler
+    assert inspect.getsource(handler.handle_read_timeout).rstrip().endswith("pass")
+
+
+def test_the_overridden_amqtt_methods_still_exist_with_the_same_signatures():
+    for name in ("_publish_retained_messages_for_subscription", "_initialize_client_session"):
+        ours = inspect.signature(getattr(HeraldBroker, name))
+        theirs = inspect.signature(getattr(amqtt.broker.Broker, name))
+        assert list(ours.parameters) == list(theirs.parameters), name

@@ -1,0 +1,195 @@
+"""The publisher on real files: generations, content addressing, refusals, and the CLI's errors."""
+
+import os
+import socket
+from pathlib import Path
+
+import msgspec
+import pytest
+from helpers import Fleet, current_generation, herald
+
+from protocol.errors import ConfigError
+from protocol.release import Current, Manifest, decode_manifest, decode_public_key, verify_signature
+from publisher.publish import Status, publish
+
+
+def manifest(state: Path, host: str) -> Manifest:
+    chroot = state / "chroot" / host
+    current = Current.decode((chroot / "current").read_bytes())
+    data = (chroot / "releases" / str(current.generation) / "MANIFEST").read_bytes()
+    signature = (chroot / "releases" / str(current.generation) / "MANIFEST.sig").read_bytes()
+    key = decode_public_key((chroot / "credentials" / "publisher.pub").read_text())
+    verify_signature(data, signature, key)
+    return decode_manifest(data, host=host, current=current)
+
+
+def test_generations_grow_by_one_per_change_and_only_for_the_changed_host(fleet: Fleet, state: Path):
+    first = publish(fleet.root, state)
+    assert [(r.host, r.status, r.generation) for r in first.hosts] == [
+        ("alpha", Status.CHANGED, 1),
+        ("beta", Status.CHANGED, 1),
+        ("gamma", Status.CHANGED, 1),
+    ]
+    for n in (2, 3):
+        fleet.edit("alpha", "configuration.nix", f'{{ ... }}: {{ networking.hostName = "alpha{n}"; }}\n')
+        report = publish(fleet.root, state)
+        assert [(r.host, r.status) for r in report.hosts] == [
+            ("alpha", Status.CHANGED),
+            ("beta", Status.UNCHANGED),
+            ("gamma", Status.UNCHANGED),
+        ]
+        assert report.hosts[0].modified == ("configuration.nix",)
+        assert [current_generation(state, h) for h in fleet.hosts] == [n, 1, 1]
+        assert manifest(state, "alpha").generation == n
+
+
+def test_a_release_is_a_signed_manifest_over_objects_with_links_resolved(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    release = manifest(state, "alpha")
+    paths = {entry.path: entry for entry in release.content.files}
+    assert {"configuration.nix", "common/base.nix", "common/users.nix", "files/etc/motd"} <= paths.keys()
+    objects = state / "chroot" / "alpha" / "objects"
+    for entry in release.content.files:
+        assert (objects / entry.sha256).stat().st_size == entry.size
+    assert (objects / paths["common/base.nix"].sha256).read_bytes() == (
+        fleet.root / "common/base.nix"
+    ).read_bytes()
+    assert manifest(state, "gamma").content.flake == "gamma"
+    assert release.content.flake is None
+
+
+def test_a_shared_module_change_writes_one_object_and_one_release_per_host(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    (fleet.root / "common" / "base.nix").write_text('{ ... }: { time.timeZone = "Europe/Paris"; }\n')
+    report = publish(fleet.root, state)
+    assert all(r.status is Status.CHANGED and r.objects_written == 1 for r in report.hosts)
+    assert all(r.modified == ("common/base.nix",) for r in report.hosts)
+
+
+def test_modes_are_kept(fleet: Fleet, state: Path):
+    secret = fleet.root / "hosts" / "beta" / "files" / "etc" / "wifi.psk"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o600)
+    publish(fleet.root, state)
+    entry = next(e for e in manifest(state, "beta").content.files if e.path == "files/etc/wifi.psk")
+    assert entry.mode == 0o600
+
+
+def test_nothing_changes_nothing_is_written(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    before = {p: p.stat().st_mtime_ns for p in (state / "chroot").rglob("*")}
+    report = publish(fleet.root, state, dry_run=False)
+    assert {r.status for r in report.hosts} == {Status.UNCHANGED}
+    assert {p: p.stat().st_mtime_ns for p in (state / "chroot").rglob("*")} == before
+
+
+def test_dry_run_writes_nothing_and_names_the_files(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    fleet.edit("beta", "files/etc/issue", "new file\n")
+    before = sorted(str(p) for p in state.rglob("*"))
+    report = publish(fleet.root, state, dry_run=True)
+    assert sorted(str(p) for p in state.rglob("*")) == before
+    beta = next(r for r in report.hosts if r.host == "beta")
+    assert (beta.status, beta.added, beta.generation) == (Status.CHANGED, ("files/etc/issue",), 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda d: (d / "escape").symlink_to("/etc/hostname"), "symlink leaves the fleet repository"),
+        (lambda d: (d / "dangling").symlink_to(d / "nowhere"), "dangling symlink"),
+        (lambda d: os.mkfifo(d / "pipe"), "FIFO files cannot be released"),
+        (lambda d: (d / "loop").symlink_to(".."), "symlink cycle"),
+    ],
+    ids=["escape", "dangling", "fifo", "cycle"],
+)
+def test_a_host_with_a_bad_file_keeps_its_release_and_the_others_publish(
+    fleet: Fleet, state: Path, make, why
+):
+    publish(fleet.root, state)
+    fleet.edit("alpha", "configuration.nix", "{ ... }: { }\n")
+    fleet.edit("beta", "configuration.nix", "{ ... }: { }\n")
+    make(fleet.root / "hosts" / "alpha")
+    report = publish(fleet.root, state)
+    alpha, beta, _ = report.hosts
+    assert alpha.status is Status.FAILED
+    assert why in alpha.message
+    assert alpha.message.startswith("host alpha: ")
+    assert beta.status is Status.CHANGED
+    assert [current_generation(state, h) for h in fleet.hosts] == [1, 2, 1]
+
+
+def test_a_socket_is_refused(fleet: Fleet, state: Path):
+    path = fleet.root / "hosts" / "gamma" / "sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        report = publish(fleet.root, state)
+    gamma = report.hosts[2]
+    assert (gamma.status, gamma.message) == (
+        Status.FAILED,
+        "host gamma: sock: socket files cannot be released",
+    )
+
+
+def test_git_metadata_is_not_released(fleet: Fleet, state: Path):
+    (fleet.root / "hosts" / "alpha" / ".git").mkdir()
+    (fleet.root / "hosts" / "alpha" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    publish(fleet.root, state)
+    assert not any(".git" in e.path for e in manifest(state, "alpha").content.files)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda f: (f / "fleet.toml").write_text("[hosts.alpha\n"), "fleet.toml: invalid TOML"),
+        (
+            lambda f: (f / "fleet.toml").write_text((f / "fleet.toml").read_text() + "colour = 'red'\n"),
+            "fleet.toml: hosts.gamma: Object contains unknown field `colour`",
+        ),
+        (
+            lambda f: (f / "fleet.toml").write_text(
+                (f / "fleet.toml").read_text().replace('operation = "boot"', 'operation = "reboot"')
+            ),
+            "fleet.toml: hosts.beta.operation: Invalid enum value 'reboot'",
+        ),
+        (
+            lambda f: (f / "hosts" / "delta").mkdir(),
+            "hosts.delta: hosts/delta/ exists but fleet.toml has no entry",
+        ),
+        (
+            lambda f: (f / "hosts" / "beta" / "configuration.nix").unlink(),
+            "hosts/beta: no configuration.nix or flake.nix",
+        ),
+    ],
+    ids=["syntax", "unknown-field", "bad-operation", "unlisted-host", "no-configuration"],
+)
+def test_a_broken_fleet_is_one_line_exit_2_and_nothing_published(
+    fleet: Fleet, state: Path, break_it, expected
+):
+    break_it(fleet.root)
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (state / "chroot").exists()
+
+
+def test_the_inventory_error_names_file_and_host(fleet: Fleet):
+    (fleet.root / "fleet.toml").write_text('[hosts.alpha]\nssh_key = "ssh-ed25519 AAAA"\n')
+    with pytest.raises(ConfigError, match=r"fleet\.toml: hosts\.alpha: ssh_key: "):
+        publish(fleet.root, fleet.root.parent / "state")
+
+
+def test_the_publisher_key_is_private_and_generations_survive_a_wiped_chroot(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    assert (state / "publisher" / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "broker" / "passwd").stat().st_mode & 0o777 == 0o600
+    for path in (state / "chroot" / "alpha").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    report = publish(fleet.root, state)
+    assert report.hosts[0].generation == 2  # an agent at generation 1 would refuse a new generation 1
+    data = msgspec.json.decode((state / "publisher" / "generations.json").read_bytes())
+    assert data["hosts"]["alpha"] == 2
