@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,7 @@ demo: $(STAMP)
 	$(BIN)/herald demo
 
 test: $(STAMP)
-	$(BIN)/pytest -m 'not slow' tests
-
-test-slow: $(STAMP)
-	$(BIN)/pytest -m slow tests
+	$(BIN)/pytest tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -183,9 +183,10 @@ async def _propagate(server: Server, fleet: Path, homes: dict[str, Path]) -> Fle
     rebuild_started = json.loads(records[-1])["t"]
     installed = (homes[edited] / "root" / "etc" / "motd").read_text(encoding="utf-8").splitlines()[-1]
     console.print(
-        f"{edited}: rebuild started {rebuild_started - published:.2f}s after the publish began "
-        f"(the publish itself took {report.seconds:.2f}s); its /etc/motd now ends {installed!r}"
+        f"{edited}: rebuild started {rebuild_started - published:.2f}s after the publish began",
+        soft_wrap=True,
     )
+    console.print(f"{edited}: /etc/motd now ends {installed!r}", soft_wrap=True)
     return view
 
 

@@ -1,7 +1,22 @@
 """Durable file writes shared by the publisher and the agent: temp name, fsync, rename."""
 
+import ctypes
 import os
 from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written to the filesystem holding `path` (syncfs(2)): one call instead
+    of an fsync per file, for a publish that writes thousands of small files."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), str(path))
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,6 +1,7 @@
 """Where things live in the server's state directory (the `--state DIR` of publish and serve).
 
 STATE/chroot/<host>/            served to <host> over SFTP (protocol.release describes it)
+STATE/objects/<sha256>          contents anyone may read, hard-linked into the chroots
 STATE/publisher/                signing key, hash cache, generations, lock
 STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
 STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
@@ -22,6 +23,10 @@ class StateDir:
     @property
     def chroots(self) -> Path:
         return self.root / "chroot"
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
 
     @property
     def publisher(self) -> Path:

@@ -6,7 +6,9 @@
     <chroot>/credentials/              broker.secret, publisher.pub
     <chroot>/logs/                     the host's uploads
 
-Every write goes to a temp name first; a crash leaves the previous release served.
+Every write goes to a temp name first and `current` is replaced last, so a reader never sees a
+half-written release and a crash leaves the previous one served. Writes here are not fsynced
+one by one: the publisher calls syncfs once before any `current` names them (publisher.publish).
 """
 
 import contextlib
@@ -20,7 +22,7 @@ import msgspec
 
 from protocol.credentials import Secret, new_secret, read_secret
 from protocol.errors import PublishError, ReleaseError
-from protocol.files import fsync_dir, write_atomic
+from protocol.files import write_atomic
 from protocol.release import (
     BROKER_SECRET,
     CREDENTIALS,
@@ -60,6 +62,8 @@ class Chroot:
             return None
 
     def ensure_layout(self) -> None:
+        if (self.path / LOGS).is_dir():
+            return
         for directory, mode in (
             (self.path, 0o755),
             (self.objects, 0o755),
@@ -74,34 +78,32 @@ class Chroot:
         credentials = self.path / CREDENTIALS
         key_file = credentials / PUBLISHER_KEY
         if not key_file.exists() or key_file.read_text(encoding="ascii").strip() != publisher_key:
-            write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640)
+            write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
         secret_file = credentials / BROKER_SECRET
         if secret_file.exists():
             return read_secret(secret_file), False
         secret = new_secret()
-        write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640)
+        write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640, durable=False)
         return secret, True
 
-    def write_object(self, source: Source, sha256: str) -> bool:
-        """Store `source` as objects/<sha256> unless present; True if a file was written.
+    def write_object(self, source: Source, sha256: str, pool: "Pool", *, private: bool) -> bool:
+        """Store `source` as objects/<sha256> unless present; True if a file was added.
 
-        The content is hashed again while it is copied: a file edited since it was hashed
-        fails here instead of being served under a name that is not its hash.
+        Content anyone may read is a hard link to the shared pool: creating a link costs a
+        small fraction of creating a file. Private content (files not readable by others, such
+        as secrets) gets a copy of its own, readable only inside this chroot.
         """
         target = self.objects / sha256
         if target.exists():
             return False
-        tmp = self.objects / f"{_TMP}{sha256}.{os.getpid()}"
-        try:
-            copied = _copy_hashing(source.real, tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if copied != sha256:
-            tmp.unlink(missing_ok=True)
-            raise PublishError(f"{source.path}: file changed while publishing; publish again")
-        tmp.chmod(0o644)
-        tmp.replace(target)
+        if not private:
+            try:
+                os.link(pool.get(source, sha256), target)
+            except OSError:
+                pass  # another filesystem, or links refused: copy instead
+            else:
+                return True
+        _store(source, sha256, target, 0o640 if private else 0o644)
         return True
 
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
@@ -110,19 +112,15 @@ class Chroot:
         tmp = self.releases / f"{_TMP}{manifest.generation}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o755)
-        for name, content in ((MANIFEST, data), (SIGNATURE, signature)):
-            with open(tmp / name, "wb") as stream:  # noqa: PTH123
-                stream.write(content)
-                stream.flush()
-                os.fsync(stream.fileno())
-        fsync_dir(tmp)
+        (tmp / MANIFEST).write_bytes(data)
+        (tmp / SIGNATURE).write_bytes(signature)
         if final.exists():  # left by a run that crashed before `current` named it
             shutil.rmtree(final)
         tmp.rename(final)
-        fsync_dir(self.releases)
 
     def set_current(self, current: Current) -> None:
-        write_atomic(self.path / CURRENT, current.encode(), mode=0o644)
+        """Name a release whose files are already on disk (see publisher.publish)."""
+        write_atomic(self.path / CURRENT, current.encode(), mode=0o644, durable=False)
 
     def prune(self, keep: int) -> None:
         """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes."""
@@ -149,12 +147,48 @@ class Chroot:
 
 
 def _copy_hashing(source: str, target: Path) -> str:
-    """Copy `source` to a new file `target`, durably; the sha256 of what was copied."""
+    """Copy `source` to a new file `target`; the sha256 of what was copied."""
     digest = hashlib.sha256()
     with open(source, "rb") as src, open(target, "xb") as dst:  # noqa: PTH123
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
             dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
     return digest.hexdigest()
+
+
+class Pool:
+    """STATE/objects/<sha256>: one file per distinct content that anyone may read, hard-linked
+    into the chroots that release it. An entry with one link left is named by no chroot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def get(self, source: Source, sha256: str) -> Path:
+        pooled = self.path / sha256
+        if not pooled.exists():
+            _store(source, sha256, pooled, 0o644)
+        return pooled
+
+    def prune(self) -> None:
+        for entry in self.path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_nlink == 1:
+                    entry.unlink()
+
+
+def _store(source: Source, sha256: str, target: Path, mode: int) -> None:
+    """Copy `source` to `target` by way of a temp name, checking the content still hashes to
+    `sha256`: a file edited since it was hashed fails here instead of being served under a
+    name that is not its hash."""
+    tmp = target.with_name(f"{_TMP}{sha256}.{os.getpid()}")
+    try:
+        copied = _copy_hashing(source.real, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if copied != sha256:
+        tmp.unlink(missing_ok=True)
+        raise PublishError(f"{source.path}: file changed while publishing; publish again")
+    tmp.chmod(mode)
+    tmp.replace(target)

@@ -39,6 +39,7 @@ class HashCache:
         self._path = path
         self._entries: dict[str, _Entry] = {}
         self._dirty = False
+        self._this_run: dict[str, _Entry] = {}  # racy entries: good for this run, not saved
         self.hashed = 0  # files whose content was read this run
         try:
             self._entries = msgspec.msgpack.decode(path.read_bytes(), type=dict[str, _Entry])
@@ -46,19 +47,23 @@ class HashCache:
             self._entries = {}
 
     def sha256(self, source: Source) -> str:
-        entry = self._entries.get(source.real)
-        if (
-            entry is not None
-            and entry.size == source.size
-            and entry.mtime_ns == source.mtime_ns
-            and entry.inode == source.inode
-        ):
-            return entry.sha256
+        for known in (self._entries, self._this_run):
+            entry = known.get(source.real)
+            if (
+                entry is not None
+                and entry.size == source.size
+                and entry.mtime_ns == source.mtime_ns
+                and entry.inode == source.inode
+            ):
+                return entry.sha256
         digest = sha256_file(source.real)
         self.hashed += 1
+        entry = _Entry(source.size, source.mtime_ns, source.inode, digest)
         if source.mtime_ns < time.time_ns() - _RACY_NS:
-            self._entries[source.real] = _Entry(source.size, source.mtime_ns, source.inode, digest)
+            self._entries[source.real] = entry
             self._dirty = True
+        else:
+            self._this_run[source.real] = entry
         return digest
 
     def save(self, keep: set[str]) -> None:

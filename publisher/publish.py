@@ -20,13 +20,13 @@ from loguru import logger
 
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
 from protocol.errors import HeraldError
-from protocol.files import write_atomic
+from protocol.files import sync_filesystem, write_atomic
 from protocol.layout import StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
 from protocol.settings import check_ssh_public_key
 from protocol.topics import SERVICE_USERS
-from publisher.chroot import Chroot
+from publisher.chroot import Chroot, Pool
 from publisher.hashcache import HashCache
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.materialise import materialise
@@ -119,7 +119,9 @@ class Publisher:
         report = Report(dry_run=dry_run, source_rev=source_revision(inventory.root))
         cache = HashCache(self.state.publisher / "hashes.msgpack")
         if dry_run:
-            report.hosts = [self._host(inventory, host, cache, report, None, {}) for host in inventory.hosts]
+            report.hosts = [
+                self._host(inventory, host, cache, report, None, {})[0] for host in inventory.hosts
+            ]
         else:
             with publish_lock(self.state.publisher / "lock"):
                 self._publish(inventory, cache, report)
@@ -129,21 +131,44 @@ class Publisher:
 
     def _publish(self, inventory: Inventory, cache: HashCache, report: Report) -> None:
         signer = Signer.load_or_create(self.state.signing_key)
+        pool = Pool(self.state.objects)
         generations_file = self.state.publisher / "generations.json"
         try:
             generations = msgspec.json.decode(generations_file.read_bytes(), type=_Generations).hosts
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             generations = {}
         secrets: dict[str, tuple[Secret, bool]] = {}
+        switches: list[tuple[Chroot, Current]] = []
         for host in inventory.hosts:
-            report.hosts.append(self._host(inventory, host, cache, report, signer, generations))
             chroot = Chroot(self.state.chroot(host.name))
+            result, switch = self._host(inventory, host, cache, report, (signer, pool), generations)
+            report.hosts.append(result)
+            if switch is not None:
+                switches.append((chroot, switch))
             chroot.ensure_layout()
             secrets[host.name] = chroot.ensure_credentials(signer.public)
-        write_atomic(generations_file, msgspec.json.encode(_Generations(generations)), mode=0o600)
+        if switches:
+            # Every object and release is on disk before any `current` names it; then the
+            # renames of `current` are made durable too. Two syncfs calls, not one fsync per file.
+            sync_filesystem(self.state.root)
+            for chroot, switch in switches:
+                chroot.set_current(switch)
+                generations[chroot.path.name] = switch.generation
+            sync_filesystem(self.state.root)
+            for chroot, _ in switches:
+                try:
+                    chroot.prune(self.keep_releases)
+                except (HeraldError, OSError) as exc:
+                    logger.bind(host=chroot.path.name).warning(
+                        "published; pruning old releases failed: {}", exc
+                    )
+        write_atomic(
+            generations_file, msgspec.json.encode(_Generations(generations)), mode=0o600, durable=False
+        )
         self._write_broker_users(secrets)
         self._write_authorized_keys(inventory)
         cache.save(keep=self._seen)
+        sync_filesystem(self.state.root)
 
     def _host(
         self,
@@ -151,9 +176,13 @@ class Publisher:
         host: Host,
         cache: HashCache,
         report: Report,
-        signer: Signer | None,
+        writer: tuple[Signer, Pool] | None,
         generations: dict[str, int],
-    ) -> HostResult:
+    ) -> tuple[HostResult, Current | None]:
+        """Plan one host and, unless `writer` is None (a dry run), write its objects and release.
+
+        The release is not named by `current` yet: the caller switches every host at once.
+        """
         chroot = Chroot(self.state.chroot(host.name))
         try:
             sources = materialise(inventory.root, host.name, host.directory)
@@ -164,18 +193,19 @@ class Publisher:
             check_content(content)  # what agents will enforce, enforced before anything is served
         except (HeraldError, OSError) as exc:
             logger.bind(host=host.name).error("not published: {}", exc)
-            return HostResult(host.name, Status.FAILED, message=str(exc))
+            return HostResult(host.name, Status.FAILED, message=str(exc)), None
         self._seen.update(source.real for source in sources)
 
         version = content.version()
         current = chroot.current()
         if current is not None and current.version == version:
-            return HostResult(host.name, Status.UNCHANGED, current.generation, version)
+            return HostResult(host.name, Status.UNCHANGED, current.generation, version), None
         previous = chroot.manifest(current.generation) if current else None
         diff = _diff(previous.content.files if previous else [], entries)
         generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
-        if signer is None:
-            return HostResult(host.name, Status.CHANGED, generation, version, "dry run", *diff)
+        if writer is None:
+            return HostResult(host.name, Status.CHANGED, generation, version, "dry run", *diff), None
+        signer, pool = writer
 
         manifest = Manifest(
             host=host.name,
@@ -187,23 +217,21 @@ class Publisher:
         )
         try:
             chroot.ensure_layout()
+            private = {entry.sha256 for entry in entries if not entry.mode & 0o004}
             written = sum(
-                chroot.write_object(source, entry.sha256)
+                chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private)
                 for source, entry in zip(sources, entries, strict=True)
             )
             data = encode_manifest(manifest)
             chroot.write_release(manifest, data, signer.sign(data))
-            chroot.set_current(Current(generation, version))
         except (HeraldError, OSError) as exc:
             logger.bind(host=host.name).error("not published: {}", exc)
-            return HostResult(host.name, Status.FAILED, message=f"writing the release failed: {exc}")
-        generations[host.name] = generation
-        try:
-            chroot.prune(self.keep_releases)
-        except (HeraldError, OSError) as exc:
-            logger.bind(host=host.name).warning("published, but pruning old releases failed: {}", exc)
+            return HostResult(host.name, Status.FAILED, message=f"writing the release failed: {exc}"), None
         logger.bind(host=host.name).info("generation {} ({} objects written)", generation, written)
-        return HostResult(host.name, Status.CHANGED, generation, version, "", *diff, objects_written=written)
+        result = HostResult(
+            host.name, Status.CHANGED, generation, version, "", *diff, objects_written=written
+        )
+        return result, Current(generation, version)
 
     def _write_authorized_keys(self, inventory: Inventory) -> None:
         """STATE/ssh/authorized_keys/<host>: the key each host logs in with; removed hosts lose theirs."""
@@ -219,7 +247,7 @@ class Publisher:
         for name, line in wanted.items():
             path = directory / name
             if not path.exists() or path.read_text(encoding="utf-8") != line:
-                write_atomic(path, line.encode(), mode=0o644)
+                write_atomic(path, line.encode(), mode=0o644, durable=False)
 
     def _write_broker_users(self, hosts: dict[str, tuple[Secret, bool]]) -> None:
         """STATE/broker/passwd: one hash per host and per service user; removed hosts dropped."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncssh
 import paho.mqtt.client as mqtt
+import pytest
 
 from protocol.messages import Desired, Online, State, decode
 from protocol.topics import ADMIN_USER, Topics
@@ -27,6 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FLEET = REPO / "deploy" / "example-fleet"
 HERALD = [sys.executable, "-m", "herald"]
 TIMEOUT = 30.0
+
+
+def need(program: str) -> str:
+    """The path of a system program a test needs. Under CI=true a missing one fails the test:
+    .ci/run installs it, and a test that silently skips in CI proves nothing."""
+    path = shutil.which(program)
+    if path is not None:
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{program} is required under CI=true (.ci/run installs it)")
+    pytest.skip(f"{program} is not installed")
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
