@@ -15,9 +15,8 @@ def make_fleet(root: Path, hosts: int) -> list[str]:
     """Write the fleet under `root`; return the host names."""
     (root / "common").mkdir(parents=True)
     for index in range(SHARED_FILES):
-        (root / "common" / f"module{index:02d}.nix").write_text(
-            f"{{ ... }}: {{ shared.option{index} = {index}; }}\n" * 20
-        )
+        options = "".join(f"  shared.m{index}.option{n} = {n};\n" for n in range(20))
+        (root / "common" / f"module{index:02d}.nix").write_text(f"{{ ... }}:\n{{\n{options}}}\n")
     names = [host_name(i) for i in range(hosts)]
     with (root / "fleet.toml").open("w") as toml:
         for name in names:
@@ -30,6 +29,7 @@ def make_fleet(root: Path, hosts: int) -> list[str]:
         )
         for index in range(OWN_FILES - 1):
             where = home / ("files/etc" if index % 4 == 0 else ".")
-            (where / f"part{index:02d}.nix").write_text(f"# {name} part {index}\n" + "{ ... }: { }\n" * 30)
+            lines = "".join(f"  {name}.part{index}.line{n} = {n};\n" for n in range(30))
+            (where / f"part{index:02d}.nix").write_text(f"# {name} part {index}\n{{ ... }}:\n{{\n{lines}}}\n")
         (home / "common").symlink_to("../../common")
     return names

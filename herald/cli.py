@@ -15,7 +15,7 @@ from loguru import logger
 from client.agent import Agent
 from herald.announcing import announce_hosts, trigger
 from herald.fleet import as_json, collect, table
-from herald.output import console, fail, print_report
+from herald.output import console, fail, print_report, progress_bar
 from protocol import __version__, log
 from protocol.credentials import read_secret
 from protocol.errors import ConfigError, HeraldError, UnreachableError
@@ -46,7 +46,8 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    report = publish(args.fleet, args.state, dry_run=args.dry_run, keep_releases=args.keep)
+    with progress_bar() as progress:
+        report = publish(args.fleet, args.state, dry_run=args.dry_run, progress=progress)
     print_report(report)
     changed = [result.host for result in report.of(Status.CHANGED)]
     if args.broker and changed and not args.dry_run:
@@ -157,7 +158,6 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--dry-run", action="store_true", help="say which hosts and files would change; write nothing"
     )
-    cmd.add_argument("--keep", type=int, default=3, metavar="N", help="releases kept per host (default: 3)")
     broker_options(cmd, required=False)
 
     cmd = command("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")

@@ -1,8 +1,11 @@
 """Human output: tables on a terminal, plain wide lines otherwise (rich decides the styling)."""
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from publisher.publish import Report, Status
@@ -35,6 +38,9 @@ def print_report(report: Report) -> None:
             result.message.splitlines()[0] if result.message else "",
         )
     console.print(grid)
+    for result in report.of(Status.FAILED):
+        for line in result.message.splitlines()[1:]:
+            console.print(f"  {result.host}: {line}", markup=False, soft_wrap=True)
     if report.dry_run:
         for result in report.of(Status.CHANGED):
             for mark, paths in (("+", result.added), ("~", result.modified), ("-", result.removed)):
@@ -42,3 +48,28 @@ def print_report(report: Report) -> None:
                     console.print(f"  {result.host}: {mark} {path}")
     counts = ", ".join(f"{len(report.of(status))} {status}" for status in Status)
     console.print(f"{'dry run: ' if report.dry_run else ''}{counts} in {report.seconds:.2f}s", style="bold")
+
+
+@contextmanager
+def progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing a bar on a terminal; None (no output) otherwise."""
+    if not errors.is_terminal:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    with bar:
+        yield update

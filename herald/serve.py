@@ -77,9 +77,7 @@ class Server:
     async def publish(self, *, announce_changes: bool = True) -> Report:
         """Publish the fleet (in a thread: it is file work) and announce the hosts that changed."""
         async with self._lock:
-            report = await asyncio.to_thread(
-                publish, Path(self.config.fleet), self.state.root, keep_releases=self.config.keep_releases
-            )
+            report = await asyncio.to_thread(publish, Path(self.config.fleet), self.state.root)
         if announce_changes:
             changed = [result.host for result in report.of(Status.CHANGED)]
             await self._announce(desired_of(self.state.root, changed))

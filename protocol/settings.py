@@ -92,8 +92,25 @@ class HostEntry(_Settings, frozen=True, kw_only=True):
             raise ValueError(f"ssh_key: {exc}") from None
 
 
+class PublishSettings(_Settings, frozen=True, kw_only=True):
+    """`[publish]` in fleet.toml: what must pass before a host's release is published.
+
+    `check` is an argv template run for every changed host; placeholders {release} (a directory
+    holding the host's release), {host} and {flake}. Without it, herald parses every changed
+    .nix file with `nix-instantiate --parse` where nix is installed; `check = []` checks
+    nothing. `build` (optional) runs after a passing check, e.g. to build the system and push
+    it to a binary cache. `keep` is how many releases each chroot keeps for agents mid-fetch.
+    """
+
+    check: list[str] | None = None
+    build: list[str] | None = None
+    timeout: Duration = "30m"
+    keep: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
+
+
 class FleetConfig(_Settings, frozen=True, kw_only=True):
     hosts: dict[str, HostEntry]
+    publish: PublishSettings = PublishSettings()
 
 
 # ---------------------------------------------------------------- server.toml
@@ -111,7 +128,6 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     mqtt: Listener = "127.0.0.1:1883"
     sftp: Endpoint = "127.0.0.1:2222"
     prefix: Prefix = DEFAULT_PREFIX
-    keep_releases: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
 
 
 # ---------------------------------------------------------------- agent.toml

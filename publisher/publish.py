@@ -9,8 +9,9 @@ import fcntl
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -26,10 +27,11 @@ from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
 from protocol.settings import check_ssh_public_key
 from protocol.topics import SERVICE_USERS
+from publisher.check import Checker
 from publisher.chroot import Chroot, Pool
 from publisher.hashcache import HashCache
 from publisher.inventory import Host, Inventory, load_inventory
-from publisher.materialise import materialise
+from publisher.materialise import Source, materialise
 from publisher.signing import Signer
 
 
@@ -104,11 +106,40 @@ class _Generations(msgspec.Struct):
     hosts: dict[str, int] = {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A host whose content changed: what its next release holds."""
+
+    host: Host
+    chroot: Chroot
+    sources: list[Source]
+    entries: list[FileEntry]
+    content: Content
+    generation: int
+    diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+    def result(self, message: str = "", objects_written: int = 0) -> HostResult:
+        return HostResult(
+            self.host.name,
+            Status.CHANGED,
+            self.generation,
+            self.content.version(),
+            message,
+            *self.diff,
+            objects_written=objects_written,
+        )
+
+
+Progress = Callable[[str, int, int], None]
+
+
 class Publisher:
-    def __init__(self, fleet: Path, state: Path, *, keep_releases: int = 3) -> None:
+    """One publish run: plan every host, check the changed ones, write, then switch `current`."""
+
+    def __init__(self, fleet: Path, state: Path, *, progress: Progress | None = None) -> None:
         self.fleet = fleet
         self.state = StateDir(state)
-        self.keep_releases = keep_releases
+        self._progress = progress or (lambda _stage, _done, _total: None)
         self._seen: set[str] = set()  # real paths released this run: what the hash cache keeps
 
     def run(self, *, dry_run: bool = False) -> Report:
@@ -118,33 +149,113 @@ class Publisher:
         inventory = load_inventory(self.fleet)
         report = Report(dry_run=dry_run, source_rev=source_revision(inventory.root))
         cache = HashCache(self.state.publisher / "hashes.msgpack")
-        if dry_run:
-            report.hosts = [
-                self._host(inventory, host, cache, report, None, {})[0] for host in inventory.hosts
-            ]
-        else:
-            with publish_lock(self.state.publisher / "lock"):
-                self._publish(inventory, cache, report)
+        with nullcontext() if dry_run else publish_lock(self.state.publisher / "lock"):
+            generations = self._generations()
+            results, plans = self._plan(inventory, cache, generations)
+            checker = Checker(inventory.config.publish, self.state.publisher / "parsed.msgpack")
+            for plan, failure in self._check(checker, plans):
+                if failure is not None:
+                    logger.bind(host=plan.host.name).error(
+                        "not published: check failed: {}", failure.splitlines()[0]
+                    )
+                    results[plan.host.name] = HostResult(
+                        plan.host.name, Status.FAILED, message=f"check failed: {failure}"
+                    )
+                elif dry_run:
+                    results[plan.host.name] = plan.result("dry run")
+                else:
+                    results[plan.host.name] = plan.result()
+            passed = [plan for plan in plans if results[plan.host.name].status is Status.CHANGED]
+            if not dry_run:
+                self._write(inventory, passed, results, report, generations)
+                checker.save()
+                cache.save(keep=self._seen)
+                sync_filesystem(self.state.root)
+        report.hosts = [results[host.name] for host in inventory.hosts]
         report.files_hashed = cache.hashed
         report.seconds = time.monotonic() - started
         return report
 
-    def _publish(self, inventory: Inventory, cache: HashCache, report: Report) -> None:
+    def _generations(self) -> dict[str, int]:
+        try:
+            data = (self.state.publisher / "generations.json").read_bytes()
+            return msgspec.json.decode(data, type=_Generations).hosts
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return {}
+
+    def _plan(
+        self, inventory: Inventory, cache: HashCache, generations: dict[str, int]
+    ) -> tuple[dict[str, HostResult], list[_Plan]]:
+        """Materialise and hash every host; unchanged and broken hosts are settled here."""
+        results: dict[str, HostResult] = {}
+        plans: list[_Plan] = []
+        for index, host in enumerate(inventory.hosts, 1):
+            self._progress("reading", index, len(inventory.hosts))
+            chroot = Chroot(self.state.chroot(host.name))
+            try:
+                sources = materialise(inventory.root, host.name, host.directory)
+                entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
+                content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
+                check_content(content)  # what agents will enforce, enforced before anything is served
+            except (HeraldError, OSError) as exc:
+                logger.bind(host=host.name).error("not published: {}", exc)
+                results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
+                continue
+            self._seen.update(source.real for source in sources)
+            current = chroot.current()
+            if current is not None and current.version == content.version():
+                results[host.name] = HostResult(
+                    host.name, Status.UNCHANGED, current.generation, current.version
+                )
+                continue
+            previous = chroot.manifest(current.generation) if current else None
+            generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
+            diff = _diff(previous.content.files if previous else [], entries)
+            plans.append(_Plan(host, chroot, sources, entries, content, generation, diff))
+        return results, plans
+
+    def _check(self, checker: Checker, plans: list[_Plan]) -> list[tuple[_Plan, str | None]]:
+        """Every changed host's check, in parallel, bounded by the core count."""
+        if not plans:
+            return []
+        done: list[tuple[_Plan, str | None]] = []
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="check") as pool:
+            futures = {
+                pool.submit(checker.check, plan.host.name, plan.host.flake, _files(plan)): plan
+                for plan in plans
+            }
+            for future in as_completed(futures):
+                done.append((futures[future], future.result()))
+                self._progress("checking", len(done), len(plans))
+        order = {id(plan): index for index, plan in enumerate(plans)}
+        return sorted(done, key=lambda item: order[id(item[0])])
+
+    def _write(
+        self,
+        inventory: Inventory,
+        plans: list[_Plan],
+        results: dict[str, HostResult],
+        report: Report,
+        generations: dict[str, int],
+    ) -> None:
         signer = Signer.load_or_create(self.state.signing_key)
         pool = Pool(self.state.objects)
-        generations_file = self.state.publisher / "generations.json"
-        try:
-            generations = msgspec.json.decode(generations_file.read_bytes(), type=_Generations).hosts
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            generations = {}
-        secrets: dict[str, tuple[Secret, bool]] = {}
         switches: list[tuple[Chroot, Current]] = []
+        for index, plan in enumerate(plans, 1):
+            self._progress("writing", index, len(plans))
+            name = plan.host.name
+            try:
+                written = self._write_release(plan, signer, pool, report.source_rev)
+            except (HeraldError, OSError) as exc:
+                logger.bind(host=name).error("not published: {}", exc)
+                results[name] = HostResult(name, Status.FAILED, message=f"writing the release failed: {exc}")
+                continue
+            results[name] = plan.result(objects_written=written)
+            switches.append((plan.chroot, Current(plan.generation, plan.content.version())))
+            logger.bind(host=name).info("generation {} ({} objects written)", plan.generation, written)
+        secrets: dict[str, tuple[Secret, bool]] = {}
         for host in inventory.hosts:
             chroot = Chroot(self.state.chroot(host.name))
-            result, switch = self._host(inventory, host, cache, report, (signer, pool), generations)
-            report.hosts.append(result)
-            if switch is not None:
-                switches.append((chroot, switch))
             chroot.ensure_layout()
             secrets[host.name] = chroot.ensure_credentials(signer.public)
         if switches:
@@ -155,83 +266,43 @@ class Publisher:
                 chroot.set_current(switch)
                 generations[chroot.path.name] = switch.generation
             sync_filesystem(self.state.root)
+            keep = inventory.config.publish.keep
             for chroot, _ in switches:
                 try:
-                    chroot.prune(self.keep_releases)
+                    chroot.prune(keep)
                 except (HeraldError, OSError) as exc:
                     logger.bind(host=chroot.path.name).warning(
                         "published; pruning old releases failed: {}", exc
                     )
+            pool.prune()
+        generations_file = self.state.publisher / "generations.json"
         write_atomic(
             generations_file, msgspec.json.encode(_Generations(generations)), mode=0o600, durable=False
         )
         self._write_broker_users(secrets)
         self._write_authorized_keys(inventory)
-        cache.save(keep=self._seen)
-        sync_filesystem(self.state.root)
 
-    def _host(
-        self,
-        inventory: Inventory,
-        host: Host,
-        cache: HashCache,
-        report: Report,
-        writer: tuple[Signer, Pool] | None,
-        generations: dict[str, int],
-    ) -> tuple[HostResult, Current | None]:
-        """Plan one host and, unless `writer` is None (a dry run), write its objects and release.
-
-        The release is not named by `current` yet: the caller switches every host at once.
-        """
-        chroot = Chroot(self.state.chroot(host.name))
-        try:
-            sources = materialise(inventory.root, host.name, host.directory)
-            entries = [
-                FileEntry(source.path, source.mode, source.size, cache.sha256(source)) for source in sources
-            ]
-            content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
-            check_content(content)  # what agents will enforce, enforced before anything is served
-        except (HeraldError, OSError) as exc:
-            logger.bind(host=host.name).error("not published: {}", exc)
-            return HostResult(host.name, Status.FAILED, message=str(exc)), None
-        self._seen.update(source.real for source in sources)
-
-        version = content.version()
-        current = chroot.current()
-        if current is not None and current.version == version:
-            return HostResult(host.name, Status.UNCHANGED, current.generation, version), None
-        previous = chroot.manifest(current.generation) if current else None
-        diff = _diff(previous.content.files if previous else [], entries)
-        generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
-        if writer is None:
-            return HostResult(host.name, Status.CHANGED, generation, version, "dry run", *diff), None
-        signer, pool = writer
-
+    @staticmethod
+    def _write_release(plan: _Plan, signer: Signer, pool: Pool, source_rev: str | None) -> int:
+        """Objects and releases/<generation>/ of one host; not yet named by `current`."""
+        chroot = plan.chroot
+        chroot.ensure_layout()
+        private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004}
+        written = sum(
+            chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private)
+            for source, entry in zip(plan.sources, plan.entries, strict=True)
+        )
         manifest = Manifest(
-            host=host.name,
-            generation=generation,
-            version=version,
+            host=plan.host.name,
+            generation=plan.generation,
+            version=plan.content.version(),
             published_at=now(),
-            source_rev=report.source_rev,
-            content=content,
+            source_rev=source_rev,
+            content=plan.content,
         )
-        try:
-            chroot.ensure_layout()
-            private = {entry.sha256 for entry in entries if not entry.mode & 0o004}
-            written = sum(
-                chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private)
-                for source, entry in zip(sources, entries, strict=True)
-            )
-            data = encode_manifest(manifest)
-            chroot.write_release(manifest, data, signer.sign(data))
-        except (HeraldError, OSError) as exc:
-            logger.bind(host=host.name).error("not published: {}", exc)
-            return HostResult(host.name, Status.FAILED, message=f"writing the release failed: {exc}"), None
-        logger.bind(host=host.name).info("generation {} ({} objects written)", generation, written)
-        result = HostResult(
-            host.name, Status.CHANGED, generation, version, "", *diff, objects_written=written
-        )
-        return result, Current(generation, version)
+        data = encode_manifest(manifest)
+        chroot.write_release(manifest, data, signer.sign(data))
+        return written
 
     def _write_authorized_keys(self, inventory: Inventory) -> None:
         """STATE/ssh/authorized_keys/<host>: the key each host logs in with; removed hosts lose theirs."""
@@ -285,5 +356,9 @@ def _diff(
     return added, modified, removed
 
 
-def publish(fleet: Path, state: Path, *, dry_run: bool = False, keep_releases: int = 3) -> Report:
-    return Publisher(fleet, state, keep_releases=keep_releases).run(dry_run=dry_run)
+def _files(plan: _Plan) -> list[tuple[Source, str]]:
+    return [(source, entry.sha256) for source, entry in zip(plan.sources, plan.entries, strict=True)]
+
+
+def publish(fleet: Path, state: Path, *, dry_run: bool = False, progress: Progress | None = None) -> Report:
+    return Publisher(fleet, state, progress=progress).run(dry_run=dry_run)

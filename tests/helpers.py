@@ -41,6 +41,15 @@ def need(program: str) -> str:
     pytest.skip(f"{program} is not installed")
 
 
+def need_root() -> None:
+    """Some tests act as root (mknod, chroots). CI runs as root, so there they never skip."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("this test needs root; CI runs as root")
+    pytest.skip("needs root")
+
+
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout

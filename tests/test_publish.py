@@ -2,11 +2,12 @@
 
 import os
 import socket
+import stat
 from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import Fleet, current_generation, herald
+from helpers import Fleet, current_generation, herald, need, need_root
 
 from protocol.errors import ConfigError
 from protocol.release import Current, Manifest, decode_manifest, decode_public_key, verify_signature
@@ -119,6 +120,16 @@ def test_a_host_with_a_bad_file_keeps_its_release_and_the_others_publish(
     assert [current_generation(state, h) for h in fleet.hosts] == [1, 2, 1]
 
 
+def test_a_device_file_is_refused(fleet: Fleet, state: Path):
+    need_root()
+    os.mknod(fleet.root / "hosts" / "beta" / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    report = publish(fleet.root, state)
+    assert (report.hosts[1].status, report.hosts[1].message) == (
+        Status.FAILED,
+        "host beta: null: device files cannot be released",
+    )
+
+
 def test_a_socket_is_refused(fleet: Fleet, state: Path):
     path = fleet.root / "hosts" / "gamma" / "sock"
     with socket.socket(socket.AF_UNIX) as server:
@@ -193,3 +204,60 @@ def test_the_publisher_key_is_private_and_generations_survive_a_wiped_chroot(fle
     assert report.hosts[0].generation == 2  # an agent at generation 1 would refuse a new generation 1
     data = msgspec.json.decode((state / "publisher" / "generations.json").read_bytes())
     assert data["hosts"]["alpha"] == 2
+
+
+def test_a_host_whose_nix_does_not_parse_keeps_its_release_and_the_others_publish(fleet: Fleet, state: Path):
+    need("nix-instantiate")
+    publish(fleet.root, state)
+    fleet.edit("alpha", "configuration.nix", "{ ... }: { networking.hostName = ; }\n")
+    fleet.edit("beta", "configuration.nix", '{ ... }: { networking.hostName = "beta2"; }\n')
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 1
+    assert "syntax error" in done.stdout
+    assert "alpha" in done.stdout.split("syntax error")[0].splitlines()[-1]
+    assert [current_generation(state, h) for h in fleet.hosts] == [1, 2, 1]
+    assert not (state / "chroot" / "alpha" / "releases" / "2").exists()
+
+
+def test_a_shared_module_that_does_not_parse_fails_every_host(fleet: Fleet, state: Path):
+    need("nix-instantiate")
+    publish(fleet.root, state)
+    (fleet.root / "common" / "users.nix").write_text("{ ... }: { users = [ ; }\n")
+    report = publish(fleet.root, state)
+    assert [r.status for r in report.hosts] == [Status.FAILED] * 3
+    assert all("common/users.nix" in r.message for r in report.hosts)
+    assert [current_generation(state, h) for h in fleet.hosts] == [1, 1, 1]
+
+
+def with_publish_settings(fleet: Fleet, text: str) -> None:
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(f"[publish]\n{text}\n\n" + toml.read_text())
+
+
+def test_a_configured_check_runs_on_the_release_tree_and_can_refuse(
+    fleet: Fleet, state: Path, tmp_path: Path
+):
+    seen = tmp_path / "seen"
+    script = (
+        f"test -f {{release}}/common/base.nix && echo {{host}} {{flake}} >> {seen} && test {{host}} != beta"
+    )
+    with_publish_settings(fleet, f"check = ['sh', '-c', '{script}']")
+    report = publish(fleet.root, state)
+    assert [r.status for r in report.hosts] == [Status.CHANGED, Status.FAILED, Status.CHANGED]
+    assert sorted(seen.read_text().splitlines()) == ["alpha alpha", "beta beta", "gamma gamma"]
+    assert current_generation(state, "beta") == 0
+
+
+def test_a_failing_build_is_not_published(fleet: Fleet, state: Path):
+    with_publish_settings(fleet, "check = []\nbuild = ['sh', '-c', 'echo cannot build {host} >&2; exit 3']")
+    report = publish(fleet.root, state)
+    assert {r.status for r in report.hosts} == {Status.FAILED}
+    assert report.hosts[0].message == "check failed: cannot build alpha"
+    assert not (state / "chroot" / "alpha" / "current").exists()
+
+
+def test_dry_run_reports_a_host_that_would_fail_its_check(fleet: Fleet, state: Path):
+    with_publish_settings(fleet, "check = ['false']")
+    report = publish(fleet.root, state, dry_run=True)
+    assert {r.status for r in report.hosts} == {Status.FAILED}
+    assert not state.exists()
