@@ -1,4 +1,8 @@
-"""The `herald` command. Each subcommand is a small function; errors print one line and exit non-zero."""
+"""The `herald` command. Each subcommand is a small function; errors print one line and exit non-zero.
+
+Each subcommand imports what it needs when it runs: `herald publish` must not pay for asyncssh,
+and a host running `herald agent` has no amqtt installed.
+"""
 
 import argparse
 import asyncio
@@ -12,20 +16,10 @@ from typing import Any, TypeVar
 import msgspec
 from loguru import logger
 
-from client.agent import Agent
-from herald.announcing import announce_hosts, trigger
-from herald.fleet import as_json, collect, table
-from herald.output import console, fail, print_report, progress_bar
+from herald.output import console, fail
 from protocol import __version__, log
-from protocol.credentials import read_secret
 from protocol.errors import ConfigError, HeraldError, UnreachableError
-from protocol.layout import StateDir
-from protocol.messages import Action, Phase
-from protocol.mqtt import BrokerURL
 from protocol.settings import AgentConfig, ServerConfig, convert, load
-from protocol.topics import ADMIN_USER, Topics
-from publisher.inventory import load_inventory
-from publisher.publish import Status, publish
 
 T = TypeVar("T")
 DEFAULT_STATE = "/var/lib/herald"
@@ -46,11 +40,16 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from herald.output import print_report, progress_bar
+    from publisher.publish import Status, publish
+
     with progress_bar() as progress:
         report = publish(args.fleet, args.state, dry_run=args.dry_run, progress=progress)
     print_report(report)
     changed = [result.host for result in report.of(Status.CHANGED)]
     if args.broker and changed and not args.dry_run:
+        from herald.announcing import announce_hosts
+
         try:
             _run(announce_hosts(args.state, args.broker, changed, args.prefix))
         except UnreachableError as exc:
@@ -61,7 +60,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from herald.serve import serve  # noqa: PLC0415 - only servers install amqtt (the server extra)
+    from herald.serve import serve
 
     if args.config is not None:
         config = load(args.config, ServerConfig)
@@ -90,6 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from client.agent import Agent
+    from protocol.messages import Phase
+
     agent = Agent(load(args.config, AgentConfig))
     if args.once:
         state = _run(agent.once())
@@ -104,6 +106,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from herald.fleet import as_json, collect, table
+    from protocol.credentials import read_secret
+    from protocol.layout import StateDir
+    from protocol.mqtt import BrokerURL
+    from protocol.topics import ADMIN_USER, Topics
+    from publisher.inventory import load_inventory
+
     password = read_secret(StateDir(args.state).service_secret(ADMIN_USER))
     view = _run(collect(BrokerURL.parse(args.broker), password, Topics(args.prefix)))
     if args.fleet is not None:
@@ -116,6 +125,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
+    from herald.announcing import trigger
+    from protocol.messages import Action
+
     ids = _run(trigger(args.state, args.broker, args.hosts, Action(args.action), args.prefix))
     for host, command_id in ids.items():
         console.print(f"{host}: {args.action} requested ({command_id})")
@@ -123,7 +135,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(_args: argparse.Namespace) -> int:
-    from herald.demo import demo  # noqa: PLC0415 - only servers install amqtt (the server extra)
+    from herald.demo import demo
 
     return _run(demo())
 

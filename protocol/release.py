@@ -12,7 +12,6 @@ host returning to an earlier content gets a new release instead of a rewritten o
 
 import base64
 import hashlib
-import posixpath
 from typing import Annotated, Final
 
 import msgspec
@@ -92,37 +91,34 @@ def release_dir(generation: int) -> str:
     return f"{RELEASES}/{generation}"
 
 
+_UNSAFE_PARTS: Final = frozenset(("", ".", ".."))
+
+
 def check_path(path: str) -> None:
-    """Refuse any release path that is not a plain relative path below the release root."""
-    if (
-        not path
-        or path.startswith("/")
-        or "\\" in path
-        or "\0" in path
-        or posixpath.normpath(path) != path
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    ):
+    """Refuse any release path that is not a plain relative path below the release root:
+    no leading '/', no empty, '.' or '..' component, no backslash or NUL."""
+    if "\\" in path or "\0" in path or not _UNSAFE_PARTS.isdisjoint(path.split("/")):
         raise ReleaseError(f"unsafe path in MANIFEST: {path!r}")
 
 
 def check_content(content: Content) -> None:
     """Paths safe, sorted, unique, and no file standing where another needs a directory."""
-    paths = [entry.path for entry in content.files]
-    for path in paths:
+    directories: set[str] = set()
+    previous = ""
+    for entry in content.files:
+        path = entry.path
         check_path(path)
-    if paths != sorted(paths):
-        raise ReleaseError("MANIFEST files are not sorted by path")
-    seen: set[str] = set()
-    for path in paths:
-        if path in seen:
-            raise ReleaseError(f"duplicate path in MANIFEST: {path!r}")
-        seen.add(path)
-    for path in paths:
-        parent = posixpath.dirname(path)
-        while parent:
-            if parent in seen:
-                raise ReleaseError(f"MANIFEST names {parent!r} both as a file and as a directory")
-            parent = posixpath.dirname(parent)
+        if path <= previous:
+            what = "duplicate path" if path == previous else "files not sorted by path"
+            raise ReleaseError(f"{what} in MANIFEST: {path!r}")
+        previous = path
+        cut = path.rfind("/")
+        while cut > 0 and path[:cut] not in directories:
+            directories.add(path[:cut])
+            cut = path.rfind("/", 0, cut)
+    for entry in content.files:
+        if entry.path in directories:
+            raise ReleaseError(f"MANIFEST names {entry.path!r} both as a file and as a directory")
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -15,8 +15,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -38,15 +39,25 @@ from protocol.release import (
 )
 from publisher.materialise import Source
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 _CHUNK: Final = 1 << 20
 _TMP: Final = ".tmp-"
+_SWEEP_EVERY: Final = 86400
 
 
 class Chroot:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.objects = path / OBJECTS
-        self.releases = path / RELEASES
+
+    @property
+    def objects(self) -> Path:
+        return self.path / OBJECTS
+
+    @property
+    def releases(self) -> Path:
+        return self.path / RELEASES
 
     def current(self) -> Current | None:
         try:
@@ -73,18 +84,22 @@ class Chroot:
         ):
             directory.mkdir(mode=mode, parents=True, exist_ok=True)
 
-    def ensure_credentials(self, publisher_key: str) -> tuple[Secret, bool]:
-        """The host's broker secret (created if missing) and whether it is new."""
+    def ensure_credentials(self, publisher_key: str, *, key_changed: bool) -> Secret | None:
+        """Place the publisher key (if missing or changed) and create the host's broker secret
+        if it has none (deleting it rotates it). Returns the secret if one was created."""
         credentials = self.path / CREDENTIALS
         key_file = credentials / PUBLISHER_KEY
-        if not key_file.exists() or key_file.read_text(encoding="ascii").strip() != publisher_key:
+        if key_changed or not key_file.exists():
             write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
         secret_file = credentials / BROKER_SECRET
         if secret_file.exists():
-            return read_secret(secret_file), False
+            return None
         secret = new_secret()
         write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640, durable=False)
-        return secret, True
+        return secret
+
+    def broker_secret(self) -> Secret:
+        return read_secret(self.path / CREDENTIALS / BROKER_SECRET)
 
     def write_object(self, source: Source, sha256: str, pool: "Pool", *, private: bool) -> bool:
         """Store `source` as objects/<sha256> unless present; True if a file was added.
@@ -107,43 +122,53 @@ class Chroot:
         return True
 
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
-        """releases/<generation>/ with MANIFEST and its signature, renamed into place whole."""
+        """releases/<generation>/ with MANIFEST and its signature.
+
+        Written in place: agents read only the release `current` names, and `current` is
+        replaced after this release is complete and on disk. What a crash leaves here is
+        rewritten by the next run, which computes the same generation.
+        """
         final = self.releases / str(manifest.generation)
-        tmp = self.releases / f"{_TMP}{manifest.generation}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o755)
-        (tmp / MANIFEST).write_bytes(data)
-        (tmp / SIGNATURE).write_bytes(signature)
         if final.exists():  # left by a run that crashed before `current` named it
             shutil.rmtree(final)
-        tmp.rename(final)
+        final.mkdir(mode=0o755)
+        (final / MANIFEST).write_bytes(data)
+        (final / SIGNATURE).write_bytes(signature)
 
     def set_current(self, current: Current) -> None:
         """Name a release whose files are already on disk (see publisher.publish)."""
         write_atomic(self.path / CURRENT, current.encode(), mode=0o644, durable=False)
 
-    def prune(self, keep: int) -> None:
-        """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes."""
+    def prune(self, keep: int, known: dict[int, Manifest]) -> set[str]:
+        """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes.
+
+        `known` holds manifests already in memory, by generation, so that they are not read
+        again. Returns the names of the objects removed (their pool entries may now be unused).
+        """
         current = self.current()
-        generations = sorted(
-            (int(entry.name) for entry in self.releases.iterdir() if entry.name.isdigit()), reverse=True
-        )
+        names = os.listdir(self.releases)
+        generations = sorted((int(name) for name in names if name.isdigit()), reverse=True)
         kept = [g for g in generations if current is None or g <= current.generation][:keep]
-        for entry in self.releases.iterdir():
-            if entry.name.startswith(_TMP) or (entry.name.isdigit() and int(entry.name) not in kept):
-                shutil.rmtree(entry, ignore_errors=True)
+        doomed = [
+            name for name in names if name.startswith(_TMP) or (name.isdigit() and int(name) not in kept)
+        ]
+        if not doomed:
+            return set()  # objects go when the last release naming them goes
         named: set[str] = set()
         for generation in kept:
-            manifest = self.manifest(generation)
+            manifest = known.get(generation) or self.manifest(generation)
             if manifest is None:
-                raise ReleaseError(
-                    f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning objects"
-                )
+                raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning")
             named.update(entry.sha256 for entry in manifest.content.files)
-        for entry in self.objects.iterdir():
-            if entry.name not in named:
+        for name in doomed:
+            shutil.rmtree(self.releases / name, ignore_errors=True)
+        removed = set()
+        for name in os.listdir(self.objects):
+            if name not in named:
                 with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
+                    (self.objects / name).unlink()
+                removed.add(name)
+        return removed
 
 
 def _copy_hashing(source: str, target: Path) -> str:
@@ -170,11 +195,19 @@ class Pool:
             _store(source, sha256, pooled, 0o644)
         return pooled
 
-    def prune(self) -> None:
-        for entry in self.path.iterdir():
+    def prune(self, candidates: set[str]) -> None:
+        """Drop pool entries no chroot links any more: those of `candidates`, and once a day
+        all of them (a crash between storing and linking leaves an entry nobody names)."""
+        swept = self.path / ".swept"
+        names: Iterable[str] = candidates
+        if not swept.exists() or swept.stat().st_mtime < time.time() - _SWEEP_EVERY:
+            names = os.listdir(self.path)
+            swept.touch()
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_nlink == 1:
-                    entry.unlink()
+                path = self.path / name
+                if name != ".swept" and path.stat().st_nlink == 1:
+                    path.unlink()
 
 
 def _store(source: Source, sha256: str, target: Path, mode: int) -> None:

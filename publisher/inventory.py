@@ -20,15 +20,7 @@ class Host:
     name: str
     entry: HostEntry
     directory: Path
-
-    @property
-    def is_flake(self) -> bool:
-        return (self.directory / "flake.nix").is_file()
-
-    @property
-    def flake(self) -> str | None:
-        """The flake attribute the agent builds, or None for a classic configuration.nix."""
-        return (self.entry.flake or self.name) if self.is_flake else None
+    flake: str | None  # the flake attribute the agent builds; None for a classic configuration.nix
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +62,9 @@ def load_inventory(root: Path) -> Inventory:
     hosts = []
     for name in sorted(config.hosts):
         directory = hosts_dir / name
-        if not any((directory / entry).is_file() for entry in ENTRY_POINTS):
+        names = {path.name for path in directory.iterdir()}
+        if not names.intersection(ENTRY_POINTS):
             raise ConfigError(f"hosts/{name}: no configuration.nix or flake.nix")
-        hosts.append(Host(name, config.hosts[name], directory))
+        entry = config.hosts[name]
+        hosts.append(Host(name, entry, directory, (entry.flake or name) if "flake.nix" in names else None))
     return Inventory(root, config, tuple(hosts))

@@ -3,6 +3,10 @@
 Symlinks are followed only while they stay inside the repository (that is how hosts share
 `common/`); a link leaving it, a dangling link, a link cycle, a device, a socket or a FIFO is an
 error naming the host and the path. `.git` is skipped. Releases hold regular files only.
+
+A directory reached by many hosts (`common/`) is listed once per run: pass the same `Listings`
+to every call. This is the hot path of a publish that changes nothing, so it stays on plain
+strings and `os.scandir`.
 """
 
 import os
@@ -25,52 +29,22 @@ class Source:
     inode: int
 
 
-class _Walk:
-    def __init__(self, repo: Path, host: str) -> None:
-        self.repo = repo
-        self.host = host
-        self.found: list[Source] = []
+class Listings:
+    """What one publish run learnt about the repository, shared by every host's walk."""
 
-    def refuse(self, relpath: str, why: str) -> ConfigError:
-        return ConfigError(f"host {self.host}: {relpath or '.'}: {why}")
+    def __init__(self) -> None:
+        self.files: dict[str, list[Source]] = {}  # real directory -> its files, paths relative to it
+        self.targets: dict[tuple[int, int], str] = {}  # (dev, inode) a link points at -> real path
 
-    def resolve(self, entry: os.DirEntry[str], relpath: str) -> tuple[Path, os.stat_result]:
-        """The real path of a directory entry (links followed inside the repo) and its stat."""
-        try:
-            if not entry.is_symlink():
-                return Path(entry.path), entry.stat(follow_symlinks=False)
-            real = Path(entry.path).resolve(strict=True)
-            if not real.is_relative_to(self.repo):
-                raise self.refuse(relpath, f"symlink leaves the fleet repository (-> {real})")
-            return real, real.stat()
-        except FileNotFoundError as exc:
-            raise self.refuse(relpath, "dangling symlink") from exc
-        except RuntimeError as exc:  # resolve() on a symlink loop
-            raise self.refuse(relpath, "symlink loop") from exc
-        except OSError as exc:
-            raise self.refuse(relpath, f"cannot read: {exc.strerror}") from exc
 
-    def walk(self, real_dir: Path, rel: str, ancestors: frozenset[Path]) -> None:
-        try:
-            entries = sorted(os.scandir(real_dir), key=lambda entry: entry.name)
-        except OSError as exc:
-            raise self.refuse(rel, f"cannot list: {exc.strerror}") from exc
-        for entry in entries:
-            if entry.name == ".git":
-                continue
-            relpath = f"{rel}/{entry.name}" if rel else entry.name
-            real, info = self.resolve(entry, relpath)
-            if stat.S_ISDIR(info.st_mode):
-                if real in ancestors:
-                    raise self.refuse(relpath, "symlink cycle")
-                self.walk(real, relpath, ancestors | {real})
-            elif stat.S_ISREG(info.st_mode):
-                mode = info.st_mode & 0o777
-                self.found.append(
-                    Source(relpath, str(real), mode, info.st_size, info.st_mtime_ns, info.st_ino)
-                )
-            else:
-                raise self.refuse(relpath, f"{_kind(info.st_mode)} files cannot be released")
+class _Refused(Exception):  # noqa: N818 - internal: carries the path up to where the host is known
+    def __init__(self, relpath: str, why: str) -> None:
+        super().__init__(why)
+        self.relpath = relpath
+        self.why = why
+
+    def under(self, name: str) -> "_Refused":
+        return _Refused(f"{name}/{self.relpath}" if self.relpath else name, self.why)
 
 
 def _kind(mode: int) -> str:
@@ -81,12 +55,72 @@ def _kind(mode: int) -> str:
     return "device"
 
 
-def materialise(repo: Path, host: str, directory: Path) -> list[Source]:
-    """Every regular file a host releases, sorted by release path."""
-    walk = _Walk(repo.resolve(), host)
-    top = directory.resolve()
-    if not top.is_relative_to(walk.repo):
-        raise walk.refuse("", f"host directory leaves the fleet repository (-> {top})")
-    walk.walk(top, "", frozenset({top}))
-    walk.found.sort(key=lambda source: source.path)
-    return walk.found
+def _resolve(entry: os.DirEntry[str], repo: str, listings: Listings) -> tuple[str, os.stat_result]:
+    """The real path of a directory entry (links followed inside the repo) and its stat."""
+    if not entry.is_symlink():
+        return entry.path, entry.stat(follow_symlinks=False)
+    try:
+        info = os.stat(entry.path)  # noqa: PTH116 - follows the link, one system call
+    except FileNotFoundError:
+        raise _Refused(entry.name, "dangling symlink") from None
+    except OSError as exc:  # ELOOP
+        raise _Refused(entry.name, f"symlink loop ({exc.strerror})") from None
+    target = (info.st_dev, info.st_ino)
+    real = listings.targets.get(target)
+    if real is None:  # realpath is costly: once per distinct target, not once per host
+        real = os.path.realpath(entry.path, strict=True)
+        if real != repo and not real.startswith(repo + "/"):
+            raise _Refused(entry.name, f"symlink leaves the fleet repository (-> {real})")
+        listings.targets[target] = real
+    return real, info
+
+
+def _list(real_dir: str, repo: str, ancestors: frozenset[str], listings: Listings) -> list[Source]:
+    cached = listings.files.get(real_dir)
+    if cached is not None:
+        return cached
+    found: list[Source] = []
+    try:
+        entries = sorted(os.scandir(real_dir), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise _Refused("", f"cannot list: {exc.strerror}") from None
+    for entry in entries:
+        name = entry.name
+        if name == ".git":
+            continue
+        try:
+            real, info = _resolve(entry, repo, listings)
+        except OSError as exc:
+            raise _Refused(name, f"cannot read: {exc.strerror}") from None
+        if stat.S_ISDIR(info.st_mode):
+            if real in ancestors:
+                raise _Refused(name, "symlink cycle")
+            try:
+                below = _list(real, repo, ancestors | {real}, listings)
+            except _Refused as refused:
+                raise refused.under(name) from None
+            found.extend(
+                Source(f"{name}/{s.path}", s.real, s.mode, s.size, s.mtime_ns, s.inode) for s in below
+            )
+        elif stat.S_ISREG(info.st_mode):
+            found.append(
+                Source(name, real, info.st_mode & 0o777, info.st_size, info.st_mtime_ns, info.st_ino)
+            )
+        else:
+            raise _Refused(name, f"{_kind(info.st_mode)} files cannot be released")
+    listings.files[real_dir] = found
+    return found
+
+
+def materialise(repo: Path, host: str, directory: Path, listings: Listings | None = None) -> list[Source]:
+    """Every regular file a host releases, sorted by release path. `repo` must be a real path
+    (inventory.load_inventory resolves it)."""
+    root = str(repo)
+    top = str(directory) if not directory.is_symlink() else os.path.realpath(directory)
+    if not top.startswith(root + "/"):
+        raise ConfigError(f"host {host}: .: host directory leaves the fleet repository (-> {top})")
+    try:
+        found = _list(top, root, frozenset({top}), listings if listings is not None else Listings())
+    except _Refused as refused:
+        raise ConfigError(f"host {host}: {refused.relpath or '.'}: {refused.why}") from None
+    return sorted(found, key=lambda source: source.path)

@@ -31,7 +31,7 @@ from publisher.check import Checker
 from publisher.chroot import Chroot, Pool
 from publisher.hashcache import HashCache
 from publisher.inventory import Host, Inventory, load_inventory
-from publisher.materialise import Source, materialise
+from publisher.materialise import Listings, Source, materialise
 from publisher.signing import Signer
 
 
@@ -115,6 +115,8 @@ class _Plan:
     sources: list[Source]
     entries: list[FileEntry]
     content: Content
+    version: str
+    previous: Manifest | None
     generation: int
     diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
@@ -123,7 +125,7 @@ class _Plan:
             self.host.name,
             Status.CHANGED,
             self.generation,
-            self.content.version(),
+            self.version,
             message,
             *self.diff,
             objects_written=objects_written,
@@ -189,29 +191,30 @@ class Publisher:
         """Materialise and hash every host; unchanged and broken hosts are settled here."""
         results: dict[str, HostResult] = {}
         plans: list[_Plan] = []
+        listings = Listings()  # shared directories are listed once per run
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
             chroot = Chroot(self.state.chroot(host.name))
             try:
-                sources = materialise(inventory.root, host.name, host.directory)
+                sources = materialise(inventory.root, host.name, host.directory, listings)
                 entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
                 content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
-                check_content(content)  # what agents will enforce, enforced before anything is served
+                version = content.version()
+                current = chroot.current()
+                if current is None or current.version != version:
+                    check_content(content)  # what agents enforce, enforced before anything is served
             except (HeraldError, OSError) as exc:
                 logger.bind(host=host.name).error("not published: {}", exc)
                 results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
                 continue
             self._seen.update(source.real for source in sources)
-            current = chroot.current()
-            if current is not None and current.version == content.version():
-                results[host.name] = HostResult(
-                    host.name, Status.UNCHANGED, current.generation, current.version
-                )
+            if current is not None and current.version == version:
+                results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
                 continue
             previous = chroot.manifest(current.generation) if current else None
             generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
             diff = _diff(previous.content.files if previous else [], entries)
-            plans.append(_Plan(host, chroot, sources, entries, content, generation, diff))
+            plans.append(_Plan(host, chroot, sources, entries, content, version, previous, generation, diff))
         return results, plans
 
     def _check(self, checker: Checker, plans: list[_Plan]) -> list[tuple[_Plan, str | None]]:
@@ -238,52 +241,60 @@ class Publisher:
         report: Report,
         generations: dict[str, int],
     ) -> None:
+        """Write releases, then switch every `current` at once, then prune."""
         signer = Signer.load_or_create(self.state.signing_key)
         pool = Pool(self.state.objects)
-        switches: list[tuple[Chroot, Current]] = []
+        switches: list[tuple[_Plan, Manifest]] = []
         for index, plan in enumerate(plans, 1):
             self._progress("writing", index, len(plans))
             name = plan.host.name
             try:
-                written = self._write_release(plan, signer, pool, report.source_rev)
+                manifest, written = self._write_release(plan, signer, pool, report.source_rev)
             except (HeraldError, OSError) as exc:
                 logger.bind(host=name).error("not published: {}", exc)
                 results[name] = HostResult(name, Status.FAILED, message=f"writing the release failed: {exc}")
                 continue
             results[name] = plan.result(objects_written=written)
-            switches.append((plan.chroot, Current(plan.generation, plan.content.version())))
+            switches.append((plan, manifest))
             logger.bind(host=name).info("generation {} ({} objects written)", plan.generation, written)
-        secrets: dict[str, tuple[Secret, bool]] = {}
-        for host in inventory.hosts:
-            chroot = Chroot(self.state.chroot(host.name))
-            chroot.ensure_layout()
-            secrets[host.name] = chroot.ensure_credentials(signer.public)
+        created = self._credentials(inventory, signer)
         if switches:
             # Every object and release is on disk before any `current` names it; then the
             # renames of `current` are made durable too. Two syncfs calls, not one fsync per file.
             sync_filesystem(self.state.root)
-            for chroot, switch in switches:
-                chroot.set_current(switch)
-                generations[chroot.path.name] = switch.generation
+            for plan, _ in switches:
+                plan.chroot.set_current(Current(plan.generation, plan.version))
+                generations[plan.host.name] = plan.generation
             sync_filesystem(self.state.root)
-            keep = inventory.config.publish.keep
-            for chroot, _ in switches:
-                try:
-                    chroot.prune(keep)
-                except (HeraldError, OSError) as exc:
-                    logger.bind(host=chroot.path.name).warning(
-                        "published; pruning old releases failed: {}", exc
-                    )
-            pool.prune()
-        generations_file = self.state.publisher / "generations.json"
-        write_atomic(
-            generations_file, msgspec.json.encode(_Generations(generations)), mode=0o600, durable=False
-        )
-        self._write_broker_users(secrets)
+            unlinked: set[str] = set()
+            for plan, manifest in switches:
+                unlinked |= _prune(plan, manifest, inventory.config.publish.keep)
+            pool.prune(unlinked)
+            generations_file = self.state.publisher / "generations.json"
+            data = msgspec.json.encode(_Generations(generations))
+            write_atomic(generations_file, data, mode=0o600, durable=False)
+        self._write_broker_users([host.name for host in inventory.hosts], created)
         self._write_authorized_keys(inventory)
 
+    def _credentials(self, inventory: Inventory, signer: Signer) -> dict[str, Secret]:
+        """Every chroot's layout, publisher key and broker secret; the secrets created now."""
+        distributed = self.state.publisher / "distributed.pub"  # the key last placed in every chroot
+        key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
+        created: dict[str, Secret] = {}
+        for host in inventory.hosts:
+            chroot = Chroot(self.state.chroot(host.name))
+            chroot.ensure_layout()
+            secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
+            if secret is not None:
+                created[host.name] = secret
+        if key_changed:
+            write_atomic(distributed, signer.public.encode(), mode=0o600, durable=False)
+        return created
+
     @staticmethod
-    def _write_release(plan: _Plan, signer: Signer, pool: Pool, source_rev: str | None) -> int:
+    def _write_release(
+        plan: _Plan, signer: Signer, pool: Pool, source_rev: str | None
+    ) -> tuple[Manifest, int]:
         """Objects and releases/<generation>/ of one host; not yet named by `current`."""
         chroot = plan.chroot
         chroot.ensure_layout()
@@ -295,14 +306,14 @@ class Publisher:
         manifest = Manifest(
             host=plan.host.name,
             generation=plan.generation,
-            version=plan.content.version(),
+            version=plan.version,
             published_at=now(),
             source_rev=source_rev,
             content=plan.content,
         )
         data = encode_manifest(manifest)
         chroot.write_release(manifest, data, signer.sign(data))
-        return written
+        return manifest, written
 
     def _write_authorized_keys(self, inventory: Inventory) -> None:
         """STATE/ssh/authorized_keys/<host>: the key each host logs in with; removed hosts lose theirs."""
@@ -312,6 +323,12 @@ class Publisher:
             host.name: f"{check_ssh_public_key(host.entry.ssh_key)} herald:{host.name}\n"
             for host in inventory.hosts
         }
+        index = self.state.publisher / "authorized_keys.msgpack"  # what the files held after the last run
+        try:
+            if msgspec.msgpack.decode(index.read_bytes(), type=dict[str, str]) == wanted:
+                return
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            pass
         for entry in directory.iterdir():
             if entry.name not in wanted:
                 entry.unlink()
@@ -319,27 +336,34 @@ class Publisher:
             path = directory / name
             if not path.exists() or path.read_text(encoding="utf-8") != line:
                 write_atomic(path, line.encode(), mode=0o644, durable=False)
+        write_atomic(index, msgspec.msgpack.encode(wanted), mode=0o600, durable=False)
 
-    def _write_broker_users(self, hosts: dict[str, tuple[Secret, bool]]) -> None:
-        """STATE/broker/passwd: one hash per host and per service user; removed hosts dropped."""
+    def _write_broker_users(self, hosts: list[str], created: dict[str, Secret]) -> None:
+        """STATE/broker/passwd: one hash per host and per service user; removed hosts dropped.
+
+        A secret is hashed when it is new or has no entry yet; the others keep their hash.
+        """
         try:
             old = parse_passwd(self.state.passwd.read_text(encoding="utf-8"))
         except FileNotFoundError:
             old = {}
-        secrets = dict(hosts)
+        users: dict[str, str] = {}
+        for host in hosts:
+            if host in created:
+                users[host] = hash_secret(created[host])
+            elif host in old:
+                users[host] = old[host]
+            else:
+                users[host] = hash_secret(Chroot(self.state.chroot(host)).broker_secret())
         for user in SERVICE_USERS:
             path = self.state.service_secret(user)
-            if path.exists():
-                secrets[user] = (read_secret(path), False)
-            else:
+            if not path.exists():
                 secret = new_secret()
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, f"{secret.reveal()}\n".encode(), mode=0o600)
-                secrets[user] = (secret, True)
-        users = {
-            user: hash_secret(secret) if created or user not in old else old[user]
-            for user, (secret, created) in secrets.items()
-        }
+                users[user] = hash_secret(secret)
+            else:
+                users[user] = old.get(user) or hash_secret(read_secret(path))
         if users != old:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
@@ -354,6 +378,17 @@ def _diff(
     removed = tuple(sorted(before.keys() - after.keys()))
     modified = tuple(sorted(path for path in after.keys() & before.keys() if after[path] != before[path]))
     return added, modified, removed
+
+
+def _prune(plan: _Plan, manifest: Manifest, keep: int) -> set[str]:
+    known = {manifest.generation: manifest}
+    if plan.previous is not None:
+        known[plan.previous.generation] = plan.previous
+    try:
+        return plan.chroot.prune(keep, known)
+    except (HeraldError, OSError) as exc:
+        logger.bind(host=plan.host.name).warning("published; pruning old releases failed: {}", exc)
+        return set()
 
 
 def _files(plan: _Plan) -> list[tuple[Source, str]]:

@@ -1,0 +1,1 @@
+"""herald's benchmarks: `make bench` runs them and rewrites bench/RESULTS.md."""
