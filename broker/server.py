@@ -13,6 +13,7 @@ Both depend on amqtt's private methods; tests/test_broker.py fails if they chang
 
 import asyncio
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,33 @@ def _drop_silent(handler: BrokerProtocolHandler, session: Session) -> None:
 _background: set[asyncio.Future[None]] = set()
 
 
-def broker_config(*, bind: str, password_file: Path, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listener of the embedded broker: plain MQTT, MQTT over TLS, or MQTT over WebSocket."""
+
+    host: str
+    port: int
+    websocket: bool = False
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def amqtt(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"type": "ws" if self.websocket else "tcp", "bind": self.bind}
+        if self.cert is not None:
+            config |= {"ssl": True, "certfile": self.cert, "keyfile": self.key}
+        return config
+
+
+def broker_config(
+    *, listeners: dict[str, Listener], password_file: Path, prefix: str = DEFAULT_PREFIX
+) -> dict[str, Any]:
+    """amqtt's configuration; `listeners` must hold one named "default"."""
     return {
-        "listeners": {"default": {"type": "tcp", "bind": bind}},
+        "listeners": {name: listener.amqtt() for name, listener in listeners.items()},
         "plugins": {
             "broker.auth.PasswordPlugin": {"password_file": str(password_file)},
             "broker.auth.AclPlugin": {"prefix": prefix},
@@ -70,23 +95,39 @@ def broker_config(*, bind: str, password_file: Path, prefix: str = DEFAULT_PREFI
 
 
 class EmbeddedBroker:
-    """Start and stop a HeraldBroker; `port` is the bound port (useful with port 0)."""
+    """Start and stop a HeraldBroker. After start, `ports` holds each listener's bound port
+    (useful with port 0); `port` is the default listener's."""
 
-    def __init__(self, *, host: str, port: int, password_file: Path, prefix: str = DEFAULT_PREFIX) -> None:
-        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._config = broker_config(bind=bind, password_file=password_file, prefix=prefix)
+    def __init__(
+        self,
+        listener: Listener,
+        *,
+        password_file: Path,
+        prefix: str = DEFAULT_PREFIX,
+        tls: Listener | None = None,
+        websocket: Listener | None = None,
+    ) -> None:
+        self.listeners = (
+            {"default": listener} | ({"tls": tls} if tls else {}) | ({"ws": websocket} if websocket else {})
+        )
+        self._config = broker_config(listeners=self.listeners, password_file=password_file, prefix=prefix)
         self._broker: HeraldBroker | None = None
-        self.host = host
-        self.port = port
+        self.host = listener.host
+        self.ports = {name: item.port for name, item in self.listeners.items()}
+
+    @property
+    def port(self) -> int:
+        return self.ports["default"]
 
     async def start(self) -> None:
         self._broker = HeraldBroker(self._config)
         await self._broker.start()
-        server = self._broker._servers["default"].instance  # noqa: SLF001 - amqtt exposes no bound address
-        sockets = server.sockets if isinstance(server, asyncio.Server) else ()
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
-        logger.info("MQTT broker listening on {}:{}", self.host, self.port)
+        for name in self.listeners:
+            server = self._broker._servers[name].instance  # noqa: SLF001 - amqtt exposes no bound address
+            sockets = list(getattr(server, "sockets", ()) or ())
+            if sockets:
+                self.ports[name] = sockets[0].getsockname()[1]
+            logger.info("MQTT broker listener {} on {}:{}", name, self.listeners[name].host, self.ports[name])
 
     async def stop(self) -> None:
         if self._broker is not None:

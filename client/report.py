@@ -111,6 +111,7 @@ class Reporter:
             identifier=f"herald-agent-{self.host}",
             will=will,
             keepalive=self.config.broker.keepalive,
+            ca=self.config.broker.ca,
         )
 
     async def listen(self, agent: "Agent") -> None:

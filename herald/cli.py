@@ -62,29 +62,40 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from herald.serve import serve
 
+    flags = {
+        key: str(value)
+        for key, value in (
+            ("fleet", args.fleet),
+            ("state", args.state),
+            ("mqtt", args.mqtt),
+            ("sftp", args.sftp),
+            ("broker", args.broker),
+        )
+        if value is not None
+    }
+    if args.broker is not None and args.mqtt is None:
+        flags["mqtt"] = "off"  # an external broker replaces the embedded one
     if args.config is not None:
-        config = load(args.config, ServerConfig)
-        overrides = {
-            key: str(value)
-            for key, value in (
-                ("fleet", args.fleet),
-                ("state", args.state),
-                ("mqtt", args.mqtt),
-                ("sftp", args.sftp),
-            )
-            if value is not None
-        }
-        config = convert(msgspec.structs.asdict(config) | overrides, ServerConfig, source=str(args.config))
+        fields = msgspec.structs.asdict(load(args.config, ServerConfig))
+        fields = {key: value for key, value in fields.items() if value is not None}
+        config = convert(msgspec.to_builtins(fields) | flags, ServerConfig, source=str(args.config))
+    elif args.fleet is None or args.state is None:
+        raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
     else:
-        if args.fleet is None or args.state is None:
-            raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
-        fields = {"fleet": str(args.fleet), "state": str(args.state)}
-        fields |= {
-            key: value for key, value in (("mqtt", args.mqtt), ("sftp", args.sftp)) if value is not None
-        }
-        config = convert(fields, ServerConfig, source="command line")
+        config = convert(flags, ServerConfig, source="command line")
     with contextlib.suppress(asyncio.CancelledError):
         _run(serve(config))
+    return 0
+
+
+def cmd_broker_export(args: argparse.Namespace) -> int:
+    from broker.export import export_mosquitto
+    from protocol.topics import Topics
+    from publisher.inventory import load_inventory
+
+    hosts = [host.name for host in load_inventory(args.fleet).hosts] if args.fleet else None
+    for path in export_mosquitto(args.state, args.outdir, Topics(args.prefix), hosts):
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -178,6 +189,19 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument("--state", type=Path, metavar="DIR")
     cmd.add_argument("--mqtt", metavar="HOST:PORT", help="broker listener (default: 127.0.0.1:1883)")
     cmd.add_argument("--sftp", metavar="HOST:PORT", help="SFTP listener (default: 127.0.0.1:2222)")
+    cmd.add_argument(
+        "--broker", metavar="URL", help="announce on this external broker instead (e.g. Mosquitto)"
+    )
+
+    cmd = command("broker", lambda _args: 2, "the MQTT side: rules for an external broker")
+    broker = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cmd = broker.add_parser("export", help="write Mosquitto's password_file, acl_file and a conf fragment")
+    cmd.set_defaults(handler=cmd_broker_export)
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument("--fleet", type=Path, metavar="DIR", help="check every host of fleet.toml has a secret")
+    cmd.add_argument("--format", choices=("mosquitto",), default="mosquitto")
+    cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
+    cmd.add_argument("outdir", type=Path, metavar="OUTDIR")
 
     cmd = command("agent", cmd_agent, "keep this host on its release")
     cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")

@@ -1,31 +1,38 @@
 """`herald serve`: the broker, the SFTP server and the publisher in one process.
 
 On start it publishes, then announces every host's current release: the broker keeps no state
-that matters, so a restart loses nothing.
+that matters, so a restart loses nothing. With an external broker (`broker = "mqtts://..."`),
+herald stays connected to it as the publisher and announces every host again each time that
+connection is made, so a restarted Mosquitto or EMQX is repopulated without anyone acting.
 """
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
 
+import aiomqtt
 import msgspec
 from loguru import logger
 
-from broker.server import EmbeddedBroker
+from broker.server import EmbeddedBroker, Listener
 from herald.output import print_report
 from protocol.credentials import read_secret
-from protocol.errors import UnreachableError
+from protocol.errors import HeraldError, UnreachableError
 from protocol.files import write_atomic
 from protocol.layout import StateDir
 from protocol.messages import Desired
-from protocol.mqtt import BrokerURL
+from protocol.mqtt import BrokerURL, connect
 from protocol.settings import ServerConfig, parse_endpoint
 from protocol.topics import PUBLISHER_USER, Topics
 from publisher.announce import announce, desired_of
+from publisher.inventory import load_inventory
 from publisher.publish import Report, Status, publish
 from publisher.sftp import SFTPService
+
+_RETRY = 5.0
 
 
 class RunInfo(msgspec.Struct, frozen=True):
@@ -36,6 +43,8 @@ class RunInfo(msgspec.Struct, frozen=True):
     sftp_host: str
     sftp_port: int
     sftp_host_key: str
+    mqtts: str = ""
+    websocket: str = ""
 
 
 class Server:
@@ -46,18 +55,30 @@ class Server:
         sftp_host, sftp_port = parse_endpoint(config.sftp)
         self.broker: EmbeddedBroker | None = None
         if config.mqtt != "off":
-            mqtt_host, mqtt_port = parse_endpoint(config.mqtt)
+            tls = websocket = None
+            if config.tls is not None:
+                tls = Listener(*parse_endpoint(config.tls.listen), cert=config.tls.cert, key=config.tls.key)
+            if config.websocket is not None:
+                websocket = Listener(*parse_endpoint(config.websocket), websocket=True)
             self.broker = EmbeddedBroker(
-                host=mqtt_host, port=mqtt_port, password_file=self.state.passwd, prefix=config.prefix
+                Listener(*parse_endpoint(config.mqtt)),
+                password_file=self.state.passwd,
+                prefix=config.prefix,
+                tls=tls,
+                websocket=websocket,
             )
+        self.external = BrokerURL.parse(config.broker) if config.broker else None
         self._sftp_address = (sftp_host, sftp_port)
         self.sftp: SFTPService | None = None
         self._lock = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> BrokerURL | None:
-        """The embedded broker's address; None when it is off."""
-        return BrokerURL(self.broker.host, self.broker.port) if self.broker else None
+        """Where announcements go: the embedded broker, the external one, or None."""
+        if self.broker is not None:
+            return BrokerURL(self.broker.host, self.broker.port)
+        return self.external
 
     async def start(self) -> Report:
         report = await self.publish(announce_changes=False)
@@ -65,14 +86,28 @@ class Server:
         if self.broker is not None:
             await self.broker.start()
         await self.sftp.start()
+        self._write_run_info()
+        if self.external is not None:
+            self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
+        else:
+            await self._announce(desired_of(self.state.root, [result.host for result in report.hosts]))
+        return report
+
+    def _write_run_info(self) -> None:
+        assert self.sftp is not None  # noqa: S101 - called after start
+        ports = self.broker.ports if self.broker else {}
+        host = self.broker.host if self.broker else ""
         info = RunInfo(
-            os.getpid(), str(self.url or ""), self.sftp.host, self.sftp.port, self.sftp.public_host_key
+            os.getpid(),
+            str(self.url or ""),
+            self.sftp.host,
+            self.sftp.port,
+            self.sftp.public_host_key,
+            mqtts=f"mqtts://{host}:{ports['tls']}" if "tls" in ports else "",
+            websocket=f"ws://{host}:{ports['ws']}" if "ws" in ports else "",
         )
         (self.state.root / "run").mkdir(exist_ok=True)
         write_atomic(self.state.root / "run" / "serve.json", msgspec.json.encode(info), mode=0o644)
-        hosts = [result.host for result in report.hosts]
-        await self._announce(desired_of(self.state.root, hosts))
-        return report
 
     async def publish(self, *, announce_changes: bool = True) -> Report:
         """Publish the fleet (in a thread: it is file work) and announce the hosts that changed."""
@@ -89,7 +124,27 @@ class Server:
         password = read_secret(self.state.service_secret(PUBLISHER_USER))
         await announce(desired, url=self.url, password=password, topics=self.topics)
 
+    async def _keep_external_announced(self) -> None:
+        """Stay connected to the external broker; on every (re)connection announce every host."""
+        assert self.external is not None  # noqa: S101 - only started with one
+        while True:
+            try:
+                password = read_secret(self.state.service_secret(PUBLISHER_USER))
+                async with connect(self.external, username=PUBLISHER_USER, password=password) as watch:
+                    hosts = [host.name for host in load_inventory(Path(self.config.fleet)).hosts]
+                    await self._announce(desired_of(self.state.root, hosts))
+                    logger.info("announced every host to {}; watching the connection", self.external)
+                    async for _ in watch.messages:  # nothing is subscribed: this ends on disconnect
+                        pass
+            except (aiomqtt.MqttError, OSError, HeraldError) as exc:
+                logger.warning("external broker {}: {}; trying again in {:.0f}s", self.external, exc, _RETRY)
+            await asyncio.sleep(_RETRY)
+
     async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         if self.sftp is not None:
             await self.sftp.stop()
         if self.broker is not None:
@@ -104,13 +159,21 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_republish(server)))
+    republishing: set[asyncio.Task[None]] = set()
+
+    def republish() -> None:
+        task = asyncio.create_task(_republish(server))
+        republishing.add(task)
+        task.add_done_callback(republishing.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, republish)
     try:
         report = await server.start()
         print_report(report)
-        sftp = server.sftp
-        if sftp is not None:
-            logger.info("SFTP host key (pin it in agent.toml as server.host_key): {}", sftp.public_host_key)
+        if server.sftp is not None:
+            logger.info(
+                "SFTP host key (pin it in agent.toml as server.host_key): {}", server.sftp.public_host_key
+            )
         logger.info("serving {} host(s); SIGHUP publishes again, SIGTERM stops", len(report.hosts))
         await stop.wait()
     finally:

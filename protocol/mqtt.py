@@ -53,8 +53,12 @@ def connect(
     will: aiomqtt.Will | None = None,
     keepalive: int = 60,
     timeout: float = 10.0,
+    ca: str | None = None,
 ) -> aiomqtt.Client:
-    """An unconnected client; use it as `async with connect(...) as client:`."""
+    """An unconnected client; use it as `async with connect(...) as client:`.
+
+    For mqtts://, the server certificate is checked against `ca` (a PEM file), else the
+    system's CAs (or $SSL_CERT_FILE)."""
     return aiomqtt.Client(
         url.host,
         url.port,
@@ -65,7 +69,7 @@ def connect(
         keepalive=keepalive,
         timeout=timeout,
         clean_session=True,
-        tls_context=ssl.create_default_context() if url.tls else None,
+        tls_context=ssl.create_default_context(cafile=ca) if url.tls else None,
     )
 
 

@@ -116,11 +116,22 @@ class FleetConfig(_Settings, frozen=True, kw_only=True):
 # ---------------------------------------------------------------- server.toml
 
 
+BrokerUrl = Annotated[str, msgspec.Meta(pattern=r"^mqtts?://")]
+
+
+class ServerTLS(_Settings, frozen=True, kw_only=True):
+    """An MQTT-over-TLS listener of the embedded broker."""
+
+    listen: Endpoint
+    cert: str
+    key: str
+
+
 class ServerConfig(_Settings, frozen=True, kw_only=True):
     """`herald serve`: one process with the broker, the SFTP server and the publisher.
 
-    `mqtt = "off"` runs no embedded broker: SFTP only, agents converge on their timers (or use
-    an external broker).
+    `mqtt = "off"` runs no embedded broker. With `broker` set (an external broker such as
+    Mosquitto), herald announces there instead, and again each time it reconnects.
     """
 
     fleet: str
@@ -128,6 +139,17 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     mqtt: Listener = "127.0.0.1:1883"
     sftp: Endpoint = "127.0.0.1:2222"
     prefix: Prefix = DEFAULT_PREFIX
+    tls: ServerTLS | None = None
+    websocket: Endpoint | None = None
+    broker: BrokerUrl | None = None
+
+    def __post_init__(self) -> None:
+        if self.broker is not None and self.mqtt != "off":
+            raise ValueError("broker: an external broker replaces the embedded one; set mqtt = 'off'")
+        if self.mqtt == "off" and (self.tls is not None or self.websocket is not None):
+            raise ValueError(
+                "tls and websocket are listeners of the embedded broker, which mqtt = 'off' disables"
+            )
 
 
 # ---------------------------------------------------------------- agent.toml
@@ -148,9 +170,10 @@ class AgentServer(_Settings, frozen=True, kw_only=True):
 
 
 class AgentBroker(_Settings, frozen=True, kw_only=True):
-    url: Annotated[str, msgspec.Meta(pattern=r"^mqtts?://")] | None = None
+    url: BrokerUrl | None = None
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=60)] = 60
     prefix: Prefix = DEFAULT_PREFIX
+    ca: str | None = None  # for mqtts:// with a private CA; else the system's CAs
 
 
 class AgentRebuild(_Settings, frozen=True, kw_only=True):

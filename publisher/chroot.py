@@ -7,8 +7,8 @@
     <chroot>/logs/                     the host's uploads
 
 Every write goes to a temp name first and `current` is replaced last, so a reader never sees a
-half-written release and a crash leaves the previous one served. Writes here are not fsynced
-one by one: the publisher calls syncfs once before any `current` names them (publisher.publish).
+half-written release and a crash leaves the previous one served. What is written is reported to
+a Flusher; the publisher makes it durable in one batch before any `current` names it.
 """
 
 import contextlib
@@ -23,7 +23,7 @@ import msgspec
 
 from protocol.credentials import Secret, new_secret, read_secret
 from protocol.errors import PublishError, ReleaseError
-from protocol.files import write_atomic
+from protocol.files import Flusher, write_atomic
 from protocol.release import (
     BROKER_SECRET,
     CREDENTIALS,
@@ -48,8 +48,13 @@ _SWEEP_EVERY: Final = 86400
 
 
 class Chroot:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flusher: Flusher | None = None) -> None:
         self.path = path
+        self.flusher = flusher
+
+    def _wrote(self, path: Path, *, directory: bool = False) -> None:
+        if self.flusher is not None:
+            self.flusher.wrote(path, directory=directory)
 
     @property
     def objects(self) -> Path:
@@ -83,6 +88,7 @@ class Chroot:
             (self.path / LOGS, 0o750),
         ):
             directory.mkdir(mode=mode, parents=True, exist_ok=True)
+            self._wrote(directory, directory=True)
 
     def ensure_credentials(self, publisher_key: str, *, key_changed: bool) -> Secret | None:
         """Place the publisher key (if missing or changed) and create the host's broker secret
@@ -91,11 +97,13 @@ class Chroot:
         key_file = credentials / PUBLISHER_KEY
         if key_changed or not key_file.exists():
             write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
+            self._wrote(key_file)
         secret_file = credentials / BROKER_SECRET
         if secret_file.exists():
             return None
         secret = new_secret()
         write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640, durable=False)
+        self._wrote(secret_file)
         return secret
 
     def broker_secret(self) -> Secret:
@@ -117,8 +125,10 @@ class Chroot:
             except OSError:
                 pass  # another filesystem, or links refused: copy instead
             else:
+                self._wrote(target)
                 return True
         _store(source, sha256, target, 0o640 if private else 0o644)
+        self._wrote(target)
         return True
 
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
@@ -134,10 +144,14 @@ class Chroot:
         final.mkdir(mode=0o755)
         (final / MANIFEST).write_bytes(data)
         (final / SIGNATURE).write_bytes(signature)
+        self._wrote(final, directory=True)
+        self._wrote(final / MANIFEST)
+        self._wrote(final / SIGNATURE)
 
     def set_current(self, current: Current) -> None:
         """Name a release whose files are already on disk (see publisher.publish)."""
         write_atomic(self.path / CURRENT, current.encode(), mode=0o644, durable=False)
+        self._wrote(self.path / CURRENT)
 
     def prune(self, keep: int, known: dict[int, Manifest]) -> set[str]:
         """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes.
@@ -185,14 +199,17 @@ class Pool:
     """STATE/objects/<sha256>: one file per distinct content that anyone may read, hard-linked
     into the chroots that release it. An entry with one link left is named by no chroot."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flusher: Flusher | None = None) -> None:
         self.path = path
+        self.flusher = flusher
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def get(self, source: Source, sha256: str) -> Path:
         pooled = self.path / sha256
         if not pooled.exists():
             _store(source, sha256, pooled, 0o644)
+            if self.flusher is not None:
+                self.flusher.wrote(pooled)
         return pooled
 
     def prune(self, candidates: set[str]) -> None:

@@ -21,7 +21,7 @@ from loguru import logger
 
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
 from protocol.errors import HeraldError
-from protocol.files import sync_filesystem, write_atomic
+from protocol.files import Flusher, write_atomic
 from protocol.layout import StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
@@ -73,6 +73,7 @@ def source_revision(repo: Path) -> str | None:
     try:
         done = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],  # noqa: S607 - git from PATH
+            env={key: value for key, value in os.environ.items() if not key.startswith("GIT_")},
             capture_output=True,
             text=True,
             timeout=10,
@@ -143,6 +144,7 @@ class Publisher:
         self.state = StateDir(state)
         self._progress = progress or (lambda _stage, _done, _total: None)
         self._seen: set[str] = set()  # real paths released this run: what the hash cache keeps
+        self._flusher = Flusher(self.state.root)
 
     def run(self, *, dry_run: bool = False) -> Report:
         """Publish every host whose content changed (or, with dry_run, say which would)."""
@@ -172,7 +174,7 @@ class Publisher:
                 self._write(inventory, passed, results, report, generations)
                 checker.save()
                 cache.save(keep=self._seen)
-                sync_filesystem(self.state.root)
+                self._flusher.flush()
         report.hosts = [results[host.name] for host in inventory.hosts]
         report.files_hashed = cache.hashed
         report.seconds = time.monotonic() - started
@@ -194,7 +196,7 @@ class Publisher:
         listings = Listings()  # shared directories are listed once per run
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
-            chroot = Chroot(self.state.chroot(host.name))
+            chroot = Chroot(self.state.chroot(host.name), self._flusher)
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
                 entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
@@ -243,7 +245,7 @@ class Publisher:
     ) -> None:
         """Write releases, then switch every `current` at once, then prune."""
         signer = Signer.load_or_create(self.state.signing_key)
-        pool = Pool(self.state.objects)
+        pool = Pool(self.state.objects, self._flusher)
         switches: list[tuple[_Plan, Manifest]] = []
         for index, plan in enumerate(plans, 1):
             self._progress("writing", index, len(plans))
@@ -260,12 +262,12 @@ class Publisher:
         created = self._credentials(inventory, signer)
         if switches:
             # Every object and release is on disk before any `current` names it; then the
-            # renames of `current` are made durable too. Two syncfs calls, not one fsync per file.
-            sync_filesystem(self.state.root)
+            # renames of `current` are made durable too.
+            self._flusher.flush()
             for plan, _ in switches:
                 plan.chroot.set_current(Current(plan.generation, plan.version))
                 generations[plan.host.name] = plan.generation
-            sync_filesystem(self.state.root)
+            self._flusher.flush()
             unlinked: set[str] = set()
             for plan, manifest in switches:
                 unlinked |= _prune(plan, manifest, inventory.config.publish.keep)
@@ -273,6 +275,7 @@ class Publisher:
             generations_file = self.state.publisher / "generations.json"
             data = msgspec.json.encode(_Generations(generations))
             write_atomic(generations_file, data, mode=0o600, durable=False)
+            self._flusher.wrote(generations_file)
         self._write_broker_users([host.name for host in inventory.hosts], created)
         self._write_authorized_keys(inventory)
 
@@ -282,13 +285,14 @@ class Publisher:
         key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
         created: dict[str, Secret] = {}
         for host in inventory.hosts:
-            chroot = Chroot(self.state.chroot(host.name))
+            chroot = Chroot(self.state.chroot(host.name), self._flusher)
             chroot.ensure_layout()
             secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
             if secret is not None:
                 created[host.name] = secret
         if key_changed:
             write_atomic(distributed, signer.public.encode(), mode=0o600, durable=False)
+            self._flusher.wrote(distributed)
         return created
 
     @staticmethod
@@ -336,6 +340,7 @@ class Publisher:
             path = directory / name
             if not path.exists() or path.read_text(encoding="utf-8") != line:
                 write_atomic(path, line.encode(), mode=0o644, durable=False)
+                self._flusher.wrote(path)
         write_atomic(index, msgspec.msgpack.encode(wanted), mode=0o600, durable=False)
 
     def _write_broker_users(self, hosts: list[str], created: dict[str, Secret]) -> None:

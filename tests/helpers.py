@@ -155,22 +155,20 @@ class Serve:
 
 
 def start_serve(
-    fleet: Fleet, state: Path, logs: Path, *, mqtt: str = "127.0.0.1:0", sftp: str = "127.0.0.1:0"
+    fleet: Fleet,
+    state: Path,
+    logs: Path,
+    *,
+    mqtt: str | None = "127.0.0.1:0",
+    sftp: str = "127.0.0.1:0",
+    broker: str | None = None,
 ) -> Serve:
+    """`herald serve` as a process; with `broker`, announcing on that external broker."""
     run_file = state / "run" / "serve.json"
     run_file.unlink(missing_ok=True)
-    argv = [
-        *HERALD,
-        "serve",
-        "--fleet",
-        str(fleet.root),
-        "--state",
-        str(state),
-        "--mqtt",
-        mqtt,
-        "--sftp",
-        sftp,
-    ]
+    argv = [*HERALD, "serve", "--fleet", str(fleet.root), "--state", str(state), "--sftp", sftp]
+    argv += ["--mqtt", mqtt] if mqtt is not None else []
+    argv += ["--broker", broker] if broker is not None else []
     proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")
 
     def ready() -> dict[str, Any] | None:

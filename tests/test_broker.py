@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from helpers import Fleet
 
-from broker.server import EmbeddedBroker, HeraldBroker, broker_config
+from broker.server import EmbeddedBroker, HeraldBroker, Listener, broker_config
 from protocol.credentials import Secret, read_secret
 from protocol.messages import Online, decode, encode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
@@ -53,7 +53,7 @@ def secret(state: Path, user: str) -> Secret:
 
 @asynccontextmanager
 async def embedded(state: Path) -> AsyncIterator[BrokerURL]:
-    broker = EmbeddedBroker(host="127.0.0.1", port=0, password_file=state / "broker" / "passwd")
+    broker = EmbeddedBroker(Listener("127.0.0.1", 0), password_file=state / "broker" / "passwd")
     await broker.start()
     try:
         yield BrokerURL("127.0.0.1", broker.port)
@@ -66,7 +66,9 @@ async def stock(state: Path) -> AsyncIterator[BrokerURL]:
     """Unpatched amqtt with herald's plugins: to show the defects are still there."""
     port = _free_port()
     broker = amqtt.broker.Broker(
-        broker_config(bind=f"127.0.0.1:{port}", password_file=state / "broker" / "passwd")
+        broker_config(
+            listeners={"default": Listener("127.0.0.1", port)}, password_file=state / "broker" / "passwd"
+        )
     )
     await broker.start()
     try:
