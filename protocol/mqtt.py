@@ -54,6 +54,7 @@ def connect(
     keepalive: int = 60,
     timeout: float = 10.0,
     ca: str | None = None,
+    max_inflight: int | None = None,
 ) -> aiomqtt.Client:
     """An unconnected client; use it as `async with connect(...) as client:`.
 
@@ -70,6 +71,7 @@ def connect(
         timeout=timeout,
         clean_session=True,
         tls_context=ssl.create_default_context(cafile=ca) if url.tls else None,
+        max_inflight_messages=max_inflight,
     )
 
 

@@ -1,5 +1,6 @@
 """Announce releases: a retained `desired` per host, confirmed routed before returning."""
 
+import asyncio
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,6 +15,8 @@ from protocol.messages import Desired, encode
 from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import PUBLISHER_USER, Topics
 from publisher.chroot import Chroot
+
+_IN_FLIGHT = 256  # announcements sent before the first acknowledgement is awaited (paho: 20)
 
 
 def desired_of(state: Path, hosts: Iterable[str]) -> dict[str, Desired]:
@@ -52,9 +55,15 @@ async def announce(
             password=password,
             identifier=f"herald-publisher-{os.getpid()}",
             timeout=timeout,
+            max_inflight=_IN_FLIGHT,
         ) as client:
-            for host, payload in desired.items():
-                await client.publish(topics.desired(host), encode(payload), qos=1, retain=True)
+            # All at once: paho keeps a window of them in flight instead of one round trip each.
+            await asyncio.gather(
+                *(
+                    client.publish(topics.desired(host), encode(payload), qos=1, retain=True)
+                    for host, payload in desired.items()
+                )
+            )
             await confirm_routed(client, topics, PUBLISHER_USER, timeout)
     except (aiomqtt.MqttError, OSError) as exc:
         raise UnreachableError(f"broker {url}: {exc}") from exc

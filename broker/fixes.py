@@ -1,0 +1,227 @@
+"""HeraldBroker: amqtt 0.12.1's Broker with the defects herald cannot live with fixed.
+
+1. Retained leak. On CONNECT, amqtt re-sends the retained messages of every topic filter that
+   *any* client ever subscribed to, unchecked by the ACL (`_handle_client_session` calls
+   `_publish_retained_messages_for_subscription` for each filter in `self._subscriptions`).
+   Here a session gets the retained messages of its own subscriptions only.
+2. Keepalive. amqtt never drops a silent client (`handle_read_timeout` does nothing), so a
+   suspended laptop would stay online forever and its last will would never fire. Here a client
+   silent for 1.5 x its keepalive is disconnected as MQTT 3.1.1 asks, and its will is published.
+3. Work that grows with the square of the fleet, which made a 1000-host reconnect storm take
+   several seconds and an announcement of 1000 hosts two: every connect walked every topic
+   filter, every disconnect walked them again (`_del_all_subscriptions`), every subscription
+   matched every retained message, every message was matched against every filter
+   (`_run_broadcast`), and every subscription formatted `repr()` of all subscriptions for a
+   debug line nobody reads. Here an index of each session's filters makes connect and
+   disconnect proportional to that session's own subscriptions, an exact filter finds its
+   retained message by lookup, and a message is matched against its own topic's subscribers
+   and the wildcard filters only.
+
+This depends on amqtt's private methods. tests/test_broker.py pins the source of each method
+overridden or copied here, and shows that stock amqtt still has each defect: an upgrade that
+changes them fails the tests instead of silently turning a fix into dead code.
+"""
+
+import asyncio
+import math
+from collections import deque
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import QOS_0, QOS_1, QOS_2, Broker, BrokerError, BrokerEvents, MachineError, Server
+from amqtt.contexts import Action
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import OutgoingApplicationMessage, Session
+from loguru import logger
+
+REFUSED = 0x80  # SUBACK return code for a refused subscription
+
+
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's topic filter -> subscribers map; its repr is short because amqtt logs
+    `repr(self._subscriptions)` after every subscription, debug level or not."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} topic filters>"
+
+
+class HeraldBroker(Broker):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._subscriptions = _Subscriptions()
+        self._filters_of: dict[str, set[str]] = {}  # client id -> the filters it subscribed
+        self._wildcards: set[str] = set()  # filters with + or # (a superset: some may be unused)
+
+    # ---------------------------------------------------------------- the filter index
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted: int = await super().add_subscription(subscription, session)
+        if granted != REFUSED and session.client_id:
+            self._filters_of.setdefault(session.client_id, set()).add(subscription[0])
+            if "+" in subscription[0] or "#" in subscription[0]:
+                self._wildcards.add(subscription[0])
+        return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        if deleted and session.client_id in self._filters_of:
+            self._filters_of[session.client_id].discard(a_filter)
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        for topic_filter in self._filters_of.pop(session.client_id or "", set()):
+            super()._del_subscription(topic_filter, session)
+            if not self._subscriptions.get(topic_filter, True):
+                del self._subscriptions[topic_filter]
+                self._wildcards.discard(topic_filter)
+
+    # ---------------------------------------------------------------- delivery
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """The same verdict as amqtt's (every topic plugin must allow), asked of each plugin in
+        turn instead of through a task per plugin: this runs for every message delivered."""
+        if not self.plugins_manager.is_topic_filtering_enabled():
+            return True
+        for plugin in self.plugins_manager._topic_plugins:  # noqa: SLF001 - see tests/test_broker.py
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
+        return True
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """amqtt 0.12.1's method (debug lines left out), but for the filters it walks (`herald:`)."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        # herald: the topic's own subscribers and the wildcard filters, not every filter.
+        candidates = [topic] if topic in self._subscriptions else []
+        candidates += [f for f in self._wildcards if f in self._subscriptions and self._matches(topic, f)]
+
+        for k_filter in candidates:
+            for target_session, sub_qos in self._subscriptions[k_filter]:
+                qos = broadcast.get("qos", sub_qos)
+
+                sendable = await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE)
+                if not sendable:
+                    continue
+
+                # Retain messages for disconnected persistent sessions [MQTT 3.1.2.4]
+                if (
+                    target_session.transitions.state != "connected"
+                    and not target_session.clean_session
+                    and qos in (QOS_1, QOS_2)
+                    and not target_session.is_anonymous
+                ):
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+
+                if target_session.transitions.state != "connected":
+                    continue
+
+                handler = self._get_handler(target_session)
+                if handler:
+                    task = asyncio.ensure_future(
+                        handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    )
+                    running_tasks.append(task)
+
+    # ---------------------------------------------------------------- retained messages
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        if topic_filter not in self._filters_of.get(session.client_id or "", ()):
+            return  # the leak: never send another filter's retained messages
+        if "+" in topic_filter or "#" in topic_filter:
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+            return
+        retained = self._retained_messages.get(topic_filter)
+        handler = self._get_handler(session)
+        if retained is not None and handler is not None:
+            await handler.mqtt_publish(
+                retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+            )
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,  # noqa: ARG002 - amqtt's signature
+        listener_name: str,
+    ) -> None:
+        """amqtt 0.12.1's method (debug lines left out) but for the part marked `herald:`."""
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+
+        if client_session.client_id is None:
+            msg = "Client ID was not correctly created/set."
+            raise BrokerError(msg)
+
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():
+                    self.logger.warning(
+                        "Client %s is already connected, performing take-over.", client_session.client_id
+                    )
+                    old_session = self._sessions[client_session.client_id]
+                    await old_session[1].handle_connection_closed()
+                    await old_session[1].stop()
+                    break
+                self.logger.warning(
+                    "Client %s is reconnecting too quickly, make it wait", client_session.client_id
+                )
+                await asyncio.sleep(1)
+
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+
+        await handler.mqtt_connack_authorize(authenticated)
+
+        if not authenticated:
+            await writer.close()
+            return
+
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
+
+        await handler.start()
+
+        # publish messages that were retained because the client session was disconnected
+        await self._publish_session_retained_messages(client_session)
+
+        # herald: only this session's own filters (a persistent session's), not every filter
+        # any client ever subscribed to.
+        for topic in sorted(self._filters_of.get(client_session.client_id, ())):
+            await self._publish_retained_messages_for_subscription((topic, QOS_0), client_session)
+
+        await self._client_message_loop(client_session, handler)
+
+    # ---------------------------------------------------------------- keepalive
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        if session.keep_alive > 0:
+            # The reader loop waits this long for each packet; on timeout it calls
+            # handle_read_timeout, which amqtt leaves empty.
+            session.keep_alive = math.ceil(session.keep_alive * 1.5)
+            handler.handle_read_timeout = lambda: _drop_silent(handler, session)
+        return handler, session
+
+
+def _drop_silent(handler: BrokerProtocolHandler, session: Session) -> None:
+    logger.info("dropping {}: silent for {} s (1.5 x keepalive)", session.client_id, session.keep_alive)
+    # Ends the session as an abnormal disconnect: the broker publishes the will and stops the handler.
+    task = asyncio.ensure_future(handler.handle_connection_closed())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[None]] = set()
