@@ -17,9 +17,13 @@ FILES: Final = "files/"
 _KILL_GRACE: Final = 10.0
 
 
+def operation_of(config: AgentConfig, manifest: Manifest) -> Operation:
+    """switch, boot or test: agent.toml's choice, else the fleet's (fleet.toml, via MANIFEST)."""
+    return Operation(config.rebuild.operation or manifest.content.operation)
+
+
 def rebuild_argv(config: AgentConfig, manifest: Manifest, tree: Path) -> list[str]:
     """The rebuild command for this release, placeholders filled in."""
-    operation = config.rebuild.operation or manifest.content.operation
     flake = manifest.content.flake
     if config.rebuild.command is not None:
         template = config.rebuild.command
@@ -27,16 +31,22 @@ def rebuild_argv(config: AgentConfig, manifest: Manifest, tree: Path) -> list[st
         template = ["nixos-rebuild", "{operation}", "--flake", "{dir}#{flake}"]
     else:
         template = ["nixos-rebuild", "{operation}", "-I", "nixos-config={dir}/configuration.nix"]
-    values = {
-        "operation": Operation(operation).value,
-        "dir": str(tree),
-        "host": config.host,
-        "flake": flake or "",
-    }
+    operation = operation_of(config, manifest).value
+    return _fill(
+        template, "rebuild.command", operation=operation, dir=str(tree), host=config.host, flake=flake or ""
+    )
+
+
+def rollback_argv(config: AgentConfig) -> list[str]:
+    """The command that returns the host to the system deployed before."""
+    return _fill(config.rebuild.rollback, "rebuild.rollback", host=config.host)
+
+
+def _fill(template: list[str], where: str, **values: str) -> list[str]:
     try:
         return [part.format_map(values) for part in template]
     except (KeyError, ValueError, IndexError) as exc:
-        raise RebuildError(f"agent.toml: rebuild.command: bad placeholder {exc}") from exc
+        raise RebuildError(f"agent.toml: {where}: bad placeholder {exc}") from exc
 
 
 def install_files(manifest: Manifest, tree: Path, root: Path) -> list[str]:

@@ -19,7 +19,7 @@ import asyncssh
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.store import Store
-from protocol.errors import HeraldError, ReleaseError, UnreachableError
+from protocol.errors import HeraldError, ReleaseError, StorageError, UnreachableError
 from protocol.release import (
     CURRENT,
     MANIFEST,
@@ -36,6 +36,15 @@ from protocol.release import (
 )
 
 PARALLEL: Final = 16
+# The connection went away (the server stopped, the network changed): try again later. An SFTP
+# status from a live server (no such file, permission denied) is about the release instead.
+_LOST = (
+    asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection,
+    asyncssh.DisconnectError,
+    ConnectionError,
+    OSError,
+)
 _CHUNK: Final = 1 << 16
 
 
@@ -52,6 +61,8 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     try:
         async with sftp.open(path, "rb") as stream:
             data = await stream.read(limit + 1)
+    except _LOST as exc:
+        raise UnreachableError(f"connection lost while reading {path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
         raise ReleaseError(f"{path} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
@@ -126,6 +137,9 @@ async def _assemble(
     except* HeraldError as failures:
         # The first verification or connection failure rejects the release; one line says why.
         raise _first(failures) from None
+    except* OSError as failures:
+        first = failures.exceptions[0]
+        raise StorageError(f"cannot write the staging tree in {staging}: {first}") from None
     return downloaded, downloaded_bytes, reused
 
 
@@ -152,25 +166,48 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
     path = f"{OBJECTS}/{entry.sha256}"
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    out = _Local(target)
     try:
-        with os.fdopen(fd, "wb") as out:
-            async with sftp.open(path, "rb") as stream:
-                while size <= entry.size:
-                    chunk = _binary(await stream.read(_CHUNK))
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    digest.update(chunk)
-                    out.write(chunk)
+        async with sftp.open(path, "rb") as stream:
+            while size <= entry.size:
+                chunk = _binary(await stream.read(_CHUNK))
+                if not chunk:
+                    break
+                size += len(chunk)
+                digest.update(chunk)
+                out.write(chunk)
+    except _LOST as exc:
+        raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
         raise ReleaseError(f"{entry.path}: object {entry.sha256[:12]} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
         raise ReleaseError(f"{entry.path}: {exc.reason}") from exc
-    except (asyncssh.Error, ConnectionError) as exc:
-        raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
+    finally:
+        out.close()
     if size != entry.size or digest.hexdigest() != entry.sha256:
         raise ReleaseError(f"{entry.path}: content does not match its sha256 in MANIFEST")
+
+
+class _Local:
+    """A new file in the staging tree; its failures are the agent's disk's, not the server's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+    def write(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _binary(data: str | bytes) -> bytes:
@@ -181,6 +218,8 @@ def _binary(data: str | bytes) -> bytes:
 
 
 def _write_new(target: Path, data: bytes) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    out = _Local(target)
+    try:
         out.write(data)
+    finally:
+        out.close()

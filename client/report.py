@@ -16,7 +16,7 @@ import protocol
 from client.schedule import Backoff
 from client.store import Store
 from protocol.credentials import Secret, read_secret
-from protocol.errors import ConfigError, PayloadError
+from protocol.errors import ConfigError, PayloadError, UnreachableError
 from protocol.messages import Action, Command, Desired, Online, Phase, State, decode, encode, now
 from protocol.mqtt import BrokerURL, connect
 from protocol.release import BROKER_SECRET
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised
 _FLUSH_TIMEOUT: Final = 5.0
 _HEARTBEAT: Final = 60.0
+_SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK)  # phases a cycle ends in
 
 
 class Reporter:
@@ -48,6 +49,7 @@ class Reporter:
             message="starting",
             agent_version=protocol.__version__,
         )
+        self.last_settled = Phase.IDLE  # where the last finished cycle left the host
         self._client: aiomqtt.Client | None = None
         self._secret: Secret | None = None
         self._secret_ready = asyncio.Event()
@@ -58,6 +60,8 @@ class Reporter:
         self, phase: Phase, *, target: int | None = None, message: str = "", log: str | None = None
     ) -> State:
         deployed = self.store.deployed()
+        if phase in _SETTLED:
+            self.last_settled = phase
         self.state = State(
             phase=phase,
             deployed_generation=deployed.generation if deployed else 0,
@@ -113,6 +117,29 @@ class Reporter:
             keepalive=self.config.broker.keepalive,
             ca=self.config.broker.ca,
         )
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def probe(self) -> None:
+        """A new connection to the broker, closed at once: does the broker answer now?"""
+        if self.url is None or self._secret is None:
+            return
+        try:
+            async with (
+                asyncio.timeout(_FLUSH_TIMEOUT),
+                connect(
+                    self.url,
+                    username=self.host,
+                    password=self._secret,
+                    identifier=f"herald-agent-{self.host}-probe",
+                    ca=self.config.broker.ca,
+                ),
+            ):
+                pass
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            raise UnreachableError(f"broker {self.url}: {exc or exc.__class__.__name__}") from exc
 
     async def listen(self, agent: "Agent") -> None:
         """Stay connected to the broker (backing off between tries) and hand messages to `agent`."""
@@ -201,4 +228,4 @@ class Reporter:
         elif command.action is Action.REBUILD:
             agent.request(f"command {command.id}", force=True)
         else:
-            self.log.warning("command {}: {} is not supported by this agent yet", command.id, command.action)
+            agent.request_rollback(f"command {command.id} by {command.by or 'unknown'}")

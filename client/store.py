@@ -4,6 +4,7 @@
 <state>/trees/<generation>.manifest   its MANIFEST (the index of what the agent already has)
 <state>/release -> trees/<generation> the tree the last rebuild ran against
 <state>/deployed.json                 the last generation applied successfully
+<state>/previous.json                 the one deployed before it (what a rollback returns to)
 <state>/failed.json                   the last generation that failed (not retried in a loop)
 <state>/commands.json                 ids of commands already executed
 <state>/publisher.pub                 the publisher key, pinned on first use
@@ -63,9 +64,23 @@ class Store:
     def failed(self) -> Applied | None:
         return self._read("failed.json", Applied)
 
+    def previous(self) -> Applied | None:
+        return self._read("previous.json", Applied)
+
     def set_deployed(self, record: Applied) -> None:
+        """Record a new deployment; the one it replaces becomes `previous`."""
+        old = self.deployed()
+        if old is not None and old.generation != record.generation:
+            write_atomic(self.root / "previous.json", msgspec.json.encode(old), mode=0o600)
         write_atomic(self.root / "deployed.json", msgspec.json.encode(record), mode=0o600)
         (self.root / "failed.json").unlink(missing_ok=True)
+
+    def rolled_back(self) -> None:
+        """The previous deployment is the deployed one again."""
+        previous = self.previous()
+        if previous is not None:
+            write_atomic(self.root / "deployed.json", msgspec.json.encode(previous), mode=0o600)
+            (self.root / "previous.json").unlink(missing_ok=True)
 
     def set_failed(self, record: Applied) -> None:
         write_atomic(self.root / "failed.json", msgspec.json.encode(record), mode=0o600)

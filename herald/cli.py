@@ -220,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
     )
-    cmd.add_argument("--action", choices=("check", "rebuild"), default="check")
+    cmd.add_argument("--action", choices=("check", "rebuild", "rollback"), default="check")
     cmd.add_argument("hosts", nargs="+", metavar="HOST")
 
     cmd = command("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")

@@ -54,6 +54,7 @@ def _agent_toml(host: str, home: Path, server: Server, host_key: str, sftp_port:
     ]
     return f"""\
 host = "{host}"
+trigger = "off"
 ssh_key = "{home / "id_ed25519"}"
 state_dir = "{home / "state"}"
 root = "{home / "root"}"

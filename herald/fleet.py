@@ -58,7 +58,7 @@ class HostView:
             return Status.NEVER_SEEN
         if not self.is_online(at or now()):
             return Status.OFFLINE
-        if self.state.phase is not Phase.IDLE:
+        if self.state.phase not in (Phase.IDLE, Phase.CHECKING):
             return _BUSY.get(self.state.phase, Status.APPLYING)
         if self.desired is not None and self.state.deployed_generation < self.desired.generation:
             return Status.PENDING

@@ -2,9 +2,9 @@
 
     python -m herald.standin --record FILE [--control DIR] ARG...
 
-Appends one JSON line to FILE: the time it started, its arguments and the release it was
-pointed at. If DIR/fail exists it exits 1; if DIR/hang exists it sleeps until killed. It
-never touches the system.
+Appends one JSON line to FILE: the time it started and its arguments. If DIR/sleep exists, it
+then sleeps that many seconds; if DIR/fail exists it exits 1; if DIR/hang exists it sleeps
+until killed. It never touches the system.
 """
 
 import argparse
@@ -26,6 +26,8 @@ def main() -> int:
         record.write(json.dumps(entry) + "\n")
     print(f"stand-in rebuild: {' '.join(options.args)}")
     control = options.control
+    if control is not None and (control / "sleep").exists():
+        time.sleep(float((control / "sleep").read_text()))
     if control is not None and (control / "hang").exists():
         print("hanging on purpose", flush=True)
         time.sleep(3600)

@@ -36,3 +36,7 @@ class UnreachableError(HeraldError):
 
 class RebuildError(HeraldError):
     """The rebuild command failed, timed out or could not start."""
+
+
+class StorageError(HeraldError):
+    """The agent's own disk refused a write (full, read-only): retried when space returns."""

@@ -21,6 +21,8 @@ _ENDPOINT = r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
 _PREFIX = r"^[A-Za-z0-9_-]{1,32}$"
 _LISTENER = r"^(off|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})$"
 Listener = Annotated[str, msgspec.Meta(pattern=_LISTENER)]
+_LOOPBACK = r"^(off|(127\.0\.0\.1|\[::1\]|localhost):[0-9]{1,5})$"
+Loopback = Annotated[str, msgspec.Meta(pattern=_LOOPBACK)]
 Duration = Annotated[str, msgspec.Meta(pattern=_DURATION)]
 Endpoint = Annotated[str, msgspec.Meta(pattern=_ENDPOINT)]
 Prefix = Annotated[str, msgspec.Meta(pattern=_PREFIX)]
@@ -31,6 +33,7 @@ _PATTERN_HINTS: Final = {
     _ENDPOINT: "expected HOST:PORT, such as '127.0.0.1:1883' or '[::1]:2222'",
     _PREFIX: "expected one topic level of letters, digits, '_' or '-'",
     _LISTENER: "expected HOST:PORT, such as '127.0.0.1:1883', or 'off'",
+    _LOOPBACK: "expected a loopback address and port, such as '127.0.0.1:9999', or 'off'",
 }
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -182,11 +185,22 @@ class AgentRebuild(_Settings, frozen=True, kw_only=True):
     Placeholders: {operation} {dir} {host} {flake}. Without `command`, herald runs
     `nixos-rebuild {operation} --flake {dir}#{flake}` for a release with flake.nix and
     `nixos-rebuild {operation} -I nixos-config={dir}/configuration.nix` otherwise.
+    `rollback` returns to the system deployed before (after a failed confirmation, or on a
+    `rollback` command).
     """
 
     command: list[str] | None = None
     operation: Operation | None = None
     timeout: Duration = "1h"
+    rollback: list[str] = msgspec.field(default_factory=lambda: ["nixos-rebuild", "switch", "--rollback"])
+
+
+class AgentConfirm(_Settings, frozen=True, kw_only=True):
+    """After a switch, the agent must reach the server (SFTP, and the broker if it has one) and
+    pass `health` (an argv, exit 0) within `window`; otherwise it rolls back."""
+
+    window: Duration = "60s"
+    health: list[str] | None = None
 
 
 class AgentConfig(_Settings, frozen=True, kw_only=True):
@@ -199,6 +213,8 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     server: AgentServer
     broker: AgentBroker = AgentBroker()
     rebuild: AgentRebuild = AgentRebuild()
+    confirm: AgentConfirm = AgentConfirm()
+    trigger: Loopback = "127.0.0.1:9999"  # the local page with an "Update now" button; or "off"
 
     def __post_init__(self) -> None:
         if not is_host_name(self.host):

@@ -222,7 +222,15 @@ class Agent:
 
 
 def make_agent(
-    fleet: Fleet, host: str, serve: Serve, where: Path, *, broker: str | None = None, poll: str = "1h"
+    fleet: Fleet,
+    host: str,
+    serve: Serve,
+    where: Path,
+    *,
+    broker: str | None = None,
+    poll: str = "1h",
+    confirm: str = "10s",
+    trigger: str = "off",
 ) -> Agent:
     home = where / "agents" / host
     (home / "control").mkdir(parents=True, exist_ok=True)
@@ -234,6 +242,7 @@ def make_agent(
     config.write_text(
         f"""\
 host = "{host}"
+trigger = "{trigger}"
 ssh_key = "{fleet.keys[host]}"
 state_dir = "{home / "state"}"
 root = "{home / "root"}"
@@ -247,7 +256,11 @@ host_key = "{serve.host_key}"
 {broker_section}
 [rebuild]
 command = {json.dumps(command)}
+rollback = {json.dumps([*command[:-3], "rollback"])}
 timeout = "30s"
+
+[confirm]
+window = "{confirm}"
 """,
         encoding="utf-8",
     )
