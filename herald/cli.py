@@ -99,6 +99,20 @@ def cmd_broker_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server_provision(args: argparse.Namespace) -> int:
+    from publisher.provision import provision
+
+    changes = provision(args.fleet, args.state, dry_run=args.dry_run, sshd_state=args.sshd_state)
+    for change in changes:
+        console.print(f"{'would ' if args.dry_run else ''}{change.what}", markup=False, soft_wrap=True)
+    if not changes:
+        console.print("nothing to change")
+    elif not args.dry_run:
+        fragment = args.state.absolute() / "ssh" / "sshd_config"
+        console.print(f"include {fragment} at the end of sshd_config, then reload sshd", markup=False)
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from client.agent import Agent
     from protocol.messages import Phase
@@ -154,36 +168,54 @@ def cmd_demo(_args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="herald", description="Keep a NixOS fleet on the configuration in git."
-    )
-    top.add_argument("--version", action="version", version=f"herald {__version__}")
-    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+Handler = Callable[[argparse.Namespace], int]
 
-    def command(
-        name: str, handler: Callable[[argparse.Namespace], int], text: str
-    ) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=text, description=text)
+
+class _Commands:
+    """The subcommands of `herald`, each with its options."""
+
+    def __init__(self, sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+        self.sub = sub
+
+    def add(self, name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        cmd = self.sub.add_parser(name, help=text, description=text)
         cmd.set_defaults(handler=handler)
         return cmd
 
-    def broker_options(cmd: argparse.ArgumentParser, *, required: bool) -> None:
-        cmd.add_argument(
-            "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
-        )
-        cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
+    def group(self, name: str, text: str) -> "_Commands":
+        cmd = self.sub.add_parser(name, help=text, description=text)
+        return _Commands(cmd.add_subparsers(dest="action", required=True, metavar="ACTION"))
 
-    cmd = command("publish", cmd_publish, "write releases for every changed host, and announce them")
-    cmd.add_argument("--fleet", type=Path, required=True, metavar="DIR", help="the fleet repository")
+
+def _paths(cmd: argparse.ArgumentParser, *, fleet: bool = True) -> None:
+    if fleet:
+        cmd.add_argument("--fleet", type=Path, required=True, metavar="DIR", help="the fleet repository")
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+
+
+def _broker(cmd: argparse.ArgumentParser, *, required: bool) -> None:
+    cmd.add_argument(
+        "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+    )
+    cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
+
+
+def _admin(cmd: argparse.ArgumentParser) -> None:
+    _broker(cmd, required=True)
+    cmd.add_argument(
+        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
+    )
+
+
+def _server_commands(commands: _Commands) -> None:
+    cmd = commands.add("publish", cmd_publish, "write releases for every changed host, and announce them")
+    _paths(cmd)
     cmd.add_argument(
         "--dry-run", action="store_true", help="say which hosts and files would change; write nothing"
     )
-    broker_options(cmd, required=False)
+    _broker(cmd, required=False)
 
-    cmd = command("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")
+    cmd = commands.add("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")
     cmd.add_argument("--config", type=Path, metavar="FILE", help="server.toml (flags override it)")
     cmd.add_argument("--fleet", type=Path, metavar="DIR")
     cmd.add_argument("--state", type=Path, metavar="DIR")
@@ -193,37 +225,52 @@ def parser() -> argparse.ArgumentParser:
         "--broker", metavar="URL", help="announce on this external broker instead (e.g. Mosquitto)"
     )
 
-    cmd = command("broker", lambda _args: 2, "the MQTT side: rules for an external broker")
-    broker = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    cmd = broker.add_parser("export", help="write Mosquitto's password_file, acl_file and a conf fragment")
-    cmd.set_defaults(handler=cmd_broker_export)
+    broker = commands.group("broker", "the MQTT side: rules for an external broker")
+    cmd = broker.add(
+        "export", cmd_broker_export, "write Mosquitto's password_file, acl_file and a conf fragment"
+    )
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="check every host of fleet.toml has a secret")
     cmd.add_argument("--format", choices=("mosquitto",), default="mosquitto")
     cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
     cmd.add_argument("outdir", type=Path, metavar="OUTDIR")
 
-    cmd = command("agent", cmd_agent, "keep this host on its release")
+    server = commands.group("server", "a server whose chroots OpenSSH serves")
+    cmd = server.add(
+        "provision", cmd_server_provision, "create the host users, chroots and sshd_config fragment"
+    )
+    _paths(cmd)
+    cmd.add_argument("--dry-run", action="store_true", help="print every change; make none")
+    cmd.add_argument("--sshd-state", type=Path, metavar="DIR", help="the state directory as sshd sees it")
+
+
+def _fleet_commands(commands: _Commands) -> None:
+    cmd = commands.add("agent", cmd_agent, "keep this host on its release")
     cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")
     cmd.add_argument("--once", action="store_true", help="check (and apply) once, then exit")
 
-    cmd = command("status", cmd_status, "show every host's desired and deployed generation")
-    broker_options(cmd, required=True)
-    cmd.add_argument(
-        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
-    )
+    cmd = commands.add("status", cmd_status, "show every host's desired and deployed generation")
+    _admin(cmd)
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="also list hosts never seen")
     cmd.add_argument("--json", action="store_true", help="JSON on stdout")
 
-    cmd = command("trigger", cmd_trigger, "ask hosts to check (or rebuild) now")
-    broker_options(cmd, required=True)
-    cmd.add_argument(
-        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
-    )
+    cmd = commands.add("trigger", cmd_trigger, "ask hosts to check (or rebuild, or roll back) now")
+    _admin(cmd)
     cmd.add_argument("--action", choices=("check", "rebuild", "rollback"), default="check")
     cmd.add_argument("hosts", nargs="+", metavar="HOST")
 
-    cmd = command("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")
+    commands.add("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="herald", description="Keep a NixOS fleet on the configuration in git."
+    )
+    top.add_argument("--version", action="version", version=f"herald {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = _Commands(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    _server_commands(commands)
+    _fleet_commands(commands)
     return top
 
 

@@ -6,11 +6,21 @@ STATE/publisher/                signing key, hash cache, generations, lock
 STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
 STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
 STATE/ssh/authorized_keys/<host> the key each host logs in with, from fleet.toml at publish
+STATE/ssh/access.json           what each host may write (logs/, backups/) and how much
 STATE/sftp/ssh_host_ed25519_key the embedded SFTP server's host key
 """
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
+
+
+class Access(msgspec.Struct, frozen=True):
+    """STATE/ssh/access.json, per host, written by the publisher and read by the embedded SFTP
+    server: the directories the host may write and each one's size cap in bytes."""
+
+    areas: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,10 @@ class StateDir:
 
     def authorized_keys(self, host: str) -> Path:
         return self.authorized_keys_dir / host
+
+    @property
+    def access(self) -> Path:
+        return self.root / "ssh" / "access.json"
 
     @property
     def sftp_host_key(self) -> Path:

@@ -21,6 +21,8 @@ _ENDPOINT = r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
 _PREFIX = r"^[A-Za-z0-9_-]{1,32}$"
 _LISTENER = r"^(off|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5})$"
 Listener = Annotated[str, msgspec.Meta(pattern=_LISTENER)]
+_SIZE = r"^[1-9][0-9]*(K|M|G|T)$"
+Size = Annotated[str, msgspec.Meta(pattern=_SIZE)]
 _LOOPBACK = r"^(off|(127\.0\.0\.1|\[::1\]|localhost):[0-9]{1,5})$"
 Loopback = Annotated[str, msgspec.Meta(pattern=_LOOPBACK)]
 Duration = Annotated[str, msgspec.Meta(pattern=_DURATION)]
@@ -33,6 +35,7 @@ _PATTERN_HINTS: Final = {
     _ENDPOINT: "expected HOST:PORT, such as '127.0.0.1:1883' or '[::1]:2222'",
     _PREFIX: "expected one topic level of letters, digits, '_' or '-'",
     _LISTENER: "expected HOST:PORT, such as '127.0.0.1:1883', or 'off'",
+    _SIZE: "expected a size such as '512M' or '20G'",
     _LOOPBACK: "expected a loopback address and port, such as '127.0.0.1:9999', or 'off'",
 }
 
@@ -43,6 +46,11 @@ _SSH_KEY_RE: Final = re.compile(r"(?P<type>[a-z0-9@.-]+) (?P<blob>[A-Za-z0-9+/]+
 def seconds(duration: str) -> int:
     """Seconds in a Duration such as '15m'."""
     return int(duration[:-1]) * _UNITS[duration[-1]]
+
+
+def size_bytes(size: str) -> int:
+    """Bytes in a Size such as '20G' (binary units)."""
+    return int(size[:-1]) << {"K": 10, "M": 20, "G": 30, "T": 40}[size[-1]]
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -66,6 +74,17 @@ def check_ssh_public_key(text: str) -> str:
     return f"{match['type']} {match['blob']}"
 
 
+def authorized_key(line: str) -> str | None:
+    """The key of an authorized_keys line ('restrict ssh-ed25519 AAAA... comment'), or None."""
+    words = line.split()
+    for index in range(len(words) - 1):
+        try:
+            return check_ssh_public_key(f"{words[index]} {words[index + 1]}")
+        except ValueError:
+            continue
+    return None
+
+
 class Operation(StrEnum):
     SWITCH = "switch"
     BOOT = "boot"
@@ -87,6 +106,8 @@ class HostEntry(_Settings, frozen=True, kw_only=True):
     poll: Duration | None = None
     tags: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = []
     flake: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
+    logs: Size = "64M"  # the most the host may keep in its logs/ (embedded server)
+    backups: Size | None = None  # a backups/ directory for restic or duplicity, and its size cap
 
     def __post_init__(self) -> None:
         try:

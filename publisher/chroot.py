@@ -44,13 +44,25 @@ if TYPE_CHECKING:
 
 _CHUNK: Final = 1 << 20
 _TMP: Final = ".tmp-"
+BACKUPS: Final = "backups"
 _SWEEP_EVERY: Final = 86400
 
 
 class Chroot:
-    def __init__(self, path: Path, flusher: Flusher | None = None) -> None:
+    """`owner` is the host's (uid, gid) when its chroot is served by OpenSSH (publisher.accounts):
+    the files only the host may read then belong to its group, and logs/ to the host."""
+
+    def __init__(
+        self, path: Path, flusher: Flusher | None = None, owner: tuple[int, int] | None = None
+    ) -> None:
         self.path = path
         self.flusher = flusher
+        self.owner = owner
+
+    def _group(self, path: Path, *, user: bool = False) -> None:
+        """Give `path` to the host's group (and, with `user`, to the host) in OpenSSH mode."""
+        if self.owner is not None:
+            os.chown(path, self.owner[0] if user else 0, self.owner[1], follow_symlinks=False)
 
     def _wrote(self, path: Path, *, directory: bool = False) -> None:
         if self.flusher is not None:
@@ -77,8 +89,8 @@ class Chroot:
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
 
-    def ensure_layout(self) -> None:
-        if (self.path / LOGS).is_dir():
+    def ensure_layout(self, *, backups: bool = False) -> None:
+        if (self.path / LOGS).is_dir() and (not backups or (self.path / BACKUPS).is_dir()):
             return
         for directory, mode in (
             (self.path, 0o755),
@@ -86,9 +98,14 @@ class Chroot:
             (self.releases, 0o755),
             (self.path / CREDENTIALS, 0o750),
             (self.path / LOGS, 0o750),
+            *(((self.path / BACKUPS, 0o700),) if backups else ()),
         ):
-            directory.mkdir(mode=mode, parents=True, exist_ok=True)
-            self._wrote(directory, directory=True)
+            if not directory.is_dir():
+                directory.mkdir(mode=mode, parents=True, exist_ok=True)
+                directory.chmod(mode)
+                if directory.name in (CREDENTIALS, LOGS, BACKUPS):
+                    self._group(directory, user=directory.name != CREDENTIALS)
+                self._wrote(directory, directory=True)
 
     def ensure_credentials(self, publisher_key: str, *, key_changed: bool) -> Secret | None:
         """Place the publisher key (if missing or changed) and create the host's broker secret
@@ -97,12 +114,14 @@ class Chroot:
         key_file = credentials / PUBLISHER_KEY
         if key_changed or not key_file.exists():
             write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
+            self._group(key_file)
             self._wrote(key_file)
         secret_file = credentials / BROKER_SECRET
         if secret_file.exists():
             return None
         secret = new_secret()
         write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640, durable=False)
+        self._group(secret_file)
         self._wrote(secret_file)
         return secret
 
@@ -128,6 +147,8 @@ class Chroot:
                 self._wrote(target)
                 return True
         _store(source, sha256, target, 0o640 if private else 0o644)
+        if private:
+            self._group(target)
         self._wrote(target)
         return True
 

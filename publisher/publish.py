@@ -22,15 +22,17 @@ from loguru import logger
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
 from protocol.errors import HeraldError
 from protocol.files import Flusher, write_atomic
-from protocol.layout import StateDir
+from protocol.layout import Access, StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
-from protocol.settings import check_ssh_public_key
+from protocol.settings import size_bytes
 from protocol.topics import SERVICE_USERS
+from publisher.accounts import host_account
 from publisher.check import Checker
 from publisher.chroot import Chroot, Pool
 from publisher.hashcache import HashCache
 from publisher.inventory import Host, Inventory, load_inventory
+from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
 from publisher.signing import Signer
 
@@ -196,7 +198,7 @@ class Publisher:
         listings = Listings()  # shared directories are listed once per run
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
-            chroot = Chroot(self.state.chroot(host.name), self._flusher)
+            chroot = Chroot(self.state.chroot(host.name), self._flusher, host_account(host.name))
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
                 entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
@@ -278,6 +280,7 @@ class Publisher:
             self._flusher.wrote(generations_file)
         self._write_broker_users([host.name for host in inventory.hosts], created)
         self._write_authorized_keys(inventory)
+        self._write_access(inventory)
 
     def _credentials(self, inventory: Inventory, signer: Signer) -> dict[str, Secret]:
         """Every chroot's layout, publisher key and broker secret; the secrets created now."""
@@ -285,8 +288,8 @@ class Publisher:
         key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
         created: dict[str, Secret] = {}
         for host in inventory.hosts:
-            chroot = Chroot(self.state.chroot(host.name), self._flusher)
-            chroot.ensure_layout()
+            chroot = Chroot(self.state.chroot(host.name), self._flusher, host_account(host.name))
+            chroot.ensure_layout(backups=host.entry.backups is not None)
             secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
             if secret is not None:
                 created[host.name] = secret
@@ -323,10 +326,7 @@ class Publisher:
         """STATE/ssh/authorized_keys/<host>: the key each host logs in with; removed hosts lose theirs."""
         directory = self.state.authorized_keys_dir
         directory.mkdir(parents=True, exist_ok=True)
-        wanted = {
-            host.name: f"{check_ssh_public_key(host.entry.ssh_key)} herald:{host.name}\n"
-            for host in inventory.hosts
-        }
+        wanted = {host.name: authorized_key_line(host) for host in inventory.hosts}
         index = self.state.publisher / "authorized_keys.msgpack"  # what the files held after the last run
         try:
             if msgspec.msgpack.decode(index.read_bytes(), type=dict[str, str]) == wanted:
@@ -342,6 +342,21 @@ class Publisher:
                 write_atomic(path, line.encode(), mode=0o644, durable=False)
                 self._flusher.wrote(path)
         write_atomic(index, msgspec.msgpack.encode(wanted), mode=0o600, durable=False)
+
+    def _write_access(self, inventory: Inventory) -> None:
+        """STATE/ssh/access.json: what each host may write through the embedded SFTP server."""
+        table = {
+            host.name: Access(
+                areas={"logs": size_bytes(host.entry.logs)}
+                | ({"backups": size_bytes(host.entry.backups)} if host.entry.backups else {})
+            )
+            for host in inventory.hosts
+        }
+        path = self.state.access
+        data = msgspec.json.encode(table)
+        if not path.exists() or path.read_bytes() != data:
+            write_atomic(path, data, mode=0o644, durable=False)
+            self._flusher.wrote(path)
 
     def _write_broker_users(self, hosts: list[str], created: dict[str, Secret]) -> None:
         """STATE/broker/passwd: one hash per host and per service user; removed hosts dropped.

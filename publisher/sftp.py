@@ -1,4 +1,4 @@
-"""The embedded SFTP server: each host sees its own chroot, read-only but for logs/.
+"""The embedded SFTP server: each host sees its own chroot, read-only but for logs/ (and backups/).
 
 Stock `asyncssh.SFTPServer(chroot=...)` maps paths without containing them (FINDINGS.md): it
 follows links out of the chroot and allows every write. This server
@@ -6,8 +6,9 @@ follows links out of the chroot and allows every write. This server
 - maps every path lexically below the host's chroot and then requires `realpath` to be the same
   path: no symlink is ever followed, whoever made it;
 - refuses `symlink`, `link` and `readlink`;
-- allows writes, `setstat`, `remove`, `rename`, `mkdir` and `rmdir` only strictly below `logs/`,
-  and opens files with O_NOFOLLOW;
+- allows writes, `setstat`, `remove`, `rename`, `mkdir` and `rmdir` only strictly below `logs/`
+  (and `backups/` for hosts that have one), each within its size cap, and opens files with
+  O_NOFOLLOW;
 - authenticates a host by the key published for it (STATE/ssh/authorized_keys/<host>), so a
   publish that adds or changes a key takes effect without a restart;
 - offers nothing but the sftp subsystem: no shell, exec, scp, forwarding or agent.
@@ -15,27 +16,64 @@ follows links out of the chroot and allows every write. This server
 
 import os
 import posixpath
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import asyncssh
+import msgspec
 from asyncssh import SFTPAttrs, SFTPOpUnsupported, SFTPPermissionDenied
 from loguru import logger
 
-from protocol.layout import StateDir
-from protocol.release import LOGS
-from protocol.settings import check_ssh_public_key
+from protocol.layout import Access, StateDir
+from protocol.settings import authorized_key, check_ssh_public_key
 from protocol.topics import is_host_name
 
+_DEFAULT_LOGS_CAP: Final = 64 << 20
 _WRITE_FLAGS: Final = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
 
 
+def load_access(state: StateDir, host: str) -> Access | None:
+    try:
+        table = msgspec.json.decode(state.access.read_bytes(), type=dict[str, Access])
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return table.get(host)
+
+
+@dataclass
+class _Area:
+    """A writable directory of the chroot and its size cap; usage counted from disk once."""
+
+    name: str
+    prefix: bytes  # the directory's local path with a trailing '/'
+    cap: int
+    used: int | None = None
+
+    def usage(self) -> int:
+        if self.used is None:
+            self.used = sum(
+                os.lstat(os.path.join(top, name)).st_size  # noqa: PTH118
+                for top, _, names in os.walk(self.prefix)
+                for name in names
+            )
+        return self.used
+
+    def grow(self, by: int) -> None:
+        if by > 0 and self.usage() + by > self.cap:
+            raise asyncssh.SFTPFailure(f"{self.name}/ is full (its cap is {self.cap >> 20} MiB)")
+        self.used = self.usage() + by
+
+
 class ChrootSFTPServer(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], root: Path) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], root: Path, access: Access) -> None:
         super().__init__(chan)
         self._root = os.fsencode(os.path.realpath(root))
-        self._logs = self._root + b"/" + LOGS.encode() + b"/"
-        self._writable_files: set[int] = set()
+        self._areas = [
+            _Area(name, self._root + b"/" + name.encode() + b"/", cap) for name, cap in access.areas.items()
+        ]
+        self._writable_files: dict[int, _Area] = {}
         self._log = logger.bind(host=chan.get_extra_info("username"))
 
     # ---------------------------------------------------------------- paths
@@ -55,28 +93,32 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
             return path[len(self._root) :]
         raise asyncssh.SFTPNoSuchFile("not found")
 
-    def _writable(self, path: bytes) -> bytes:
+    def _writable(self, path: bytes) -> tuple[bytes, _Area]:
         local = self.map_path(path)
-        if not local.startswith(self._logs):
-            self._log.warning("refused a write to {!r}: only logs/ is writable", path)
-            raise SFTPPermissionDenied("only logs/ is writable")
-        return local
+        for area in self._areas:
+            if local.startswith(area.prefix):
+                return local, area
+        self._log.warning("refused a write to {!r}: only logs/ (and backups/) are writable", path)
+        raise SFTPPermissionDenied("only logs/ (and backups/, where enabled) are writable")
 
     # ---------------------------------------------------------------- files
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> object:
         if pflags & _WRITE_FLAGS:
-            local = self._writable(path)
+            local, area = self._writable(path)
             flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
             flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else 0
             flags |= os.O_CREAT if pflags & asyncssh.FXF_CREAT else 0
-            flags |= os.O_TRUNC if pflags & asyncssh.FXF_TRUNC else 0
             flags |= os.O_APPEND if pflags & asyncssh.FXF_APPEND else 0
             flags |= os.O_EXCL if pflags & asyncssh.FXF_EXCL else 0
             if flags & os.O_RDWR:
                 flags &= ~os.O_WRONLY
+            before = _size(local)
             fd = os.open(local, flags, 0o640)
-            self._writable_files.add(fd)
+            if pflags & asyncssh.FXF_TRUNC:
+                os.ftruncate(fd, 0)
+                area.grow(-before)
+            self._writable_files[fd] = area
             return fd
         return os.open(self.map_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
@@ -85,7 +127,7 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> None:
         fd = _fd(file_obj)
-        self._writable_files.discard(fd)
+        self._writable_files.pop(fd, None)
         os.close(fd)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
@@ -93,17 +135,23 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         fd = _fd(file_obj)
-        if fd not in self._writable_files:
+        area = self._writable_files.get(fd)
+        if area is None:
             raise SFTPPermissionDenied("file not open for writing")
+        area.grow(offset + len(data) - os.fstat(fd).st_size)
         return os.pwrite(fd, data, offset)
 
     def fstat(self, file_obj: object) -> os.stat_result:
         return os.fstat(_fd(file_obj))
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
-        if _fd(file_obj) not in self._writable_files:
-            raise SFTPPermissionDenied("only files in logs/ opened for writing can change")
-        _apply(_fd(file_obj), attrs)
+        fd = _fd(file_obj)
+        area = self._writable_files.get(fd)
+        if area is None:
+            raise SFTPPermissionDenied("only files opened for writing in logs/ or backups/ can change")
+        if attrs.size is not None:
+            area.grow(attrs.size - os.fstat(fd).st_size)
+        _apply(fd, attrs)
 
     def fsync(self, file_obj: object) -> None:
         os.fsync(_fd(file_obj))
@@ -120,25 +168,41 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
         self.lsetstat(path, attrs)
 
     def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        _apply(self._writable(path), attrs)
+        local, area = self._writable(path)
+        if attrs.size is not None:
+            area.grow(attrs.size - _size(local))
+        _apply(local, attrs)
 
     def remove(self, path: bytes) -> None:
-        os.remove(self._writable(path))  # noqa: PTH107
+        local, area = self._writable(path)
+        size = _size(local)
+        os.remove(local)  # noqa: PTH107
+        area.grow(-size)
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        os.mkdir(self._writable(path), 0o750)  # noqa: PTH102
+        os.mkdir(self._writable(path)[0], 0o750)  # noqa: PTH102
 
     def rmdir(self, path: bytes) -> None:
-        os.rmdir(self._writable(path))  # noqa: PTH106
+        os.rmdir(self._writable(path)[0])  # noqa: PTH106
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = self._writable(oldpath), self._writable(newpath)
+        old, new = self._same_area(oldpath, newpath)
         if os.path.lexists(new):
             raise asyncssh.SFTPFileAlreadyExists("target exists")
         os.rename(old, new)  # noqa: PTH104
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        os.replace(self._writable(oldpath), self._writable(newpath))  # noqa: PTH105
+        old, new = self._same_area(oldpath, newpath)
+        _, area = self._writable(newpath)
+        replaced = _size(new)
+        os.replace(old, new)  # noqa: PTH105
+        area.grow(-replaced)
+
+    def _same_area(self, oldpath: bytes, newpath: bytes) -> tuple[bytes, bytes]:
+        (old, area), (new, target) = self._writable(oldpath), self._writable(newpath)
+        if area is not target:
+            raise SFTPPermissionDenied("files cannot move between logs/ and backups/")
+        return old, new
 
     def readlink(self, path: bytes) -> bytes:
         raise SFTPPermissionDenied("links are not served")
@@ -148,6 +212,14 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         raise SFTPPermissionDenied("links cannot be created")
+
+
+def _size(local: bytes) -> int:
+    try:
+        info = os.lstat(local)
+    except FileNotFoundError:
+        return 0
+    return 0 if stat.S_ISDIR(info.st_mode) else info.st_size
 
 
 def _apply(target: bytes | int, attrs: SFTPAttrs) -> None:
@@ -194,12 +266,8 @@ class _Gate(asyncssh.SSHServer):
         except (OSError, UnicodeDecodeError):
             return False
         offered = check_ssh_public_key(key.export_public_key("openssh").decode())
-        for line in lines:
-            try:
-                if check_ssh_public_key(line) == offered:
-                    return True
-            except ValueError:
-                continue
+        if any(authorized_key(line) == offered for line in lines):
+            return True
         logger.bind(host=username).warning("SSH key refused: not the key published for this host")
         return False
 
@@ -231,7 +299,9 @@ class SFTPService:
         return self.host_key.export_public_key("openssh").decode().strip()
 
     def _session(self, chan: asyncssh.SSHServerChannel[bytes]) -> ChrootSFTPServer:
-        return ChrootSFTPServer(chan, self._state.chroot(chan.get_extra_info("username")))
+        host = chan.get_extra_info("username")
+        access = load_access(self._state, host) or Access(areas={"logs": _DEFAULT_LOGS_CAP})
+        return ChrootSFTPServer(chan, self._state.chroot(host), access)
 
     async def start(self) -> None:
         self._server = await asyncssh.create_server(

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from helpers import Agent, Fleet, Serve, Watcher, make_agent, start_serve
 from hypothesis import HealthCheck, settings
+from openssh import remove_host_users, start_sshd
 
 # A loaded 2-core CI machine makes generation slow now and then; slowness is not what these test.
 settings.register_profile("herald", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,3 +50,23 @@ def agents(fleet: Fleet, serve: Serve, tmp_path: Path) -> Iterator[dict[str, Age
     yield started
     for agent in started.values():
         agent.stop()
+
+
+@pytest.fixture(params=["embedded", "openssh"])
+def sftp_server(request, fleet: Fleet, state: Path, logs: Path, tmp_path: Path) -> Iterator[Serve]:
+    """The same tests against the embedded SFTP server and a real OpenSSH sshd with chroots."""
+    if request.param == "embedded":
+        server = start_serve(fleet, state, logs)
+        yield server
+        server.stop()
+        return
+    sshd = start_sshd(fleet, state, tmp_path, logs)
+    yield sshd.serve()
+    sshd.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_provisioned_users() -> Iterator[None]:
+    """Tests that provision OpenSSH chroots create the example fleet's host users: remove them."""
+    yield
+    remove_host_users(["alpha", "beta", "gamma", "delta"])

@@ -1,6 +1,7 @@
 """deploy/example-fleet is what `herald demo` and the README use: it must stay valid."""
 
 import subprocess
+from pathlib import Path
 
 from helpers import EXAMPLE_FLEET, herald, need
 
@@ -34,3 +35,12 @@ def test_the_demo_runs_and_shows_the_change_propagating():
         row = next(line for line in table.splitlines() if line.startswith(host))
         assert row.split()[1:3] == [generation, generation]
         assert "up to date" in row
+
+
+def test_the_sshd_snippet_in_deploy_is_what_provision_writes_for_the_example_fleet():
+    from publisher.inventory import load_inventory  # noqa: PLC0415
+    from publisher.provision import sshd_fragment  # noqa: PLC0415
+
+    hosts = [host.name for host in load_inventory(EXAMPLE_FLEET).hosts]
+    snippet = EXAMPLE_FLEET.parent / "openssh" / "sshd_config.herald"
+    assert snippet.read_text() == sshd_fragment(hosts, Path("/var/lib/herald"))

@@ -1,4 +1,6 @@
-"""The embedded SFTP server: a host reads only its own chroot and writes only its logs/."""
+"""Serving the chroots, one matrix over two servers: the embedded SFTP server and a real OpenSSH
+sshd provisioned by `herald server provision`. A host reads only its own chroot and writes only
+its logs/ (and backups/); nothing outside is ever read or changed."""
 
 import asyncio
 import hashlib
@@ -6,7 +8,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import Fleet, Serve
+from helpers import Fleet, Serve, herald, make_agent
 
 
 def run(coroutine):
@@ -17,46 +19,55 @@ def run(coroutine):
     return asyncio.run(bounded())
 
 
-def connect(serve: Serve, fleet: Fleet, user: str, key_of: str | None = None):
+def connect(server: Serve, fleet: Fleet, user: str, key_of: str | None = None):
     return asyncssh.connect(
         "127.0.0.1",
-        serve.sftp_port,
+        server.sftp_port,
         username=user,
         client_keys=[str(fleet.keys[key_of or user])],
-        known_hosts=([asyncssh.import_public_key(serve.host_key)], [], []),
+        known_hosts=([asyncssh.import_public_key(server.host_key)], [], []),
         config=None,
         agent_path=None,
     )
 
 
+def is_openssh(server: Serve) -> bool:
+    return server.mqtt == "" and server.proc.name == "sshd"
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file()
-        else f"dir {p.stat().st_mode:o}"
-        for p in sorted(root.rglob("*"))
-        if not p.is_symlink()
-    } | {str(p.relative_to(root)): f"link {p.stat().st_mode:o}" for p in root.rglob("*") if p.is_symlink()}
+    """Every entry below root with its content hash, mode and owner: what must not change."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        what = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+        )
+        found[str(path.relative_to(root))] = f"{info.st_mode:o} {info.st_uid}:{info.st_gid} {what}"
+    return found
 
 
-def test_a_host_reads_its_own_release(serve: Serve, fleet: Fleet, state: Path):
+def test_a_host_reads_its_own_release(sftp_server: Serve, fleet: Fleet, state: Path):
     async def scenario():
         async with (
-            connect(serve, fleet, "alpha") as conn,
+            connect(sftp_server, fleet, "alpha") as conn,
             conn.start_sftp_client() as sftp,
-            sftp.open("current", "rb") as f,
+            sftp.open("current", "rb") as current,
+            sftp.open("credentials/broker.secret", "rb") as secret,
         ):
-            return await f.read()
+            return await current.read(), await secret.read()
 
-    assert run(scenario()) == (state / "chroot" / "alpha" / "current").read_bytes()
+    current, secret = run(scenario())
+    assert current == (state / "chroot" / "alpha" / "current").read_bytes()
+    assert secret == (state / "chroot" / "alpha" / "credentials" / "broker.secret").read_bytes()
 
 
 @pytest.mark.parametrize(
     ("user", "key"), [("alpha", "beta"), ("zeta", "alpha"), ("herald-admin", "alpha"), ("root", "alpha")]
 )
-def test_wrong_keys_and_unknown_users_are_refused(serve: Serve, fleet: Fleet, user: str, key: str):
+def test_wrong_keys_and_unknown_users_are_refused(sftp_server: Serve, fleet: Fleet, user: str, key: str):
     async def scenario():
-        async with connect(serve, fleet, user, key):
+        async with connect(sftp_server, fleet, user, key):
             pass
 
     with pytest.raises(asyncssh.PermissionDenied):
@@ -74,14 +85,14 @@ def test_wrong_keys_and_unknown_users_are_refused(serve: Serve, fleet: Fleet, us
         "other/current",
     ],
 )
-def test_nothing_outside_the_chroot_is_readable(serve: Serve, fleet: Fleet, state: Path, path: str):
+def test_nothing_outside_the_chroot_is_readable(sftp_server: Serve, fleet: Fleet, state: Path, path: str):
     chroot = state / "chroot" / "alpha"
-    (chroot / "escape").symlink_to("/etc/passwd")
+    (chroot / "escape").symlink_to("/etc/passwd")  # links placed in the chroot by someone else
     (chroot / "other").symlink_to(state / "chroot" / "beta")
 
     async def scenario():
         async with (
-            connect(serve, fleet, "alpha") as conn,
+            connect(sftp_server, fleet, "alpha") as conn,
             conn.start_sftp_client() as sftp,
             sftp.open(path, "rb") as f,
         ):
@@ -104,6 +115,7 @@ async def _append_to_an_object(sftp: asyncssh.SFTPClient) -> None:
 ATTEMPTS = {
     "overwrite current": lambda sftp: _write(sftp, "current"),
     "append to an object": _append_to_an_object,
+    "overwrite the broker secret": lambda sftp: _write(sftp, "credentials/broker.secret"),
     "create at the top": lambda sftp: _write(sftp, "new"),
     "write through logs/..": lambda sftp: _write(sftp, "logs/../current"),
     "chmod current": lambda sftp: sftp.chmod("current", 0o777),
@@ -112,32 +124,59 @@ ATTEMPTS = {
     "rename a log over current": lambda sftp: sftp.posix_rename("logs/x.log", "current"),
     "mkdir at the top": lambda sftp: sftp.mkdir("bin"),
     "rmdir releases": lambda sftp: sftp.rmdir("releases"),
-    "symlink in logs": lambda sftp: sftp.symlink("/etc/shadow", "logs/shadow"),
     "hard link in logs": lambda sftp: sftp.link("current", "logs/current"),
-    "chmod the logs dir": lambda sftp: sftp.setstat("logs", asyncssh.SFTPAttrs(permissions=0o777)),
 }
 
 
 @pytest.mark.parametrize("action", ATTEMPTS)
 def test_writes_outside_logs_are_refused_and_nothing_changes(
-    serve: Serve, fleet: Fleet, state: Path, action: str
+    sftp_server: Serve, fleet: Fleet, state: Path, action: str
 ):
     chroot = state / "chroot" / "alpha"
     (chroot / "logs" / "x.log").write_text("a log\n")
-    before = snapshot(state)
+    before = snapshot(state / "chroot")
 
     async def scenario():
-        async with connect(serve, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
+        async with connect(sftp_server, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
             await ATTEMPTS[action](sftp)
 
     with pytest.raises(asyncssh.SFTPError):
         run(scenario())
-    assert snapshot(state) == before
+    assert snapshot(state / "chroot") == before
 
 
-def test_a_host_writes_its_logs(serve: Serve, fleet: Fleet, state: Path):
+def test_a_link_made_by_the_host_never_reaches_outside(sftp_server: Serve, fleet: Fleet, state: Path):
+    """The embedded server refuses to make links; OpenSSH makes them but resolves them inside the
+    chroot. Either way, renaming one into place outside logs/ fails and nothing outside is read."""
+
+    async def scenario() -> list[str]:
+        outcomes = []
+        async with connect(sftp_server, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
+            try:
+                await sftp.symlink("/etc/shadow", "logs/shadow")
+                outcomes.append("made")
+            except asyncssh.SFTPError:
+                outcomes.append("refused")
+            try:
+                async with sftp.open("logs/shadow", "rb") as f:
+                    outcomes.append(f"read {len(await f.read())} bytes")
+            except asyncssh.SFTPError:
+                outcomes.append("unreadable")
+            try:
+                await sftp.posix_rename("logs/shadow", "current")
+                outcomes.append("renamed into place")
+            except asyncssh.SFTPError:
+                outcomes.append("not renamed")
+        return outcomes
+
+    expected = ["made" if is_openssh(sftp_server) else "refused", "unreadable", "not renamed"]
+    assert run(scenario()) == expected
+    assert (state / "chroot" / "alpha" / "current").is_file()
+
+
+def test_a_host_writes_its_logs(sftp_server: Serve, fleet: Fleet, state: Path):
     async def scenario():
-        async with connect(serve, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
+        async with connect(sftp_server, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
             async with sftp.open("logs/run.log", "wb") as f:
                 await f.write(b"rebuild ok\n")
             await sftp.mkdir("logs/old")
@@ -152,21 +191,92 @@ def test_a_host_writes_its_logs(serve: Serve, fleet: Fleet, state: Path):
     assert not (state / "chroot" / "beta" / "logs" / "old").exists()
 
 
-def test_no_shell_exec_or_forwarding(serve: Serve, fleet: Fleet):
+def test_no_shell_exec_pty_or_forwarding(sftp_server: Serve, fleet: Fleet):
+    async def attempt(conn: asyncssh.SSHClientConnection, what: str) -> str:
+        try:
+            async with asyncio.timeout(10):
+                if what == "exec":
+                    result = await conn.run("id", input="")
+                    return "ran" if "uid=" in str(result.stdout) else "refused"
+                if what == "pty":
+                    result = await conn.run("id", term_type="xterm", input="")
+                    return "ran" if "uid=" in str(result.stdout) else "refused"
+                if what == "direct-tcpip":
+                    await conn.open_connection("127.0.0.1", sftp_server.sftp_port)
+                else:
+                    await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 22)
+                return "allowed"
+        except (
+            asyncssh.Error,
+            asyncssh.ChannelOpenError,
+            asyncssh.ChannelListenError,
+            OSError,
+            TimeoutError,
+        ):
+            return "refused"
+
     async def scenario():
-        outcomes = []
-        async with connect(serve, fleet, "alpha") as conn:
-            for attempt in (
-                conn.run("id", check=True),
-                conn.create_process(term_type="xterm"),
-                conn.open_connection("127.0.0.1", 22),
-                conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 22),
-            ):
-                try:
-                    await attempt
-                    outcomes.append("allowed")
-                except (asyncssh.Error, asyncssh.ChannelOpenError, asyncssh.ChannelListenError, OSError):
-                    outcomes.append("refused")
-        return outcomes
+        async with connect(sftp_server, fleet, "alpha") as conn:
+            return [await attempt(conn, what) for what in ("exec", "pty", "direct-tcpip", "tcpip-forward")]
 
     assert run(scenario()) == ["refused"] * 4
+
+
+def test_an_agent_converges_through_this_server(
+    sftp_server: Serve, fleet: Fleet, state: Path, tmp_path: Path
+):
+    """The production path: an agent fetches, verifies and applies through OpenSSH too."""
+    agent = make_agent(fleet, "gamma", sftp_server, tmp_path, broker="")
+    done = agent.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert agent.deployed() == 1
+    (log,) = (state / "chroot" / "gamma" / "logs").glob("*-g1-applied.log")
+    assert "stand-in rebuild" in log.read_text()
+
+
+def test_the_embedded_server_caps_logs(fleet: Fleet, state: Path, serve: Serve):
+    """OpenSSH has no per-directory cap (filesystem quotas do that for its users); ours has."""
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(toml.read_text().replace("[hosts.alpha]\n", '[hosts.alpha]\nlogs = "1M"\n'))
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+
+    async def scenario() -> tuple[int, str]:
+        written, refusal = 0, ""
+        async with connect(serve, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
+            try:
+                for index in range(20):
+                    async with sftp.open(f"logs/{index}.log", "wb") as f:
+                        await f.write(b"x" * (100 << 10))
+                    written += 1
+            except asyncssh.SFTPFailure as exc:
+                refusal = exc.reason
+            await sftp.remove("logs/0.log")  # making room makes room
+            async with sftp.open("logs/again.log", "wb") as f:
+                await f.write(b"x" * (50 << 10))
+        return written, refusal
+
+    written, refusal = run(scenario())
+    assert 8 <= written <= 10
+    assert "logs/ is full" in refusal
+
+
+def test_a_host_with_backups_may_write_them_within_their_cap(fleet: Fleet, state: Path, serve: Serve):
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(toml.read_text().replace("[hosts.beta]\n", '[hosts.beta]\nbackups = "1M"\n'))
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert (state / "chroot" / "beta" / "backups").stat().st_mode & 0o777 == 0o700
+
+    async def scenario(user: str) -> list[str]:
+        outcomes = []
+        async with connect(serve, fleet, user) as conn, conn.start_sftp_client() as sftp:
+            for size in (600 << 10, 600 << 10):
+                try:
+                    async with sftp.open(f"backups/{len(outcomes)}", "wb") as f:
+                        await f.write(b"x" * size)
+                    outcomes.append("written")
+                except asyncssh.SFTPError as exc:
+                    outcomes.append(type(exc).__name__)
+        return outcomes
+
+    assert run(scenario("beta")) == ["written", "SFTPFailure"]
+    assert run(scenario("alpha")) == ["SFTPPermissionDenied", "SFTPPermissionDenied"]

@@ -1,0 +1,95 @@
+"""`herald server provision`: users, chroot ownership and the sshd fragment, idempotent, with a dry run."""
+
+import pwd
+import subprocess
+from pathlib import Path
+
+from helpers import HERALD, Fleet, herald, need, need_root
+from openssh import in_namespace, provision
+
+
+def users_exist(*names: str) -> list[bool]:
+    found = []
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+            found.append(True)
+        except KeyError:
+            found.append(False)
+    return found
+
+
+def test_a_dry_run_lists_every_change_and_makes_none(fleet: Fleet, state: Path, tmp_path: Path):
+    need_root()
+    need("unshare")
+    tmp_path.chmod(0o755)
+    before = users_exist("alpha", "beta", "gamma")
+    argv = [
+        *HERALD,
+        "server",
+        "provision",
+        "--fleet",
+        "/mnt/herald/fleet",
+        "--state",
+        "/mnt/herald/state",
+        "--dry-run",
+    ]
+    done = subprocess.run(in_namespace(tmp_path, " ".join(argv)), capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    if not before[0]:
+        assert "would create system user alpha (group alpha, no login shell, key login only)" in lines
+    assert "would create /mnt/herald/state/chroot/alpha/logs (alpha:alpha 0750)" in lines
+    assert "would create /mnt/herald/state/chroot/alpha/credentials (root:alpha 0750)" in lines
+    assert any(
+        line.startswith("would write /mnt/herald/state/ssh/sshd_config (root:root 0644)") for line in lines
+    )
+    assert not (state / "chroot").exists()
+    assert users_exist("alpha", "beta", "gamma") == before
+
+
+def test_provisioning_twice_changes_nothing_the_second_time(fleet: Fleet, state: Path, tmp_path: Path):
+    need_root()
+    tmp_path.chmod(0o755)
+    first = provision(fleet, state, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "include /mnt/herald/state/ssh/sshd_config" in first.stdout
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    second = provision(fleet, state, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "nothing to change"
+
+    account = pwd.getpwnam("alpha")
+    assert (account.pw_shell, account.pw_gecos) == ("/usr/sbin/nologin", "herald host")
+    logs = (state / "chroot" / "alpha" / "logs").stat()
+    assert (logs.st_uid, logs.st_gid, logs.st_mode & 0o777) == (account.pw_uid, account.pw_gid, 0o750)
+    secret = (state / "chroot" / "alpha" / "credentials" / "broker.secret").stat()
+    assert (secret.st_uid, secret.st_gid, secret.st_mode & 0o777) == (0, account.pw_gid, 0o640)
+    fragment = (state / "ssh" / "sshd_config").read_text()
+    assert "Match User alpha,beta,gamma\n" in fragment
+    assert "    ChrootDirectory /mnt/herald/state/chroot/%u\n" in fragment
+    assert "    ForceCommand internal-sftp\n" in fragment
+    assert "    AllowTcpForwarding no\n" in fragment
+
+
+def test_an_existing_account_of_the_same_name_is_never_taken_over(fleet: Fleet, state: Path, tmp_path: Path):
+    need_root()
+    tmp_path.chmod(0o755)
+    (fleet.root / "hosts" / "daemon").mkdir()
+    (fleet.root / "hosts" / "daemon" / "configuration.nix").write_text("{ ... }: { }\n")
+    toml = fleet.root / "fleet.toml"
+    key = toml.read_text().split('ssh_key = "')[1].split('"')[0]
+    toml.write_text(toml.read_text() + f'\n[hosts.daemon]\nssh_key = "{key}"\n')
+    done = provision(fleet, state, tmp_path)
+    assert done.returncode == 2
+    assert "herald: user daemon exists and is not a herald host" in done.stderr
+    assert not (state / "ssh" / "sshd_config").exists()
+
+
+def test_a_state_directory_under_tmp_is_refused_with_the_reason(fleet: Fleet, state: Path):
+    need_root()
+    done = herald("server", "provision", "--fleet", str(fleet.root), "--state", str(state), "--dry-run")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "OpenSSH chroots need every directory above them owned by root" in line
+    assert "outside /tmp" in line
