@@ -198,9 +198,14 @@ def test_the_local_page_shows_the_state_and_its_button_requests_a_check(
     page = f"http://127.0.0.1:{port}/"
     try:
         wait_until(lambda: agent.deployed() == 1, "alpha at generation 1")
-        _, body = wait_until(lambda: _ok(fetch(page)), "the page answers")
+
+        def shows_generation_1() -> str | None:
+            status, body = fetch(page)
+            found = status == 200 and re.search(r"deployed generation</th><td>1<", body)
+            return body if found else None
+
+        body = wait_until(shows_generation_1, "the page shows generation 1")
         assert "<h1>alpha</h1>" in body
-        assert re.search(r"deployed generation</th><td>1<", body)
         token = re.search(r'name="token" value="([^"]+)"', body)
         assert token is not None
 
