@@ -7,16 +7,15 @@ and a host running `herald agent` has no amqtt installed.
 import argparse
 import asyncio
 import contextlib
-import signal
-import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 from loguru import logger
 
 from herald.output import console, fail
+from herald.runner import run
 from protocol import __version__, log
 from protocol.errors import ConfigError, HeraldError, UnreachableError
 from protocol.settings import AgentConfig, ServerConfig, convert, load
@@ -25,15 +24,7 @@ T = TypeVar("T")
 DEFAULT_STATE = "/var/lib/herald"
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, with SIGTERM cancelling the work like Ctrl-C does."""
-
-    async def main() -> T:
-        task = asyncio.ensure_future(coroutine)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await task
-
-    return asyncio.run(main())
+_run = run
 
 
 # ---------------------------------------------------------------- subcommands
@@ -70,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("mqtt", args.mqtt),
             ("sftp", args.sftp),
             ("broker", args.broker),
+            ("http", args.http),
         )
         if value is not None
     }
@@ -131,32 +123,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from herald.fleet import as_json, collect, table
-    from protocol.credentials import read_secret
-    from protocol.layout import StateDir
-    from protocol.mqtt import BrokerURL
-    from protocol.topics import ADMIN_USER, Topics
-    from publisher.inventory import load_inventory
+    from herald.admin import status
 
-    password = read_secret(StateDir(args.state).service_secret(ADMIN_USER))
-    view = _run(collect(BrokerURL.parse(args.broker), password, Topics(args.prefix)))
-    if args.fleet is not None:
-        view.add_hosts([host.name for host in load_inventory(args.fleet).hosts])
-    if args.json:
-        sys.stdout.buffer.write(as_json(view) + b"\n")
-    else:
-        console.print(table(view))
-    return 1 if view.any_failed() else 0
+    return status(args)
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    from herald.announcing import trigger
-    from protocol.messages import Action
+    from herald.admin import trigger_command
 
-    ids = _run(trigger(args.state, args.broker, args.hosts, Action(args.action), args.prefix))
-    for host, command_id in ids.items():
-        console.print(f"{host}: {args.action} requested ({command_id})")
-    return 0
+    return trigger_command(args)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from herald.admin import logs
+
+    return logs(args)
 
 
 def cmd_demo(_args: argparse.Namespace) -> int:
@@ -224,6 +205,9 @@ def _server_commands(commands: _Commands) -> None:
     cmd.add_argument(
         "--broker", metavar="URL", help="announce on this external broker instead (e.g. Mosquitto)"
     )
+    cmd.add_argument(
+        "--http", metavar="HOST:PORT", help="fleet page and /metrics (default: 127.0.0.1:8080), or off"
+    )
 
     broker = commands.group("broker", "the MQTT side: rules for an external broker")
     cmd = broker.add(
@@ -253,11 +237,33 @@ def _fleet_commands(commands: _Commands) -> None:
     _admin(cmd)
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="also list hosts never seen")
     cmd.add_argument("--json", action="store_true", help="JSON on stdout")
+    cmd.add_argument("--watch", action="store_true", help="redraw as the hosts report, until interrupted")
 
     cmd = commands.add("trigger", cmd_trigger, "ask hosts to check (or rebuild, or roll back) now")
     _admin(cmd)
     cmd.add_argument("--action", choices=("check", "rebuild", "rollback"), default="check")
-    cmd.add_argument("hosts", nargs="+", metavar="HOST")
+    cmd.add_argument("--fleet", type=Path, metavar="DIR", help="fleet.toml's hosts, for --all and --tag")
+    cmd.add_argument("--all", action="store_true", help="every host of fleet.toml")
+    cmd.add_argument("--tag", metavar="TAG", help="the hosts of fleet.toml with this tag")
+    cmd.add_argument(
+        "--wait", action="store_true", help="follow the hosts until they report; exit 1 if any failed"
+    )
+    cmd.add_argument(
+        "--batch", type=int, metavar="N", help="a canary first, then N hosts at a time (implies --wait)"
+    )
+    cmd.add_argument(
+        "--stop-on-failure", action="store_true", help="with --batch: stop after a failing batch"
+    )
+    cmd.add_argument("--timeout", default="30m", metavar="DURATION", help="how long to wait per batch (30m)")
+    cmd.add_argument("hosts", nargs="*", metavar="HOST")
+
+    cmd = commands.add("logs", cmd_logs, "the logs a host uploaded, newest first (on the server)")
+    cmd.add_argument(
+        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="the state directory"
+    )
+    cmd.add_argument("--last", type=int, metavar="N", help="print the N newest logs")
+    cmd.add_argument("--follow", action="store_true", help="then print new logs as they arrive")
+    cmd.add_argument("host", metavar="HOST")
 
     commands.add("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")
 

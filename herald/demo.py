@@ -195,7 +195,13 @@ async def _demo(root: Path) -> int:
     fleet, homes = _prepare_fleet(root)
     console.rule("herald demo")
     console.print(f"fleet: {len(homes)} hosts ({', '.join(homes)}) in {fleet}")
-    config = ServerConfig(fleet=str(fleet), state=str(root / "state"), mqtt="127.0.0.1:0", sftp="127.0.0.1:0")
+    config = ServerConfig(
+        fleet=str(fleet),
+        state=str(root / "state"),
+        mqtt="127.0.0.1:0",
+        sftp="127.0.0.1:0",
+        http="127.0.0.1:0",
+    )
     server = Server(config)
     agents: list[asyncio.subprocess.Process] = []
     try:

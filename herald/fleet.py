@@ -1,5 +1,7 @@
 """The sysadmin's view of the fleet, from the retained `desired`, `state` and `online` messages."""
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -17,6 +19,7 @@ from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import ADMIN_USER, Kind, Topics
 
 HEARTBEAT: Final = timedelta(seconds=60)
+_RECONNECT: Final = 5.0
 
 
 class Status(StrEnum):
@@ -108,6 +111,10 @@ class FleetView:
         return any(view.status() in (Status.FAILED, Status.ROLLED_BACK) for view in self.hosts.values())
 
 
+def subscribe_all(topics: Topics) -> list[str]:
+    return [topics.every(kind) for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE)]
+
+
 async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: float = 10.0) -> FleetView:
     """Every host's retained messages, read once as the admin user."""
     view = FleetView(topics)
@@ -118,46 +125,109 @@ async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: flo
 
     try:
         async with connect(url, username=ADMIN_USER, password=password, timeout=timeout) as client:
-            for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE):
-                await client.subscribe(topics.every(kind), qos=1)
+            for topic in subscribe_all(topics):
+                await client.subscribe(topic, qos=1)
             await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=take)
     except (aiomqtt.MqttError, OSError) as exc:
         raise UnreachableError(f"broker {url}: {exc}") from exc
     return view
 
 
-def _ago(then: datetime | None, at: datetime) -> str:
+async def follow(
+    url: BrokerURL,
+    password: Secret,
+    view: FleetView,
+    on_change: Callable[[], None] | None = None,
+    ca: str | None = None,
+) -> None:
+    """Keep `view` up to date from the broker until cancelled, reconnecting when it drops."""
+    while True:
+        try:
+            async with connect(url, username=ADMIN_USER, password=password, ca=ca) as client:
+                for topic in subscribe_all(view.topics):
+                    await client.subscribe(topic, qos=1)
+                async for message in client.messages:
+                    changed = isinstance(message.payload, bytes) and view.update(
+                        str(message.topic), message.payload
+                    )
+                    if changed and on_change is not None:
+                        on_change()
+        except (aiomqtt.MqttError, OSError) as exc:
+            logger.debug("fleet view: broker {}: {}; reconnecting", url, exc)
+        await asyncio.sleep(_RECONNECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One host as every view shows it: the terminal table, --json, the web page, metrics."""
+
+    host: str
+    desired: int | None
+    deployed: int | None
+    status: Status
+    last_seen: datetime | None
+    message: str
+    log: str
+
+    @classmethod
+    def of(cls, view: HostView, at: datetime) -> "Row":
+        state = view.state
+        return cls(
+            view.host,
+            view.desired.generation if view.desired else None,
+            state.deployed_generation if state and state.deployed_generation else None,
+            view.status(at),
+            view.last_seen(),
+            state.message if state else "",
+            (state.log or "") if state else "",
+        )
+
+
+def rows(view: FleetView) -> list[Row]:
+    at = now()
+    return [Row.of(host, at) for host in view.rows()]
+
+
+def ago(then: datetime | None, at: datetime | None = None) -> str:
     if then is None:
         return "-"
-    seconds = max(0, int((at - then).total_seconds()))
+    seconds = max(0, int(((at or now()) - then).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
 
 
+COLUMNS: Final = ("host", "desired", "deployed", "status", "last seen", "message", "log")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    """The row as text, in COLUMNS' order."""
+    return (
+        row.host,
+        str(row.desired) if row.desired is not None else "-",
+        str(row.deployed) if row.deployed is not None else "-",
+        row.status.value,
+        ago(row.last_seen),
+        row.message[:60],
+        row.log,
+    )
+
+
 def table(view: FleetView) -> Table:
-    at = now()
     grid = Table(title=None, header_style="bold", box=None, pad_edge=False)
-    for column in ("host", "desired", "deployed", "status", "last seen", "message", "log"):
+    for column in COLUMNS:
         grid.add_column(column)
-    for row in view.rows():
-        status = row.status(at)
-        grid.add_row(
-            row.host,
-            str(row.desired.generation) if row.desired else "-",
-            str(row.state.deployed_generation) if row.state and row.state.deployed_generation else "-",
-            f"[{_STYLE[status]}]{status}[/]",
-            _ago(row.last_seen(), at),
-            (row.state.message if row.state else "")[:60],
-            (row.state.log or "") if row.state else "",
-        )
+    for row in rows(view):
+        text = list(cells(row))
+        text[3] = f"[{_STYLE[row.status]}]{text[3]}[/]"
+        grid.add_row(*text)
     return grid
 
 
 def as_json(view: FleetView) -> bytes:
     at = now()
-    rows = [
+    hosts = [
         {
             "host": row.host,
             "status": row.status(at).value,
@@ -167,4 +237,4 @@ def as_json(view: FleetView) -> bytes:
         }
         for row in view.rows()
     ]
-    return msgspec.json.format(msgspec.json.encode(rows), indent=2)
+    return msgspec.json.format(msgspec.json.encode(hosts), indent=2)

@@ -18,7 +18,9 @@ import msgspec
 from loguru import logger
 
 from broker.server import EmbeddedBroker, Listener
+from herald.fleet import FleetView, follow
 from herald.output import print_report
+from herald.web import FleetWeb, PublishFigures
 from protocol.credentials import read_secret
 from protocol.errors import HeraldError, UnreachableError
 from protocol.files import write_atomic
@@ -26,7 +28,7 @@ from protocol.layout import StateDir
 from protocol.messages import Desired
 from protocol.mqtt import BrokerURL, connect
 from protocol.settings import ServerConfig, parse_endpoint
-from protocol.topics import PUBLISHER_USER, Topics
+from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
 from publisher.announce import announce, desired_of
 from publisher.inventory import load_inventory
 from publisher.publish import Report, Status, publish
@@ -45,6 +47,7 @@ class RunInfo(msgspec.Struct, frozen=True):
     sftp_host_key: str
     mqtts: str = ""
     websocket: str = ""
+    http: str = ""
 
 
 class Server:
@@ -72,6 +75,10 @@ class Server:
         self.sftp: SFTPService | None = None
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
+        self.view = FleetView(self.topics)
+        self.figures = PublishFigures()
+        self.web = FleetWeb(lambda: self.view, self.figures) if config.http != "off" else None
+        self._follower: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> BrokerURL | None:
@@ -86,6 +93,9 @@ class Server:
         if self.broker is not None:
             await self.broker.start()
         await self.sftp.start()
+        if self.web is not None:
+            await self.web.start(*parse_endpoint(self.config.http))
+        self._follow()
         self._write_run_info()
         if self.external is not None:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
@@ -105,6 +115,7 @@ class Server:
             self.sftp.public_host_key,
             mqtts=f"mqtts://{host}:{ports['tls']}" if "tls" in ports else "",
             websocket=f"ws://{host}:{ports['ws']}" if "ws" in ports else "",
+            http=f"http://{parse_endpoint(self.config.http)[0]}:{self.web.port}/" if self.web else "",
         )
         (self.state.root / "run").mkdir(exist_ok=True)
         write_atomic(self.state.root / "run" / "serve.json", msgspec.json.encode(info), mode=0o644)
@@ -113,6 +124,8 @@ class Server:
         """Publish the fleet (in a thread: it is file work) and announce the hosts that changed."""
         async with self._lock:
             report = await asyncio.to_thread(publish, Path(self.config.fleet), self.state.root)
+        self.figures.add(report.seconds, len(report.of(Status.CHANGED)), len(report.of(Status.FAILED)))
+        self.view.add_hosts([result.host for result in report.hosts])
         if announce_changes:
             changed = [result.host for result in report.of(Status.CHANGED)]
             await self._announce(desired_of(self.state.root, changed))
@@ -140,7 +153,20 @@ class Server:
                 logger.warning("external broker {}: {}; trying again in {:.0f}s", self.external, exc, _RETRY)
             await asyncio.sleep(_RETRY)
 
+    def _follow(self) -> None:
+        """Keep the fleet view (page, metrics) current from the broker's retained messages."""
+        if self.url is None:
+            return
+        password = read_secret(self.state.service_secret(ADMIN_USER))
+        self._follower = asyncio.create_task(follow(self.url, password, self.view), name="fleet-view")
+
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        if self.web is not None:
+            await self.web.stop()
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -166,6 +166,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     tls: ServerTLS | None = None
     websocket: Endpoint | None = None
     broker: BrokerUrl | None = None
+    http: Listener = "127.0.0.1:8080"  # the fleet page, status.json and /metrics; or "off"
 
     def __post_init__(self) -> None:
         if self.broker is not None and self.mqtt != "off":

@@ -128,6 +128,19 @@ class Fleet:
     def hosts(self) -> list[str]:
         return sorted(self.keys)
 
+    def add_host(self, name: str, where: Path) -> None:
+        """A new host with a configuration.nix and its own key, in hosts/ and fleet.toml."""
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        path = where / "keys" / name
+        key.write_private_key(str(path))
+        self.keys[name] = path
+        (self.root / "hosts" / name).mkdir()
+        (self.root / "hosts" / name / "configuration.nix").write_text(
+            f'{{ ... }}: {{ networking.hostName = "{name}"; }}\n'
+        )
+        with (self.root / "fleet.toml").open("a") as toml:
+            toml.write(f'\n[hosts.{name}]\nssh_key = "{key.export_public_key().decode().strip()}"\n')
+
     def edit(self, host: str, relpath: str, text: str) -> None:
         path = self.root / "hosts" / host / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +162,7 @@ class Serve:
     mqtt: str  # "" when the broker is off
     sftp_port: int
     host_key: str
+    http: str = ""  # the fleet page's URL
 
     def stop(self) -> int:
         return self.proc.stop()
@@ -162,11 +176,23 @@ def start_serve(
     mqtt: str | None = "127.0.0.1:0",
     sftp: str = "127.0.0.1:0",
     broker: str | None = None,
+    http: str = "127.0.0.1:0",
 ) -> Serve:
     """`herald serve` as a process; with `broker`, announcing on that external broker."""
     run_file = state / "run" / "serve.json"
     run_file.unlink(missing_ok=True)
-    argv = [*HERALD, "serve", "--fleet", str(fleet.root), "--state", str(state), "--sftp", sftp]
+    argv = [
+        *HERALD,
+        "serve",
+        "--fleet",
+        str(fleet.root),
+        "--state",
+        str(state),
+        "--sftp",
+        sftp,
+        "--http",
+        http,
+    ]
     argv += ["--mqtt", mqtt] if mqtt is not None else []
     argv += ["--broker", broker] if broker is not None else []
     proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")
@@ -177,7 +203,7 @@ def start_serve(
         return json.loads(run_file.read_text()) if run_file.exists() else None
 
     info = wait_until(ready, "herald serve listening")
-    return Serve(proc, state, info["mqtt"], info["sftp_port"], info["sftp_host_key"])
+    return Serve(proc, state, info["mqtt"], info["sftp_port"], info["sftp_host_key"], info.get("http", ""))
 
 
 # ---------------------------------------------------------------- agents

@@ -1,0 +1,150 @@
+"""The fleet on HTTP, from `herald serve`: a read-only page, the same rows as JSON, and metrics.
+
+    GET /             the fleet table, refreshing itself every 5 seconds (no script needed)
+    GET /status.json  what `herald status --json` prints
+    GET /metrics      Prometheus text: generations, status, last seen per host; publish figures
+
+Everything shown comes from the retained MQTT messages (herald.fleet.follow) and fleet.toml.
+"""
+
+import html
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from loguru import logger
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from herald.fleet import COLUMNS, FleetView, Status, as_json, cells, rows
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; }
+table { border-collapse: collapse; }
+th, td { text-align: left; padding: 0.25em 0.9em 0.25em 0; }
+td.status-failed, td.status-rolled-back { color: #b00020; font-weight: bold; }
+td.status-pending, td.status-applying { color: #a05a00; }
+td.status-up-to-date { color: #1b7f3b; }
+td.status-offline, td.status-never-seen { color: #777; }
+"""
+
+
+@dataclass
+class PublishFigures:
+    """What `herald serve` publishes, for /metrics."""
+
+    runs: int = 0
+    changed: int = 0
+    failed: int = 0
+    last_seconds: float = 0.0
+    last_at: float = 0.0
+
+    def add(self, seconds: float, changed: int, failed: int) -> None:
+        self.runs += 1
+        self.changed += changed
+        self.failed += failed
+        self.last_seconds = seconds
+        self.last_at = time.time()
+
+
+def page(view: FleetView) -> str:
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+    body = []
+    for row in rows(view):
+        text = cells(row)
+        css = "status-" + row.status.value.replace(" ", "-")
+        tds = [
+            f'<td class="{css}">{html.escape(cell)}</td>' if index == 3 else f"<td>{html.escape(cell)}</td>"
+            for index, cell in enumerate(text)
+        ]
+        body.append(f'<tr id="host-{html.escape(row.host)}">{"".join(tds)}</tr>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>herald: the fleet</title>
+<meta http-equiv="refresh" content="5"><style>{_CSS}</style></head>
+<body><h1>herald: the fleet</h1>
+<table><thead><tr>{header}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+</body></html>
+"""
+
+
+class _Collector(Collector):
+    def __init__(self, view: Callable[[], FleetView], figures: PublishFigures) -> None:
+        self._view = view
+        self._figures = figures
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        desired = GaugeMetricFamily(
+            "herald_host_desired_generation", "Generation published for the host", labels=["host"]
+        )
+        deployed = GaugeMetricFamily(
+            "herald_host_deployed_generation", "Generation the host runs", labels=["host"]
+        )
+        status = GaugeMetricFamily(
+            "herald_host_status", "1 for the host's current status", labels=["host", "status"]
+        )
+        seen = GaugeMetricFamily(
+            "herald_host_last_seen_timestamp_seconds", "When the host last spoke", labels=["host"]
+        )
+        for row in rows(self._view()):
+            if row.desired is not None:
+                desired.add_metric([row.host], row.desired)
+            if row.deployed is not None:
+                deployed.add_metric([row.host], row.deployed)
+            for each in Status:
+                status.add_metric([row.host, each.value], 1.0 if each is row.status else 0.0)
+            if row.last_seen is not None:
+                seen.add_metric([row.host], row.last_seen.timestamp())
+        yield from (desired, deployed, status, seen)
+        figures = self._figures
+        yield CounterMetricFamily("herald_publish_runs", "Publish runs by herald serve", value=figures.runs)
+        yield CounterMetricFamily(
+            "herald_publish_hosts_changed", "Hosts given a new release", value=figures.changed
+        )
+        yield CounterMetricFamily(
+            "herald_publish_hosts_failed", "Hosts not published (check failed)", value=figures.failed
+        )
+        yield GaugeMetricFamily(
+            "herald_publish_last_duration_seconds", "The last publish's duration", value=figures.last_seconds
+        )
+        yield GaugeMetricFamily(
+            "herald_publish_last_timestamp_seconds", "When the last publish ended", value=figures.last_at
+        )
+
+
+class FleetWeb:
+    def __init__(self, view: Callable[[], FleetView], figures: PublishFigures) -> None:
+        self._view = view
+        self._registry = CollectorRegistry(auto_describe=True)
+        self._registry.register(_Collector(view, figures))
+        app = web.Application()
+        app.router.add_get("/", self._page)
+        app.router.add_get("/status.json", self._json)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        self.port = 0
+
+    async def _page(self, _request: web.Request) -> web.Response:
+        return web.Response(text=page(self._view()), content_type="text/html", charset="utf-8")
+
+    async def _json(self, _request: web.Request) -> web.Response:
+        return web.Response(body=as_json(self._view()), content_type="application/json")
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self._registry), content_type="text/plain", charset="utf-8")
+
+    async def start(self, host: str, port: int) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes no bound port
+        sockets = getattr(server, "sockets", None) or ()
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        logger.info("fleet page and metrics on http://{}:{}/", host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
