@@ -7,6 +7,7 @@ and a host running `herald agent` has no amqtt installed.
 import argparse
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -122,6 +123,47 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enrol(args: argparse.Namespace) -> int:
+    from client.agent import Agent
+    from client.enrol import agent_toml, ensure_ssh_key, fingerprint, server_host_key
+    from protocol.messages import Phase
+    from protocol.settings import parse_endpoint
+
+    address, port = parse_endpoint(args.server if ":" in args.server else f"{args.server}:22")
+    host_key = args.host_key or run(server_host_key(address, port))
+    if not args.host_key:
+        console.print(f"server {address}:{port} host key: {fingerprint(host_key)}")
+        if not sys.stdin.isatty():
+            raise ConfigError("compare that fingerprint with the server's, then pass it with --host-key")
+        if input("trust it? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise ConfigError("not enrolled: the server's host key was not trusted")
+    public, created = ensure_ssh_key(args.ssh_key, args.host)
+    if created:
+        console.print(f"made {args.ssh_key}; add to fleet.toml and publish:", markup=False)
+        console.print(f'  [hosts.{args.host}]\n  ssh_key = "{public}"', markup=False, soft_wrap=True)
+    if args.config.exists() and not args.force:
+        raise ConfigError(f"{args.config} exists; pass --force to replace it")
+    text = agent_toml(
+        host=args.host,
+        ssh_key=args.ssh_key.absolute(),
+        address=address,
+        port=port,
+        host_key=host_key,
+        broker=args.broker,
+        state_dir=str(args.state_dir),
+    )
+    args.config.parent.mkdir(parents=True, exist_ok=True)
+    args.config.write_text(text, encoding="utf-8")
+    console.print(f"wrote {args.config}", markup=False)
+    if args.no_apply:
+        return 0
+    state = run(Agent(load(args.config, AgentConfig)).once())
+    console.print(
+        f"{args.host}: {state.phase} (deployed generation {state.deployed_generation}) {state.message}"
+    )
+    return 0 if state.phase is Phase.IDLE else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from herald.admin import status
 
@@ -232,6 +274,25 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd = commands.add("agent", cmd_agent, "keep this host on its release")
     cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")
     cmd.add_argument("--once", action="store_true", help="check (and apply) once, then exit")
+
+    cmd = commands.add(
+        "enrol", cmd_enrol, "join this machine to the fleet: pin the server, write agent.toml, apply"
+    )
+    cmd.add_argument(
+        "--server", required=True, metavar="HOST[:PORT]", help="the SFTP server (port 22 by default)"
+    )
+    cmd.add_argument("--host", required=True, metavar="NAME", help="this host's name in fleet.toml")
+    cmd.add_argument(
+        "--host-key", metavar="KEY", help="the server's SSH host key, if known ('ssh-ed25519 AAAA...')"
+    )
+    cmd.add_argument(
+        "--ssh-key", type=Path, default=Path("/etc/herald/id_ed25519"), metavar="FILE", help="made if missing"
+    )
+    cmd.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT (optional)")
+    cmd.add_argument("--config", type=Path, default=Path("/etc/herald/agent.toml"), metavar="FILE")
+    cmd.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE), metavar="DIR")
+    cmd.add_argument("--force", action="store_true", help="replace an existing agent.toml")
+    cmd.add_argument("--no-apply", action="store_true", help="write agent.toml only")
 
     cmd = commands.add("status", cmd_status, "show every host's desired and deployed generation")
     _admin(cmd)

@@ -55,7 +55,6 @@ class Server:
         self.config = config
         self.state = StateDir(Path(config.state))
         self.topics = Topics(config.prefix)
-        sftp_host, sftp_port = parse_endpoint(config.sftp)
         self.broker: EmbeddedBroker | None = None
         if config.mqtt != "off":
             tls = websocket = None
@@ -71,7 +70,6 @@ class Server:
                 websocket=websocket,
             )
         self.external = BrokerURL.parse(config.broker) if config.broker else None
-        self._sftp_address = (sftp_host, sftp_port)
         self.sftp: SFTPService | None = None
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
@@ -89,10 +87,12 @@ class Server:
 
     async def start(self) -> Report:
         report = await self.publish(announce_changes=False)
-        self.sftp = SFTPService(self.state.root, host=self._sftp_address[0], port=self._sftp_address[1])
+        if self.config.sftp != "off":
+            host, port = parse_endpoint(self.config.sftp)
+            self.sftp = SFTPService(self.state.root, host=host, port=port)
+            await self.sftp.start()
         if self.broker is not None:
             await self.broker.start()
-        await self.sftp.start()
         if self.web is not None:
             await self.web.start(*parse_endpoint(self.config.http))
         self._follow()
@@ -104,15 +104,14 @@ class Server:
         return report
 
     def _write_run_info(self) -> None:
-        assert self.sftp is not None  # noqa: S101 - called after start
         ports = self.broker.ports if self.broker else {}
         host = self.broker.host if self.broker else ""
         info = RunInfo(
             os.getpid(),
             str(self.url or ""),
-            self.sftp.host,
-            self.sftp.port,
-            self.sftp.public_host_key,
+            self.sftp.host if self.sftp else "",
+            self.sftp.port if self.sftp else 0,
+            self.sftp.public_host_key if self.sftp else "",
             mqtts=f"mqtts://{host}:{ports['tls']}" if "tls" in ports else "",
             websocket=f"ws://{host}:{ports['ws']}" if "ws" in ports else "",
             http=f"http://{parse_endpoint(self.config.http)[0]}:{self.web.port}/" if self.web else "",

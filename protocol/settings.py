@@ -161,7 +161,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     fleet: str
     state: str
     mqtt: Listener = "127.0.0.1:1883"
-    sftp: Endpoint = "127.0.0.1:2222"
+    sftp: Listener = "127.0.0.1:2222"  # "off" when OpenSSH serves the chroots
     prefix: Prefix = DEFAULT_PREFIX
     tls: ServerTLS | None = None
     websocket: Endpoint | None = None

@@ -156,3 +156,37 @@ def test_a_changed_server_host_key_is_refused(fleet: Fleet, serve: Serve, tmp_pa
     assert done.returncode == 1
     assert "host key is not the one pinned in agent.toml" in done.stderr
     assert_nothing_applied(agent)
+
+
+def test_enrol_pins_the_server_writes_agent_toml_and_applies(fleet: Fleet, serve: Serve, tmp_path: Path):
+    config = tmp_path / "enrolled" / "agent.toml"
+    common = ["--server", f"127.0.0.1:{serve.sftp_port}", "--host", "beta", "--config", str(config)]
+    common += ["--ssh-key", str(fleet.keys["beta"]), "--state-dir", str(tmp_path / "enrolled" / "state")]
+    unpinned = herald("enrol", *common)  # not a terminal: the fingerprint is shown, not trusted
+    assert unpinned.returncode == 2
+    shown = unpinned.stdout.split("host key: ")[1].split()[0]
+    assert shown.startswith("SHA256:")
+    assert "pass it with --host-key" in unpinned.stderr
+    assert not config.exists()
+
+    done = herald("enrol", *common, "--host-key", serve.host_key, "--no-apply")
+    assert done.returncode == 0, done.stderr
+    text = config.read_text()
+    assert f'host_key = "{serve.host_key}"' in text
+    assert herald("enrol", *common, "--host-key", serve.host_key).returncode == 2  # exists: --force
+    applied = herald("enrol", *common, "--host-key", serve.host_key, "--force")
+    assert applied.returncode == 1  # the stand-in is not configured: nixos-rebuild is not found here
+    assert "beta: failed" in applied.stdout
+    assert "cannot start nixos-rebuild" in applied.stdout
+
+
+def test_enrol_makes_a_key_and_says_what_to_add_to_fleet_toml(serve: Serve, tmp_path: Path):
+    key = tmp_path / "new" / "id_ed25519"
+    done = herald(
+        "enrol", "--server", f"127.0.0.1:{serve.sftp_port}", "--host", "delta", "--host-key", serve.host_key,
+        "--ssh-key", str(key), "--config", str(tmp_path / "new" / "agent.toml"), "--no-apply",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "[hosts.delta]" in done.stdout
+    assert 'ssh_key = "ssh-ed25519 ' in done.stdout

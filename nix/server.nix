@@ -1,0 +1,161 @@
+# services.herald.server: publish the fleet repository to per-host chroots, served by OpenSSH
+# (default) or by herald itself, and run the MQTT broker that announces each release.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkEnableOption mkIf mkMerge mkOption types;
+  cfg = config.services.herald.server;
+  herald = import ./lib.nix;
+  format = pkgs.formats.toml { };
+  schema = builtins.fromJSON (builtins.readFile ./schema/server.json);
+
+  fleet = herald.readFleet cfg.fleetToml;
+  hosts = herald.hostNames fleet;
+  layout = herald.chrootLayout { inherit fleet; state = cfg.stateDir; };
+
+  # server.toml, from the options below (nix/lib.nix); `settings` is merged over them.
+  settings = lib.recursiveUpdate (herald.serverSettings cfg) cfg.settings;
+  unknown = herald.unknownKeys schema settings;
+  port = listen: lib.toInt (lib.last (lib.splitString ":" listen));
+in
+{
+  options.services.herald.server = {
+    enable = mkEnableOption "the herald server: publisher, MQTT broker and the hosts' chroots";
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      description = "The herald package.";
+    };
+    fleet = mkOption {
+      type = types.str;
+      example = "/srv/fleet";
+      description = "The fleet repository's work tree on this machine (fleet.toml, hosts/, common/).";
+    };
+    fleetToml = mkOption {
+      type = types.path;
+      description = ''
+        fleet.toml, read at evaluation time to create the host users and chroots. Usually a copy
+        kept with this machine's configuration, or `"''${fleet-input}/fleet.toml"` from a flake input.
+      '';
+    };
+    stateDir = mkOption { type = types.str; default = "/var/lib/herald"; description = "Releases, chroots, keys."; };
+    sftp = mkOption {
+      type = types.enum [ "openssh" "embedded" ];
+      default = "openssh";
+      description = "Who serves the chroots: OpenSSH (users, ChrootDirectory, internal-sftp) or herald itself.";
+    };
+    embeddedSftpListen = mkOption { type = types.str; default = "0.0.0.0:2222"; description = "With sftp = embedded."; };
+    mqtt = {
+      listen = mkOption { type = types.str; default = "0.0.0.0:1883"; description = "The embedded broker, or \"off\"."; };
+      tls = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            listen = mkOption { type = types.str; example = "0.0.0.0:8883"; };
+            cert = mkOption { type = types.str; };
+            key = mkOption { type = types.str; };
+          };
+        });
+        default = null;
+        description = "An MQTT-over-TLS listener.";
+      };
+      websocket = mkOption { type = types.nullOr types.str; default = null; description = "A WebSocket listener, HOST:PORT."; };
+    };
+    http = mkOption { type = types.str; default = "127.0.0.1:8080"; description = "Fleet page and /metrics, or \"off\"."; };
+    publishEvery = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "5min";
+      description = ''
+        Publish again on this systemd calendar/interval (SIGHUP to herald-serve). Publishing also
+        happens on start; a git hook (deploy/git/post-receive) publishes on push.
+      '';
+    };
+    openFirewall = mkOption { type = types.bool; default = false; description = "Open the SFTP and MQTT ports."; };
+    settings = mkOption {
+      type = format.type;
+      default = { };
+      description = "More server.toml settings, merged over the options above (checked against its schema).";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = unknown == [ ];
+          message = "services.herald.server.settings: server.toml has no ${lib.concatStringsSep ", " unknown}";
+        }
+        {
+          assertion = hosts != [ ];
+          message = "services.herald.server.fleetToml: fleet.toml names no [hosts.<name>]";
+        }
+        {
+          assertion = cfg.mqtt.listen != "off" || (cfg.mqtt.tls == null && cfg.mqtt.websocket == null);
+          message = "services.herald.server.mqtt: tls and websocket are listeners of the embedded broker; mqtt.listen = \"off\" disables it";
+        }
+        {
+          assertion = !(lib.hasPrefix "/tmp" cfg.stateDir) || cfg.sftp == "embedded";
+          message = "services.herald.server.stateDir: OpenSSH refuses chroots under /tmp; choose another directory";
+        }
+      ];
+
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services.herald-serve = {
+        description = "herald: publish the fleet, announce releases, serve the broker";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network-online.target" ];
+        wants = [ "network-online.target" ];
+        path = [ config.nix.package pkgs.git ];
+        serviceConfig = {
+          ExecStart = "${lib.getExe cfg.package} serve --config ${format.generate "server.toml" settings}";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          Restart = "on-failure";
+          RestartSec = 5;
+          ReadWritePaths = [ cfg.stateDir ];
+          ProtectSystem = "strict";
+          ProtectHome = "read-only";
+          PrivateTmp = true;
+          NoNewPrivileges = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectControlGroups = true;
+          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+          LockPersonality = true;
+          MemoryDenyWriteExecute = false; # cffi (cryptography) needs it
+        };
+      };
+
+      systemd.timers.herald-publish = mkIf (cfg.publishEvery != null) {
+        wantedBy = [ "timers.target" ];
+        timerConfig = { OnUnitActiveSec = cfg.publishEvery; OnBootSec = cfg.publishEvery; };
+      };
+      systemd.services.herald-publish = mkIf (cfg.publishEvery != null) {
+        serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };
+      };
+
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
+        lib.optional (cfg.mqtt.listen != "off") (port cfg.mqtt.listen)
+        ++ lib.optional (cfg.mqtt.tls != null) (port cfg.mqtt.tls.listen)
+        ++ lib.optional (cfg.sftp == "embedded") (port cfg.embeddedSftpListen)
+      );
+    }
+
+    (mkIf (cfg.sftp == "openssh") {
+      # The same users, chroot tree and Match block `herald server provision` makes elsewhere.
+      users.groups = lib.genAttrs hosts (_: { });
+      users.users = lib.genAttrs hosts (name: {
+        isSystemUser = true;
+        group = name;
+        description = herald.mark;
+        home = "/var/empty";
+        shell = "${pkgs.shadow}/bin/nologin";
+        hashedPassword = "*"; # key login only, also with UsePAM no
+      });
+      systemd.tmpfiles.rules = herald.tmpfilesRules layout;
+      services.openssh = {
+        enable = true;
+        extraConfig = herald.sshdFragment { inherit fleet; state = cfg.stateDir; };
+      };
+    })
+  ]);
+}
