@@ -10,7 +10,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench import broker, publish
+from bench import agent, broker, publish
 from protocol import log
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -23,7 +23,11 @@ def main() -> None:
     log.setup("WARNING")
     hosts, rounds = (100, 1) if options.quick else (1000, 3)
     started = time.monotonic()
-    sections = [publish.main(hosts, rounds), broker.main((10, 100) if options.quick else (100, 1000))]
+    sections = [
+        publish.main(hosts, rounds),
+        broker.main((10, 100) if options.quick else (100, 1000)),
+        agent.main(10 if options.quick else 100),
+    ]
     system = f"{platform.system()} {platform.release()}"
     machine = f"{os.cpu_count()} cores, {system}, Python {platform.python_version()}"
     quick = " (--quick: small sizes, not the figures to quote)" if options.quick else ""

@@ -1,15 +1,19 @@
 """The agent's loop: every source only requests a check; one worker runs them, one at a time.
 
     MQTT `desired` / `command`  ─┐
-    timer (poll, per-host slot)  ├─► request ─► worker ─► client.deploy: check, fetch, apply,
+    timer (poll, per-host slot)  │
+    waking from suspend          ├─► request ─► worker ─► client.deploy: check, fetch, apply,
     local page, start-up        ─┘                         confirm or roll back, report
 
 A failed generation is not retried in a loop: only a new generation or a forced request
 (a `rebuild` command) retries it. The SFTP check is the truth; MQTT only makes it sooner.
+A postponed generation (battery, metered link) is looked at again every `postpone.recheck`,
+locally; a needed reboot runs only inside `reboot.window`, between runs.
 """
 
 import asyncio
 import contextlib
+from datetime import datetime
 from pathlib import Path
 
 from loguru import logger
@@ -17,15 +21,18 @@ from loguru import logger
 import protocol
 from client.deploy import Deployer
 from client.link import ServerLink
-from client.page import LocalPage
+from client.page import HISTORY, LocalPage
 from client.report import Reporter
 from client.schedule import Backoff, until_next_poll
-from client.store import Store
+from client.store import Store, read_log, runs
+from client.workstation import SuspendWatch, postpone_reason, until_window
 from protocol.errors import StorageError, UnreachableError
-from protocol.messages import State
+from protocol.messages import Phase, State
 from protocol.settings import AgentConfig, parse_endpoint, seconds
 
 _BACKOFF_CAP = 300.0
+_REACHABLE_CAP = 30.0
+_WINDOW_TICK = 300.0
 
 
 class Agent:
@@ -38,8 +45,13 @@ class Agent:
         self.reporter = Reporter(config, self.store)
         self.deployer = Deployer(config, self.store, self.link, self.reporter)
         self.poll = float(seconds(config.poll))
+        self.recheck = float(seconds(config.postpone.recheck))
         self._wake = asyncio.Event()
         self._force = False
+        self._urgent = False
+        self._running = asyncio.Lock()  # held by a run, and by a reboot
+        self._reboot_tried = False
+        self.suspend = SuspendWatch()
         self._rollback: str | None = None
         self._rescheduled = asyncio.Event()
         self._next_check = 0.0
@@ -47,10 +59,15 @@ class Agent:
 
     # ---------------------------------------------------------------- requests
 
-    def request(self, reason: str, *, force: bool = False) -> None:
-        """Ask the worker to check soon; requests made while it is busy coalesce into one."""
+    def request(self, reason: str, *, force: bool = False, urgent: bool = False) -> None:
+        """Ask the worker to check soon; requests made while it is busy coalesce into one.
+
+        `force` applies again what is deployed or failed; `force` and `urgent` do not wait for
+        the postpone policy.
+        """
         self.log.debug("check requested: {}", reason)
         self._force |= force
+        self._urgent |= urgent
         self._wake.set()
 
     def request_rollback(self, reason: str) -> None:
@@ -81,6 +98,8 @@ class Agent:
                     parse_endpoint(self.config.trigger),
                     lambda: self.reporter.state,
                     self._page_check,
+                    lambda: runs(self.store.logs, HISTORY),
+                    lambda name: read_log(self.store.logs, name),
                 )
             except OSError as exc:  # the page is a convenience: the agent runs without it
                 self.log.warning("local page on {} not started: {}", self.config.trigger, exc.strerror)
@@ -90,16 +109,19 @@ class Agent:
             async with self.link, asyncio.TaskGroup() as group:
                 group.create_task(self._worker(), name="worker")
                 group.create_task(self._timer(), name="timer")
+                group.create_task(self._watch_suspend(), name="suspend")
                 if self.reporter.url is not None:
                     group.create_task(self.reporter.listen(self), name="mqtt")
+                if self.config.reboot.window is not None:
+                    group.create_task(self._reboot_in_window(self.config.reboot.window), name="reboot")
         finally:
             if page is not None:
                 page.stop()
 
     def _page_check(self) -> None:
-        self.request("the local page")
+        self.request("the local page", urgent=True)  # the person asked: not postponed
 
-    async def once(self) -> State:
+    async def once(self, *, urgent: bool = False) -> State:
         """One check (and apply, if there is something new), then report and return.
 
         An unreachable server is reported and then raised: the caller exits non-zero.
@@ -107,7 +129,7 @@ class Agent:
         self.store.prepare()
         async with self.link:
             try:
-                state = await self.deployer.cycle(force=False)
+                state = await self.deployer.cycle(force=False, urgent=urgent)
             except UnreachableError as exc:
                 await self.reporter.report(self.reporter.last_settled, message=str(exc))
                 await self.reporter.flush_once()
@@ -121,12 +143,14 @@ class Agent:
             await self._wake.wait()
             self._wake.clear()
             force, self._force = self._force, False
+            urgent, self._urgent = self._urgent, False
             rollback, self._rollback = self._rollback, None
             try:
-                if rollback is not None:
-                    await self.deployer.rollback(rollback)
-                else:
-                    await self.deployer.cycle(force=force)
+                async with self._running:
+                    if rollback is not None:
+                        state = await self.deployer.rollback(rollback)
+                    else:
+                        state = await self.deployer.cycle(force=force, urgent=urgent)
             except (UnreachableError, StorageError, OSError) as exc:
                 # The server or this machine's disk is not there yet: nothing about the release
                 # is known, so nothing is marked failed; try again later.
@@ -136,7 +160,8 @@ class Agent:
                 await self._retry_later("unexpected error (see the agent's log)")
             else:
                 self._backoff.reset()
-                self._schedule(until_next_poll(self.host, self.poll))
+                postponed = state.phase is Phase.POSTPONED
+                self._schedule(self.recheck if postponed else until_next_poll(self.host, self.poll))
 
     async def _retry_later(self, why: str) -> None:
         delay = self._backoff.next()
@@ -153,11 +178,83 @@ class Agent:
             self._rescheduled.clear()
             delay = self._next_check - loop.time()
             if delay <= 0:
-                self.request("timer")
                 self._next_check = loop.time() + self.poll
+                if self.reporter.state.phase is Phase.POSTPONED:
+                    if await postpone_reason(self.config.postpone) is not None:
+                        self._next_check = loop.time() + self.recheck  # still waiting: no network
+                        continue
+                    self.request("postponed update: the condition cleared")
+                else:
+                    self.request("timer")
                 continue
             try:
                 async with asyncio.timeout(delay):
                     await self._rescheduled.wait()
             except TimeoutError:
                 pass
+
+    # ---------------------------------------------------------------- the machine slept
+
+    async def _watch_suspend(self) -> None:
+        """After a suspend: drop the stale connections, wait for the server, then check."""
+        while True:
+            await asyncio.sleep(self.suspend.tick)
+            slept = self.suspend.slept()
+            if not slept:
+                continue
+            self.log.info("woke after {:.0f}s asleep; checking once the server answers", slept)
+            await self.link.drop()
+            await self._until_reachable()
+            self.request("woke from suspend")
+
+    async def _until_reachable(self) -> None:
+        """Return once the server accepts a TCP connection; quietly, backing off to 30 s."""
+        backoff = Backoff(cap=_REACHABLE_CAP)
+        address, port = self.config.server.address, self.config.server.port
+        while True:
+            try:
+                async with asyncio.timeout(10):
+                    _, writer = await asyncio.open_connection(address, port)
+            except (OSError, TimeoutError) as exc:
+                self.log.debug("server {}:{} not reachable yet: {}", address, port, exc)
+                await asyncio.sleep(backoff.next())
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    # ---------------------------------------------------------------- reboot window
+
+    async def _reboot_in_window(self, window: str) -> None:
+        """Inside `window`, between runs, reboot once when a reboot is needed."""
+        while True:
+            wait = until_window(window, datetime.now().astimezone())
+            if wait > 0:
+                await asyncio.sleep(min(wait, _WINDOW_TICK))  # again: the clock may have moved
+                continue
+            async with self._running:
+                if self.reporter.state.needs_reboot and not self._reboot_tried:
+                    self._reboot_tried = True  # once per agent run: a reboot restarts the agent
+                    await self._reboot()
+            await asyncio.sleep(_WINDOW_TICK / 5)
+
+    async def _reboot(self) -> None:
+        argv = self.config.reboot.command
+        self.log.warning("a reboot is needed and the window {} is open: {}", self.config.reboot.window, argv)
+        await self.deployer.notifier.send(
+            "Restarting to finish the system update", "herald restarts this machine now.", "critical"
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            self.log.error("reboot command {} not run: {}", argv[0], exc.strerror)
+            return
+        try:
+            async with asyncio.timeout(60):
+                code = await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            code = await proc.wait()
+        if code != 0:
+            self.log.error("reboot command {} exited with {}", argv[0], code)

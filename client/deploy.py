@@ -21,6 +21,7 @@ from client.fetch import check, fetch, read_small
 from client.link import ServerLink
 from client.report import Reporter
 from client.store import Applied, Store, log_name
+from client.workstation import Notifier, postpone_reason
 from protocol.credentials import Secret
 from protocol.errors import HeraldError, RebuildError, ReleaseError, UnreachableError
 from protocol.files import write_atomic
@@ -80,9 +81,14 @@ class Deployer:
         self.reporter = reporter
         self.log = logger.bind(host=config.host)
         self.secret_stale = True
+        self.notifier = Notifier(config.notify, config.host)
 
-    async def cycle(self, *, force: bool) -> State:
-        """Check; fetch, verify and apply a new generation; report. Returns the state reported."""
+    async def cycle(self, *, force: bool, urgent: bool = False) -> State:
+        """Check; fetch, verify and apply a new generation; report. Returns the state reported.
+
+        `force` applies again what is deployed or failed (the sysadmin's `rebuild`); `force` and
+        `urgent` (the person's "Update now") apply even when the postpone policy says wait.
+        """
         await self.reporter.report(Phase.CHECKING, message="checking")
         sftp = await self.link.sftp()
         key = await self._credentials(sftp)
@@ -93,6 +99,11 @@ class Deployer:
             if phase is Phase.FAILED:
                 self.log.warning("generation {}: {}", current.generation, message)
             return await self.reporter.report(phase, target=current.generation, message=message)
+        if not (force or urgent) and (reason := await postpone_reason(self.config.postpone)) is not None:
+            message = f"generation {current.generation} postponed: {reason}"
+            if self.reporter.state.phase is not Phase.POSTPONED:
+                self.log.info("{}", message)
+            return await self.reporter.report(Phase.POSTPONED, target=current.generation, message=message)
         return await self._logged(current.generation, lambda note: self._apply(sftp, key, current, note))
 
     async def rollback(self, reason: str) -> State:
@@ -224,9 +235,29 @@ class Deployer:
             self.log.error("generation {}: {}", outcome.generation, outcome.message)
         await self._upload_log(log_path)
         target = max(outcome.generation, self.reporter.state.target_generation)
-        return await self.reporter.report(
+        rebooting_before = self.reporter.state.needs_reboot
+        state = await self.reporter.report(
             outcome.phase, target=target, message=outcome.message, log=log_path.name
         )
+        await self._tell(outcome, reboot=state.needs_reboot and not rebooting_before)
+        return state
+
+    async def _tell(self, outcome: Outcome, *, reboot: bool) -> None:
+        """The desktop notification for a finished run (with [notify] command set)."""
+        if outcome.phase is Phase.IDLE:
+            summary, urgency = f"System updated to generation {outcome.generation}", "normal"
+            body = outcome.message
+        elif outcome.phase is Phase.ROLLED_BACK:
+            summary, urgency = "System update rolled back", "critical"
+            body = f"generation {outcome.generation}: {outcome.message}"
+        else:
+            summary, urgency = "System update failed", "critical"
+            body = f"generation {outcome.generation}: {outcome.message}"
+        if reboot:
+            window = self.config.reboot.window
+            later = f" herald restarts it between {window.replace('-', ' and ')}." if window else ""
+            body += f"\nA restart is needed to finish the update.{later}"
+        await self.notifier.send(summary, body, urgency)
 
     # ---------------------------------------------------------------- server side files
 

@@ -1,7 +1,8 @@
-"""The local page on 127.0.0.1:9999: this host's state and an "Update now" button.
+"""The local page on 127.0.0.1:9999: this host's state, its last runs, an "Update now" button.
 
 It is for the person at the machine. It binds to loopback only (agent.toml refuses anything
-else), starts nothing but a check, and streams no journal. A POST must carry the token printed
+else), starts nothing but a check, and serves nothing but the state and the logs of the last
+runs (what the server's logs/ holds too). A POST must carry the token printed
 in the page, and the Host header must name the loopback address: another web page the person
 visits can neither trigger it (CSRF) nor read it through a rebound DNS name.
 """
@@ -19,15 +20,18 @@ from urllib.parse import parse_qs
 
 from loguru import logger
 
+from client.store import Run
 from protocol.messages import State
 
 _MAX_BODY: Final = 1024
+HISTORY: Final = 10
 
 
-def render(host: str, state: State, token: str) -> str:
+def render(host: str, state: State, token: str, history: list[Run]) -> str:
     e = html.escape
     rows = [
         ("phase", state.phase),
+        ("reboot needed", "yes" if state.needs_reboot else "no"),
         ("deployed generation", state.deployed_generation or "none yet"),
         ("target generation", state.target_generation or "-"),
         ("since", state.since.isoformat(timespec="seconds")),
@@ -35,10 +39,15 @@ def render(host: str, state: State, token: str) -> str:
         ("last log", state.log or "-"),
     ]
     table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in rows)
+    runs = "\n".join(
+        f"<tr><td>{e(run.at.astimezone().strftime('%Y-%m-%d %H:%M'))}</td><td>{run.generation}</td>"
+        f'<td>{e(run.result)}</td><td><a href="/logs/{e(run.log)}">log</a></td></tr>'
+        for run in history
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>herald: {e(host)}</title>
 <meta http-equiv="refresh" content="10">
-<style>body{{font-family:sans-serif;margin:2em}}th{{text-align:left;padding-right:1em}}</style>
+<style>body{{font-family:sans-serif;margin:2em}}th,td{{text-align:left;padding-right:1em}}</style>
 </head><body>
 <h1>{e(host)}</h1>
 <table>
@@ -46,6 +55,11 @@ def render(host: str, state: State, token: str) -> str:
 </table>
 <form method="post" action="/check"><input type="hidden" name="token" value="{e(token)}">
 <button type="submit">Update now</button></form>
+<h2>Last updates</h2>
+<table id="history">
+<tr><th>time</th><th>generation</th><th>result</th><th></th></tr>
+{runs}
+</table>
 </body></html>
 """
 
@@ -67,12 +81,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
         pass
 
-    def _send(self, status: HTTPStatus, body: str = "", headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: str = "",
+        headers: dict[str, str] | None = None,
+        kind: str = "text/html",
+    ) -> None:
         data = body.encode()
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", f"{kind}; charset=utf-8")
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Frame-Options", "DENY")
         self.end_headers()
@@ -87,7 +108,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._local():
             self._send(HTTPStatus.FORBIDDEN, "forbidden\n")
         elif self.path == "/":
-            self._send(HTTPStatus.OK, render(page.host, page.state(), page.token))
+            self._send(HTTPStatus.OK, render(page.host, page.state(), page.token, page.history()))
+        elif self.path.startswith("/logs/") and (text := page.log(self.path.removeprefix("/logs/"))):
+            self._send(HTTPStatus.OK, text, kind="text/plain")
         else:
             self._send(HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -112,8 +135,12 @@ class LocalPage:
         bind: tuple[str, int],
         state: Callable[[], State],
         request_check: Callable[[], None],
+        history: Callable[[], list[Run]] = list,
+        log: Callable[[str], str | None] = lambda _name: None,
     ) -> None:
         self.host = host
+        self.history = history
+        self.log = log
         self.token = secrets.token_urlsafe(16)
         self.state = state
         self.loop = asyncio.get_running_loop()

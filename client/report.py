@@ -7,6 +7,7 @@ logged and dropped.
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
@@ -15,6 +16,7 @@ from loguru import logger
 import protocol
 from client.schedule import Backoff
 from client.store import Store
+from client.workstation import reboot_needed
 from protocol.credentials import Secret, read_secret
 from protocol.errors import ConfigError, PayloadError, UnreachableError
 from protocol.messages import Action, Command, Desired, Online, Phase, State, decode, encode, now
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 _REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised
 _FLUSH_TIMEOUT: Final = 5.0
 _HEARTBEAT: Final = 60.0
-_SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK)  # phases a cycle ends in
+_SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK, Phase.POSTPONED)  # where cycles end
 
 
 class Reporter:
@@ -37,6 +39,7 @@ class Reporter:
         self.host = config.host
         self.config = config
         self.store = store
+        self.root = Path(config.root)
         self.url = BrokerURL.parse(config.broker.url) if config.broker.url else None
         self.topics = Topics(config.broker.prefix)
         self.log = logger.bind(host=config.host)
@@ -48,6 +51,7 @@ class Reporter:
             since=now(),
             message="starting",
             agent_version=protocol.__version__,
+            needs_reboot=reboot_needed(self.root),
         )
         self.last_settled = Phase.IDLE  # where the last finished cycle left the host
         self._client: aiomqtt.Client | None = None
@@ -71,6 +75,7 @@ class Reporter:
             message=message[:2000],
             log=log if log is not None else self.state.log,
             agent_version=protocol.__version__,
+            needs_reboot=reboot_needed(self.root),
         )
         await self._send_state()
         return self.state

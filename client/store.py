@@ -13,8 +13,9 @@
 """
 
 import os
+import re
 import shutil
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -144,6 +145,46 @@ class Store:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+class Run(msgspec.Struct, frozen=True):
+    """One run, from its log's name."""
+
+    at: datetime
+    generation: int
+    result: str  # applied, failed, rolled-back
+    log: str
+
+
+_LOG_RE: Final = re.compile(r"(\d{8}T\d{6}Z)-g(\d+)-(applied|failed|rolled-back)\.log")
+
+
+def runs(logs: Path, limit: int) -> list[Run]:
+    """The last `limit` finished runs, newest first."""
+    try:
+        names = sorted((entry.name for entry in logs.iterdir()), reverse=True)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if (match := _LOG_RE.fullmatch(name)) is not None:
+            at = datetime.strptime(match[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            found.append(Run(at, int(match[2]), match[3], name))
+            if len(found) == limit:
+                break
+    return found
+
+
+def read_log(logs: Path, name: str, limit: int = 1 << 20) -> str | None:
+    """The text of the finished run's log `name` (its last `limit` bytes), or None."""
+    if _LOG_RE.fullmatch(name) is None:
+        return None
+    try:
+        with (logs / name).open("rb") as stream:
+            stream.seek(max(0, (logs / name).stat().st_size - limit))
+            return stream.read().decode("utf-8", "replace")
+    except OSError:
+        return None
 
 
 def log_name(at: datetime, generation: int, result: str) -> str:

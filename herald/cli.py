@@ -112,10 +112,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     agent = Agent(load(args.config, AgentConfig))
     if args.once:
-        state = _run(agent.once())
+        state = _run(agent.once(urgent=args.now))
         deployed = state.deployed_generation
-        console.print(f"{agent.host}: {state.phase} (deployed generation {deployed}) {state.message}")
-        return 0 if state.phase is Phase.IDLE else 1
+        reboot = "; a reboot is needed" if state.needs_reboot else ""
+        console.print(
+            f"{agent.host}: {state.phase} (deployed generation {deployed}) {state.message}{reboot}",
+            markup=False,
+        )
+        return 0 if state.phase in (Phase.IDLE, Phase.POSTPONED) else 1
     try:
         _run(agent.run())
     except asyncio.CancelledError:
@@ -274,6 +278,7 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd = commands.add("agent", cmd_agent, "keep this host on its release")
     cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")
     cmd.add_argument("--once", action="store_true", help="check (and apply) once, then exit")
+    cmd.add_argument("--now", action="store_true", help="with --once: apply even when [postpone] says wait")
 
     cmd = commands.add(
         "enrol", cmd_enrol, "join this machine to the fleet: pin the server, write agent.toml, apply"

@@ -26,6 +26,7 @@ class Status(StrEnum):
     UP_TO_DATE = "up to date"
     PENDING = "pending"
     APPLYING = "applying"
+    POSTPONED = "postponed"
     FAILED = "failed"
     ROLLED_BACK = "rolled back"
     OFFLINE = "offline"
@@ -36,6 +37,7 @@ _STYLE: Final = {
     Status.UP_TO_DATE: "green",
     Status.PENDING: "yellow",
     Status.APPLYING: "cyan",
+    Status.POSTPONED: "yellow",
     Status.FAILED: "bold red",
     Status.ROLLED_BACK: "red",
     Status.OFFLINE: "dim",
@@ -43,7 +45,11 @@ _STYLE: Final = {
 }
 
 
-_BUSY: Final = {Phase.FAILED: Status.FAILED, Phase.ROLLED_BACK: Status.ROLLED_BACK}
+_BUSY: Final = {
+    Phase.FAILED: Status.FAILED,
+    Phase.ROLLED_BACK: Status.ROLLED_BACK,
+    Phase.POSTPONED: Status.POSTPONED,
+}
 
 
 @dataclass(slots=True)
@@ -165,6 +171,7 @@ class Row:
     desired: int | None
     deployed: int | None
     status: Status
+    needs_reboot: bool
     last_seen: datetime | None
     message: str
     log: str
@@ -177,6 +184,7 @@ class Row:
             view.desired.generation if view.desired else None,
             state.deployed_generation if state and state.deployed_generation else None,
             view.status(at),
+            state.needs_reboot if state else False,
             view.last_seen(),
             state.message if state else "",
             (state.log or "") if state else "",
@@ -198,7 +206,7 @@ def ago(then: datetime | None, at: datetime | None = None) -> str:
     return f"{seconds}s ago"
 
 
-COLUMNS: Final = ("host", "desired", "deployed", "status", "last seen", "message", "log")
+COLUMNS: Final = ("host", "desired", "deployed", "status", "reboot", "last seen", "message", "log")
 
 
 def cells(row: Row) -> tuple[str, ...]:
@@ -208,6 +216,7 @@ def cells(row: Row) -> tuple[str, ...]:
         str(row.desired) if row.desired is not None else "-",
         str(row.deployed) if row.deployed is not None else "-",
         row.status.value,
+        "needed" if row.needs_reboot else "",
         ago(row.last_seen),
         row.message[:60],
         row.log,

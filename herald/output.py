@@ -11,7 +11,7 @@ from rich.table import Table
 from publisher.publish import Report, Status
 
 # Not a terminal: no wrapping at 80 columns, so lines stay whole for grep and logs.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True, highlight=False)
 
 _STYLE = {Status.CHANGED: "green", Status.UNCHANGED: "dim", Status.FAILED: "bold red"}

@@ -22,13 +22,15 @@ from protocol.messages import Action, Command, Phase, State, decode, encode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import ADMIN_USER, Kind, Topics
 
-_SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK)
+_SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK, Phase.POSTPONED)
+_ANSWERS: Final = {Phase.IDLE: "ok", Phase.FAILED: "failed", Phase.POSTPONED: "postponed"}
 
 
 class Answer(StrEnum):
     OK = "ok"
     FAILED = "failed"
     ROLLED_BACK = "rolled back"
+    POSTPONED = "postponed"  # a check found a new generation that waits (battery, metered link)
     NO_ANSWER = "no answer"
     NOT_SENT = "not sent"  # a batch before it failed and --stop-on-failure held it back
     SENT = "sent"  # not waited for
@@ -41,7 +43,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return all(answer in (Answer.OK, Answer.SENT) for answer in self.answers.values())
+        return all(answer in (Answer.OK, Answer.SENT, Answer.POSTPONED) for answer in self.answers.values())
 
 
 def batches(hosts: list[str], size: int | None) -> list[list[str]]:
@@ -74,7 +76,7 @@ class _Watch:
         if state.phase not in _SETTLED:
             self.started.add(host)
         elif host in self.started or (self.action is Action.ROLLBACK and state.phase is not Phase.IDLE):
-            answer = {Phase.IDLE: Answer.OK, Phase.FAILED: Answer.FAILED}.get(state.phase, Answer.ROLLED_BACK)
+            answer = Answer(_ANSWERS.get(state.phase, Answer.ROLLED_BACK))
             self.answers[host] = (answer, state.message)
             self.waiting.discard(host)
             self.changed.set()

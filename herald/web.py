@@ -25,7 +25,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; }
 table { border-collapse: collapse; }
 th, td { text-align: left; padding: 0.25em 0.9em 0.25em 0; }
 td.status-failed, td.status-rolled-back { color: #b00020; font-weight: bold; }
-td.status-pending, td.status-applying { color: #a05a00; }
+td.status-pending, td.status-applying, td.status-postponed { color: #a05a00; }
 td.status-up-to-date { color: #1b7f3b; }
 td.status-offline, td.status-never-seen { color: #777; }
 """
@@ -90,6 +90,9 @@ class _Collector(Collector):
         seen = GaugeMetricFamily(
             "herald_host_last_seen_timestamp_seconds", "When the host last spoke", labels=["host"]
         )
+        reboot = GaugeMetricFamily(
+            "herald_host_needs_reboot", "1 when the host's next boot runs another kernel", labels=["host"]
+        )
         for row in rows(self._view()):
             if row.desired is not None:
                 desired.add_metric([row.host], row.desired)
@@ -99,7 +102,8 @@ class _Collector(Collector):
                 status.add_metric([row.host, each.value], 1.0 if each is row.status else 0.0)
             if row.last_seen is not None:
                 seen.add_metric([row.host], row.last_seen.timestamp())
-        yield from (desired, deployed, status, seen)
+            reboot.add_metric([row.host], 1.0 if row.needs_reboot else 0.0)
+        yield from (desired, deployed, status, seen, reboot)
         figures = self._figures
         yield CounterMetricFamily("herald_publish_runs", "Publish runs by herald serve", value=figures.runs)
         yield CounterMetricFamily(

@@ -68,6 +68,31 @@ in
       default = true;
       description = "Serve the page with an Update now button on 127.0.0.1:9999.";
     };
+    postpone = {
+      onBattery = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Postpone a new generation while on battery; it runs once on mains (or when forced).";
+      };
+      onMetered = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Postpone a new generation while NetworkManager calls the connection metered.";
+      };
+    };
+    reboot.window = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "02:00-04:00";
+      description = ''
+        Local time in which the agent may reboot by itself when the next boot runs another
+        kernel, initrd or kernel modules than the booted one. Null: it only reports
+        needs_reboot (in `herald status` and on the local page).
+      '';
+    };
+    notify.enable = mkEnableOption ''
+      desktop notifications (notify-send, through each logged-in user's session bus) when an
+      update is applied, fails or is rolled back, and when a reboot is needed'';
     backups = {
       enable = mkEnableOption "restic backups to this host's backups/ directory on the herald server";
       paths = mkOption { type = types.listOf types.str; default = [ "/home" ]; description = "What to back up."; };
@@ -107,7 +132,8 @@ in
       wants = [ "network-online.target" ];
       # The agent runs the switch that would restart it: it must survive it.
       restartIfChanged = false;
-      path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git ];
+      path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git ]
+        ++ lib.optional cfg.notify.enable pkgs.libnotify;
       serviceConfig = {
         ExecStart = "${lib.getExe cfg.package} agent --config /etc/herald/agent.toml";
         Restart = "always";

@@ -80,7 +80,14 @@ rec {
         // (if cfg.healthCommand != null then { health = cfg.healthCommand; } else { });
     }
     // (if cfg.brokerUrl != null then { broker = { url = cfg.brokerUrl; }; } else { })
-    // (if cfg.operation != null then { rebuild = { operation = cfg.operation; }; } else { });
+    // (if cfg.operation != null then { rebuild = { operation = cfg.operation; }; } else { })
+    // {
+      postpone = { on_battery = cfg.postpone.onBattery; on_metered = cfg.postpone.onMetered; };
+    }
+    // (if cfg.reboot.window != null then { reboot = { window = cfg.reboot.window; }; } else { })
+    // (if cfg.notify.enable then {
+      notify.command = [ "notify-send" "--app-name=herald" "--urgency={urgency}" "{summary}" "{body}" ];
+    } else { });
 
   # server.toml from services.herald.server's options, likewise checked in herald's CI.
   serverSettings = cfg:

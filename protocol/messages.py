@@ -31,6 +31,7 @@ class Phase(StrEnum):
     FETCHING = "fetching"
     APPLYING = "applying"
     CONFIRMING = "confirming"
+    POSTPONED = "postponed"  # a new generation waits: on battery or a metered link (message says)
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
 
@@ -75,6 +76,7 @@ class State(_Payload, frozen=True, kw_only=True):
     message: ShortText = ""
     log: ShortText | None = None
     agent_version: ShortText = ""
+    needs_reboot: bool = False  # the next boot runs another kernel, initrd or kernel modules
 
 
 class Online(_Payload, frozen=True, kw_only=True):

@@ -28,6 +28,8 @@ Loopback = Annotated[str, msgspec.Meta(pattern=_LOOPBACK)]
 Duration = Annotated[str, msgspec.Meta(pattern=_DURATION)]
 Endpoint = Annotated[str, msgspec.Meta(pattern=_ENDPOINT)]
 Prefix = Annotated[str, msgspec.Meta(pattern=_PREFIX)]
+_WINDOW = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+Window = Annotated[str, msgspec.Meta(pattern=_WINDOW)]
 
 # What to tell a person instead of msgspec's "Expected `str` matching regex '...'".
 _PATTERN_HINTS: Final = {
@@ -37,6 +39,7 @@ _PATTERN_HINTS: Final = {
     _LISTENER: "expected HOST:PORT, such as '127.0.0.1:1883', or 'off'",
     _SIZE: "expected a size such as '512M' or '20G'",
     _LOOPBACK: "expected a loopback address and port, such as '127.0.0.1:9999', or 'off'",
+    _WINDOW: "expected a local time window such as '02:00-04:00' (it may cross midnight)",
 }
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -225,6 +228,52 @@ class AgentConfirm(_Settings, frozen=True, kw_only=True):
     health: list[str] | None = None
 
 
+class AgentPostpone(_Settings, frozen=True, kw_only=True):
+    """When a new generation waits (reported as `postponed`). A `rebuild` command from the
+    sysadmin and "Update now" on the local page apply it all the same.
+
+    `on_battery` reads `power_supply` (sysfs): on battery when no mains or USB supply is online
+    and a battery discharges. `on_metered` runs `metered` and reads its output: NetworkManager's
+    `Metered` property ('u 1' or 'u 3' through busctl) or nmcli's 'yes' / 'yes (guessed)'.
+    """
+
+    on_battery: bool = False
+    on_metered: bool = False
+    power_supply: str = "/sys/class/power_supply"
+    metered: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "busctl",
+            "get-property",
+            "org.freedesktop.NetworkManager",
+            "/org/freedesktop/NetworkManager",
+            "org.freedesktop.NetworkManager",
+            "Metered",
+        ]
+    )
+    recheck: Duration = "1m"  # how often a postponed update looks again (locally, no network)
+
+
+class AgentReboot(_Settings, frozen=True, kw_only=True):
+    """A reboot is needed when the system that boots next has another kernel, initrd or kernel
+    modules than the booted one (`/run/booted-system` against the system profile). With a
+    `window` (local time, e.g. '02:00-04:00'), the agent runs `command` inside it; without one
+    it only reports `needs_reboot`."""
+
+    window: Window | None = None
+    command: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "reboot"])
+
+
+class AgentNotify(_Settings, frozen=True, kw_only=True):
+    """Desktop notifications: with `command` set, an applied, failed or rolled-back update and a
+    needed reboot are shown to every user with a session bus under `runtime_dir`, the command
+    running as that user with DBUS_SESSION_BUS_ADDRESS set. Placeholders: {summary} {body}
+    {urgency} (low, normal or critical)."""
+
+    command: list[str] | None = None
+    runtime_dir: str = "/run/user"
+    timeout: Duration = "10s"
+
+
 class AgentConfig(_Settings, frozen=True, kw_only=True):
     host: str
     ssh_key: str
@@ -236,6 +285,9 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     broker: AgentBroker = AgentBroker()
     rebuild: AgentRebuild = AgentRebuild()
     confirm: AgentConfirm = AgentConfirm()
+    postpone: AgentPostpone = AgentPostpone()
+    reboot: AgentReboot = AgentReboot()
+    notify: AgentNotify = AgentNotify()
     trigger: Loopback = "127.0.0.1:9999"  # the local page with an "Update now" button; or "off"
 
     def __post_init__(self) -> None:

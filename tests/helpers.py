@@ -261,7 +261,8 @@ def make_agent(
     home = where / "agents" / host
     (home / "control").mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "herald.standin", "--record", str(home / "rebuilds.jsonl")]
-    command += ["--control", str(home / "control"), "{operation}", "{dir}", "{host}"]
+    command += ["--control", str(home / "control"), "--root", str(home / "root")]
+    command += ["{operation}", "{dir}", "{host}"]
     url = broker if broker is not None else serve.mqtt
     broker_section = f'[broker]\nurl = "{url}"\nkeepalive = 5\n' if url else ""
     config = home / "agent.toml"

@@ -102,6 +102,7 @@ AGENT_OPTIONS = """{
   host = "alpha"; sshKeyFile = "/etc/herald/id_ed25519"; poll = "15m"; localPage = true;
   server = { address = "herald.example.org"; port = 22; hostKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKw6pDRxgkA1qDnC0c7RLuTFrxVeDlUFHdA2fHHmSjVh"; };
   confirmWindow = "60s"; healthCommand = [ "true" ]; brokerUrl = "mqtts://herald.example.org:8883"; operation = "boot";
+  postpone = { onBattery = true; onMetered = false; }; reboot.window = "02:00-04:00"; notify.enable = true;
 }"""
 SERVER_OPTIONS = """{
   fleet = "/srv/fleet"; stateDir = "/var/lib/herald"; sftp = "openssh"; embeddedSftpListen = "0.0.0.0:2222";
@@ -117,7 +118,15 @@ SERVER_OPTIONS = """{
 def test_the_modules_options_render_files_the_decoders_accept(function: str, options: str, kind: type):
     settings = nix_eval(f"(import ./nix/lib.nix).{function} {options}")
     decoded = convert(settings, kind, source=f"nix/lib.nix {function}")
-    assert decoded is not None
+    if isinstance(decoded, AgentConfig):
+        assert (decoded.rebuild.operation, decoded.confirm.health) == ("boot", ["true"])
+        assert (decoded.postpone.on_battery, decoded.postpone.on_metered) == (True, False)
+        assert decoded.reboot.window == "02:00-04:00"
+        assert decoded.notify.command is not None
+        assert decoded.notify.command[0] == "notify-send"
+    else:
+        assert decoded.tls is not None
+        assert decoded.sftp == "off"
     schema_file = "agent.json" if kind is AgentConfig else "server.json"
     unknown = nix_eval(
         f"let lib = import ./nix/lib.nix; in lib.unknownKeys (builtins.fromJSON (builtins.readFile ./nix/schema/{schema_file})) (lib.{function} {options})"
