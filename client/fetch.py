@@ -73,7 +73,7 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
 
 
 async def check(sftp: asyncssh.SFTPClient) -> Current:
-    """What the server serves now: one round trip."""
+    """What the server serves now: open, read and close `current` on the kept-open session."""
     return Current.decode(await read_small(sftp, CURRENT, MAX_CURRENT))
 
 
