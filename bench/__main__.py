@@ -7,13 +7,39 @@ on a machine whose speed swings from run to run.
 import argparse
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench import agent, broker, publish
 from protocol import log
+from tests.reliability import table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def reliability() -> str:
+    """Run the fault suite (pytest -m faults) and turn the figures it records into a table."""
+    with tempfile.TemporaryDirectory(prefix="herald-reliability-") as tmp:
+        figures = Path(tmp) / "rows.jsonl"
+        figures.touch()
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "faults", "-q", "-p", "no:cacheprovider"],
+            env=os.environ | {"HERALD_RELIABILITY": str(figures)},
+            check=False,
+        )
+        verdict = "every test passed" if done.returncode == 0 else "**some tests failed** (see the run)"
+        lines = [
+            "## Reliability",
+            "",
+            f"`pytest -m faults` (tests/test_faults.py), the same tests CI runs: {verdict}.",
+            "",
+            *table(figures),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -28,6 +54,8 @@ def main() -> None:
         broker.main((10, 100) if options.quick else (100, 1000)),
         agent.main(10 if options.quick else 100),
     ]
+    if not options.quick:
+        sections.append(reliability())
     system = f"{platform.system()} {platform.release()}"
     machine = f"{os.cpu_count()} cores, {system}, Python {platform.python_version()}"
     quick = " (--quick: small sizes, not the figures to quote)" if options.quick else ""

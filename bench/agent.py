@@ -140,11 +140,12 @@ def serve(root: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
 
 
 def agent_configs(root: Path, keys: dict[str, Path], info: dict[str, object]) -> list[Path]:
+    """agent.toml for each host: its rebuild appends '<start time> <release dir>' to `started`."""
     configs = []
     for name, key in keys.items():
         home = root / "agents" / name
         home.mkdir(parents=True)
-        command = ["sh", "-c", f"date +%s.%N >> {home / 'started'}"]
+        command = ["sh", "-c", f'echo "$(date +%s.%N) $1" >> {home / "started"}', "sh", "{dir}"]
         config = home / "agent.toml"
         config.write_text(
             f"""host = "{name}"
@@ -194,10 +195,10 @@ def latency(hosts: int) -> tuple[float, float, float]:
                 announce(desired_of(root / "state", list(keys)), url=url, password=password, topics=Topics())
             )
             _wait(
-                lambda: all(len(path.read_text().split()) == 2 for path in started),
+                lambda: all(len(path.read_text().splitlines()) == 2 for path in started),
                 "every agent's second rebuild",
             )
-            delays = sorted(float(path.read_text().split()[1]) - t0 for path in started)
+            delays = sorted(float(path.read_text().splitlines()[1].split()[0]) - t0 for path in started)
             return (
                 statistics.median(delays),
                 delays[min(len(delays) - 1, int(len(delays) * 0.99))],
