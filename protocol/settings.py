@@ -6,6 +6,7 @@ file and the field: `fleet.toml: hosts.alpha.operation: Invalid enum value 'swti
 
 import base64
 import re
+import string
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,19 @@ def authorized_key(line: str) -> str | None:
         except ValueError:
             continue
     return None
+
+
+def check_placeholders(field: str, argv: list[str], allowed: set[str]) -> None:
+    """ValueError naming the first {placeholder} of `argv` that is not in `allowed`."""
+    for word in argv:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{field}: {word!r}: {exc} (write {{{{ and }}}} for braces)") from None
+        for name in names:
+            if name not in allowed:
+                known = ", ".join(f"{{{n}}}" for n in sorted(allowed))
+                raise ValueError(f"{field}: unknown placeholder {{{name}}} (known: {known})")
 
 
 class Operation(StrEnum):
@@ -219,6 +233,10 @@ class AgentRebuild(_Settings, frozen=True, kw_only=True):
     timeout: Duration = "1h"
     rollback: list[str] = msgspec.field(default_factory=lambda: ["nixos-rebuild", "switch", "--rollback"])
 
+    def __post_init__(self) -> None:
+        check_placeholders("command", self.command or [], {"operation", "dir", "host", "flake"})
+        check_placeholders("rollback", self.rollback, {"host"})
+
 
 class AgentConfirm(_Settings, frozen=True, kw_only=True):
     """After a switch, the agent must reach the server (SFTP, and the broker if it has one) and
@@ -272,6 +290,9 @@ class AgentNotify(_Settings, frozen=True, kw_only=True):
     command: list[str] | None = None
     runtime_dir: str = "/run/user"
     timeout: Duration = "10s"
+
+    def __post_init__(self) -> None:
+        check_placeholders("command", self.command or [], {"summary", "body", "urgency"})
 
 
 class AgentConfig(_Settings, frozen=True, kw_only=True):

@@ -42,6 +42,15 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
         ),
         (AGENT + "colour = 1\n", "agent.toml: server: Object contains unknown field `colour`"),
         (AGENT.replace(KEY, "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIKw6"), "agent.toml: server: host_key: "),
+        (
+            AGENT + "[rebuild]\ncommand = ['nixos-rebuild', '{operation}', '{tree}']\n",
+            "agent.toml: rebuild: command: unknown placeholder {tree} (known: {dir}, {flake}",
+        ),
+        (
+            AGENT + "[notify]\ncommand = ['notify-send', '{summary']\n",
+            "agent.toml: notify: command: '{summary': ",
+        ),
+        (AGENT + "[reboot]\nwindow = '2-4'\n", "agent.toml: reboot.window: expected a local time window"),
         ("host = 1\n", "agent.toml: host: Expected `str`, got `int`"),
         ("host = \n", "agent.toml: invalid TOML: "),
     ],
