@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from protocol.settings import AgentConfig, load
 
 
 async def main() -> None:
-    log.setup("WARNING")
+    log.setup(os.environ.get("HERALD_BENCH_LOG", "WARNING"))
     agents = [Agent(load(Path(path), AgentConfig)) for path in sys.argv[1:]]
     async with asyncio.TaskGroup() as group:
         for agent in agents:

@@ -4,6 +4,7 @@ Everything here reports through the Reporter and leaves a log (uploaded to the s
 logs/) for any run that went past the check.
 """
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from client.report import Reporter
 from client.store import Applied, Store, log_name
 from client.workstation import Notifier, postpone_reason
 from protocol.credentials import Secret
-from protocol.errors import HeraldError, RebuildError, ReleaseError, UnreachableError
+from protocol.errors import RebuildError, ReleaseError, UnreachableError
 from protocol.files import write_atomic
 from protocol.messages import Phase, State, now
 from protocol.release import BROKER_SECRET, CREDENTIALS, LOGS, PUBLISHER_KEY, Current, decode_public_key
@@ -81,6 +82,7 @@ class Deployer:
         self.reporter = reporter
         self.log = logger.bind(host=config.host)
         self.secret_stale = True
+        self.logs_listed = False  # the server's logs/ listed once since start
         self.notifier = Notifier(config.notify, config.host)
 
     async def cycle(self, *, force: bool, urgent: bool = False) -> State:
@@ -280,15 +282,27 @@ class Deployer:
         return key
 
     async def _upload_log(self, path: Path) -> None:
+        """Upload a run's log; keep the newest KEEP_LOGS here and on the server.
+
+        The agent is the only writer of its `logs/`, so one listing per run of the agent is
+        enough: after it, the names to remove there are the names pruned here (a listing makes
+        the server stat every entry, and it would be most of a no-change cycle's requests).
+        """
+        expired = [old.name for old in sorted(self.store.logs.glob("*.log"))[:-KEEP_LOGS]]
         try:
             sftp = await self.link.sftp()
-            await sftp.put(str(path), f"{LOGS}/{path.name}")
-            names = sorted(name for name in await sftp.listdir(LOGS) if name.endswith(".log"))
-            for name in names[:-KEEP_LOGS]:
-                await sftp.remove(f"{LOGS}/{name}")
-        except (TimeoutError, HeraldError, OSError) as exc:
-            self.log.warning("log {} not uploaded: {}", path.name, exc)
+            async with sftp.open(f"{LOGS}/{path.name}", "wb") as remote:
+                await remote.write(path.read_bytes())
+            remove = expired
+            if not self.logs_listed:
+                names = sorted(name for name in await sftp.listdir(LOGS) if name.endswith(".log"))
+                remove = names[:-KEEP_LOGS]
+            for name in remove:
+                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                    await sftp.remove(f"{LOGS}/{name}")
+            self.logs_listed = True
         except Exception as exc:  # noqa: BLE001 - asyncssh raises many kinds; a log upload never stops the agent
+            self.logs_listed = False
             self.log.warning("log {} not uploaded: {}", path.name, exc)
-        for old in sorted(self.store.logs.glob("*.log"))[:-KEEP_LOGS]:
-            old.unlink(missing_ok=True)
+        for name in expired:
+            (self.store.logs / name).unlink(missing_ok=True)

@@ -46,6 +46,8 @@ _LOST = (
     OSError,
 )
 _CHUNK: Final = 1 << 16
+_ONE_REQUEST: Final = 1 << 14
+_WINDOW: Final = 16 * _CHUNK  # at most 1 MiB of a file in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +60,22 @@ class Fetched:
 
 
 async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
+    """A whole file of at most `limit` bytes, in as few requests as the size allows.
+
+    asyncssh's `read(n)` keeps asking past a short read and sends many requests at once for a
+    large `n`; every one of them costs the server a packet. A file below `_ONE_REQUEST` is read
+    with a single request (open, read, close), which every SFTP server answers whole (their read
+    lengths are 32 KiB and more); a larger one is sized by `fstat` and read exactly.
+    """
     try:
-        async with sftp.open(path, "rb") as stream:
-            data = await stream.read(limit + 1)
+        async with sftp.open(path, "rb", block_size=0) as stream:
+            if limit < _ONE_REQUEST:
+                data = _binary(await stream.read(limit + 1))
+            else:
+                size = (await stream.stat()).size or 0
+                if size > limit:
+                    raise ReleaseError(f"{path} is larger than {limit} bytes")
+                data = await _read_exactly(stream, size)
     except _LOST as exc:
         raise UnreachableError(f"connection lost while reading {path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
@@ -69,7 +84,34 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
         raise ReleaseError(f"{path}: {exc.reason}") from exc
     if len(data) > limit:
         raise ReleaseError(f"{path} is larger than {limit} bytes")
-    return _binary(data)
+    return data
+
+
+async def _read_exactly(
+    stream: asyncssh.SFTPClientFile, size: int, offset: int = 0, *, probe_end: bool = False
+) -> bytes:
+    """`size` bytes from `offset`, one request per `_CHUNK`, all in flight at once; shorter only
+    at the end of the file. With `probe_end` the last request asks for one byte more, so a file
+    longer than `size` shows in the same round trip (the result is then `size + 1` long)."""
+    starts = range(offset, offset + size, _CHUNK) or range(offset, offset + 1)
+    last = starts[-1]
+    parts = await asyncio.gather(
+        *(
+            _read_at(stream, start, min(_CHUNK, offset + size - start), probe_end=probe_end and start == last)
+            for start in starts
+        )
+    )
+    return b"".join(parts)
+
+
+async def _read_at(stream: asyncssh.SFTPClientFile, offset: int, size: int, *, probe_end: bool) -> bytes:
+    data = b""
+    extra = 1 if probe_end else 0
+    while True:  # a short answer is asked again for the rest; an empty one is the end of the file
+        chunk = _binary(await stream.read(size + extra - len(data), offset + len(data)))
+        data += chunk
+        if not chunk or len(data) >= size:
+            return data
 
 
 async def check(sftp: asyncssh.SFTPClient) -> Current:
@@ -81,8 +123,10 @@ async def fetch(
     sftp: asyncssh.SFTPClient, current: Current, *, host: str, key: Ed25519PublicKey, store: Store
 ) -> Fetched:
     where = release_dir(current.generation)
-    data = await read_small(sftp, f"{where}/{MANIFEST}", MAX_MANIFEST)
-    signature = await read_small(sftp, f"{where}/{SIGNATURE}", 1024)
+    data, signature = await asyncio.gather(
+        read_small(sftp, f"{where}/{MANIFEST}", MAX_MANIFEST),
+        read_small(sftp, f"{where}/{SIGNATURE}", 1024),
+    )
     verify_signature(data, signature, key)
     manifest = decode_manifest(data, host=host, current=current)
 
@@ -168,14 +212,22 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
     size = 0
     out = _Local(target)
     try:
-        async with sftp.open(path, "rb") as stream:
-            while size <= entry.size:
-                chunk = _binary(await stream.read(_CHUNK))
-                if not chunk:
-                    break
+        async with sftp.open(path, "rb", block_size=0) as stream:
+            # The MANIFEST's size, a window at a time, and one byte more at the end: a file that
+            # is shorter or longer than the MANIFEST says fails like one whose content differs.
+            start = 0
+            while True:
+                want = min(_WINDOW, entry.size - start)
+                last = start + want >= entry.size
+                chunk = await _read_exactly(stream, want, start, probe_end=last)
                 size += len(chunk)
                 digest.update(chunk)
+                if size > entry.size:
+                    break
                 out.write(chunk)
+                start += want
+                if last or len(chunk) < want:
+                    break
     except _LOST as exc:
         raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:

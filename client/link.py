@@ -12,6 +12,7 @@ from loguru import logger
 
 from protocol.errors import ConfigError, UnreachableError
 from protocol.settings import AgentConfig
+from protocol.ssh import CIPHERS
 
 _CONNECT_TIMEOUT = 15
 
@@ -49,6 +50,7 @@ class ServerLink:
                     config=None,
                     agent_path=None,
                     preferred_auth="publickey",
+                    encryption_algs=CIPHERS,
                     connect_timeout=_CONNECT_TIMEOUT,
                     keepalive_interval=30,
                     keepalive_count_max=3,

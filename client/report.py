@@ -57,6 +57,7 @@ class Reporter:
         self._client: aiomqtt.Client | None = None
         self._secret: Secret | None = None
         self._secret_ready = asyncio.Event()
+        self._sending: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- state
 
@@ -81,12 +82,24 @@ class Reporter:
         return self.state
 
     async def _send_state(self) -> None:
+        """Queue the state and go on: the cycle does not wait for the broker's PUBACK.
+
+        Tasks start in the order they were created, so paho queues the states in the order
+        they were reported (a rollout follows every phase, so none may overtake another).
+        A state the broker never acknowledges is sent again on reconnect.
+        """
         client = self._client
         if client is None:
             return
-        try:
-            await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
-        except aiomqtt.MqttError as exc:
+        task = asyncio.create_task(
+            client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
+        )
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: "asyncio.Task[None]") -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
             self.log.debug("state not sent ({}); it is sent again on reconnect", exc)
 
     async def flush_once(self) -> None:

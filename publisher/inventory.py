@@ -6,6 +6,7 @@ hosts/<name>/common -> ../../common      (shared modules, through symlinks)
 hosts/<name>/files/...                   (installed into the host's /)
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def load_inventory(root: Path) -> Inventory:
     hosts = []
     for name in sorted(config.hosts):
         directory = hosts_dir / name
-        names = {path.name for path in directory.iterdir()}
+        names = set(os.listdir(directory))
         if not names.intersection(ENTRY_POINTS):
             raise ConfigError(f"hosts/{name}: no configuration.nix or flake.nix")
         entry = config.hosts[name]

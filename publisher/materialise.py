@@ -12,6 +12,7 @@ strings and `os.scandir`.
 import os
 import stat
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from protocol.errors import ConfigError
@@ -35,6 +36,7 @@ class Listings:
     def __init__(self) -> None:
         self.files: dict[str, list[Source]] = {}  # real directory -> its files, paths relative to it
         self.targets: dict[tuple[int, int], str] = {}  # (dev, inode) a link points at -> real path
+        self.prefixed: dict[tuple[str, str], list[Source]] = {}  # (entry name, real dir) -> its files
 
 
 class _Refused(Exception):  # noqa: N818 - internal: carries the path up to where the host is known
@@ -81,7 +83,8 @@ def _list(real_dir: str, repo: str, ancestors: frozenset[str], listings: Listing
         return cached
     found: list[Source] = []
     try:
-        entries = sorted(os.scandir(real_dir), key=lambda entry: entry.name)
+        with os.scandir(real_dir) as listing:
+            entries = list(listing)  # in directory order: materialise sorts the result once
     except OSError as exc:
         raise _Refused("", f"cannot list: {exc.strerror}") from None
     for entry in entries:
@@ -99,9 +102,7 @@ def _list(real_dir: str, repo: str, ancestors: frozenset[str], listings: Listing
                 below = _list(real, repo, ancestors | {real}, listings)
             except _Refused as refused:
                 raise refused.under(name) from None
-            found.extend(
-                Source(f"{name}/{s.path}", s.real, s.mode, s.size, s.mtime_ns, s.inode) for s in below
-            )
+            found.extend(_under(name, real, below, listings))
         elif stat.S_ISREG(info.st_mode):
             found.append(
                 Source(name, real, info.st_mode & 0o777, info.st_size, info.st_mtime_ns, info.st_ino)
@@ -110,6 +111,17 @@ def _list(real_dir: str, repo: str, ancestors: frozenset[str], listings: Listing
             raise _Refused(name, f"{_kind(info.st_mode)} files cannot be released")
     listings.files[real_dir] = found
     return found
+
+
+def _under(name: str, real: str, below: list[Source], listings: Listings) -> list[Source]:
+    """`below` as seen through the entry `name`; every host reaching `common/` the same way
+    shares one list."""
+    key = (name, real)
+    prefixed = listings.prefixed.get(key)
+    if prefixed is None:
+        prefixed = [Source(f"{name}/{s.path}", s.real, s.mode, s.size, s.mtime_ns, s.inode) for s in below]
+        listings.prefixed[key] = prefixed
+    return prefixed
 
 
 def materialise(repo: Path, host: str, directory: Path, listings: Listings | None = None) -> list[Source]:
@@ -123,4 +135,4 @@ def materialise(repo: Path, host: str, directory: Path, listings: Listings | Non
         found = _list(top, root, frozenset({top}), listings if listings is not None else Listings())
     except _Refused as refused:
         raise ConfigError(f"host {host}: {refused.relpath or '.'}: {refused.why}") from None
-    return sorted(found, key=lambda source: source.path)
+    return sorted(found, key=attrgetter("path"))

@@ -27,7 +27,7 @@ from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
 from protocol.settings import size_bytes
 from protocol.topics import SERVICE_USERS
-from publisher.accounts import host_account
+from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Pool
 from publisher.hashcache import HashCache
@@ -196,9 +196,10 @@ class Publisher:
         results: dict[str, HostResult] = {}
         plans: list[_Plan] = []
         listings = Listings()  # shared directories are listed once per run
+        accounts = host_accounts()
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
-            chroot = Chroot(self.state.chroot(host.name), self._flusher, host_account(host.name))
+            chroot = Chroot(self.state.chroot(host.name), self._flusher, accounts.get(host.name))
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
                 entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
@@ -287,8 +288,9 @@ class Publisher:
         distributed = self.state.publisher / "distributed.pub"  # the key last placed in every chroot
         key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
         created: dict[str, Secret] = {}
+        accounts = host_accounts()
         for host in inventory.hosts:
-            chroot = Chroot(self.state.chroot(host.name), self._flusher, host_account(host.name))
+            chroot = Chroot(self.state.chroot(host.name), self._flusher, accounts.get(host.name))
             chroot.ensure_layout(backups=host.entry.backups is not None)
             secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
             if secret is not None:

@@ -28,6 +28,7 @@ from loguru import logger
 
 from protocol.layout import Access, StateDir
 from protocol.settings import authorized_key, check_ssh_public_key
+from protocol.ssh import CIPHERS
 from protocol.topics import is_host_name
 
 _DEFAULT_LOGS_CAP: Final = 64 << 20
@@ -309,6 +310,7 @@ class SFTPService:
             self.host,
             self.port,
             server_host_keys=[self.host_key],
+            encryption_algs=CIPHERS,
             sftp_factory=self._session,
             allow_scp=False,
             allow_pty=False,

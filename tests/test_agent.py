@@ -1,5 +1,6 @@
 """The agent against a real server: it applies only what it fetched and verified, and fails politely."""
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -51,6 +52,25 @@ def test_a_tampered_object_rejects_the_whole_release(alpha: Agent, state: Path):
     assert done.returncode == 1
     assert "does not match its sha256" in done.stdout
     assert_nothing_applied(alpha)
+
+
+def test_a_truncated_object_rejects_the_whole_release(alpha: Agent, state: Path):
+    objects = sorted((chroot(state) / "objects").iterdir())
+    objects[-1].write_bytes(objects[-1].read_bytes()[:-1])
+    done = alpha.once()
+    assert done.returncode == 1
+    assert "does not match its sha256" in done.stdout
+    assert_nothing_applied(alpha)
+
+
+def test_a_file_larger_than_a_read_window_arrives_whole(fleet: Fleet, state: Path, alpha: Agent):
+    data = os.urandom(2 * (1 << 20) + 12345)  # two full windows of chunks and a part
+    (fleet.root / "hosts" / "alpha" / "big.bin").write_bytes(data)
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    done = alpha.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    (rebuild,) = alpha.rebuilds()
+    assert (Path(rebuild["args"][1]) / "big.bin").read_bytes() == data
 
 
 def test_a_bad_signature_rejects_the_release(alpha: Agent, state: Path):
