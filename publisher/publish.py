@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
+from typing import Final, TypeVar
 
 import msgspec
 from loguru import logger
@@ -35,6 +37,9 @@ from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
 from publisher.signing import Signer
+
+_T = TypeVar("_T")
+_FILE_WORKERS: Final = 2  # hosts written at once (more made a cold publish slower here)
 
 
 class Status(StrEnum):
@@ -250,30 +255,37 @@ class Publisher:
         signer = Signer.load_or_create(self.state.signing_key)
         pool = Pool(self.state.objects, self._flusher)
         switches: list[tuple[_Plan, Manifest]] = []
-        for index, plan in enumerate(plans, 1):
-            self._progress("writing", index, len(plans))
-            name = plan.host.name
-            try:
-                manifest, written = self._write_release(plan, signer, pool, report.source_rev)
-            except (HeraldError, OSError) as exc:
-                logger.bind(host=name).error("not published: {}", exc)
-                results[name] = HostResult(name, Status.FAILED, message=f"writing the release failed: {exc}")
-                continue
-            results[name] = plan.result(objects_written=written)
-            switches.append((plan, manifest))
-            logger.bind(host=name).info("generation {} ({} objects written)", plan.generation, written)
-        created = self._credentials(inventory, signer)
+        keep = inventory.config.publish.keep
+        # Creating, renaming and removing files is most of a publish that changes many hosts,
+        # and it waits on the filesystem rather than on the interpreter: hosts are written a
+        # few at a time (their chroots are separate directories; the pool takes a lock).
+        with ThreadPoolExecutor(max_workers=_FILE_WORKERS, thread_name_prefix="write") as files:
+            writes = files.map(
+                partial(_attempt, self._write_release, signer=signer, pool=pool, rev=report.source_rev), plans
+            )
+            for index, (plan, outcome) in enumerate(zip(plans, writes, strict=True), 1):
+                self._progress("writing", index, len(plans))
+                name = plan.host.name
+                if isinstance(outcome, Exception):
+                    logger.bind(host=name).error("not published: {}", outcome)
+                    message = f"writing the release failed: {outcome}"
+                    results[name] = HostResult(name, Status.FAILED, message=message)
+                    continue
+                manifest, written = outcome
+                results[name] = plan.result(objects_written=written)
+                switches.append((plan, manifest))
+                logger.bind(host=name).info("generation {} ({} objects written)", plan.generation, written)
+            created = self._credentials(inventory, signer)
+            if switches:
+                # Every object and release is on disk before any `current` names it; then the
+                # renames of `current` are made durable too.
+                self._flusher.flush()
+                list(files.map(_switch, switches))
+                for plan, _ in switches:
+                    generations[plan.host.name] = plan.generation
+                self._flusher.flush()
+                unlinked: set[str] = set().union(*files.map(partial(_prune, keep=keep), switches))
         if switches:
-            # Every object and release is on disk before any `current` names it; then the
-            # renames of `current` are made durable too.
-            self._flusher.flush()
-            for plan, _ in switches:
-                plan.chroot.set_current(Current(plan.generation, plan.version))
-                generations[plan.host.name] = plan.generation
-            self._flusher.flush()
-            unlinked: set[str] = set()
-            for plan, manifest in switches:
-                unlinked |= _prune(plan, manifest, inventory.config.publish.keep)
             pool.prune(unlinked)
             generations_file = self.state.publisher / "generations.json"
             data = msgspec.json.encode(_Generations(generations))
@@ -301,15 +313,14 @@ class Publisher:
         return created
 
     @staticmethod
-    def _write_release(
-        plan: _Plan, signer: Signer, pool: Pool, source_rev: str | None
-    ) -> tuple[Manifest, int]:
+    def _write_release(plan: _Plan, *, signer: Signer, pool: Pool, rev: str | None) -> tuple[Manifest, int]:
         """Objects and releases/<generation>/ of one host; not yet named by `current`."""
         chroot = plan.chroot
         chroot.ensure_layout()
         private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004}
+        present = chroot.object_names()
         written = sum(
-            chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private)
+            chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private, present=present)
             for source, entry in zip(plan.sources, plan.entries, strict=True)
         )
         manifest = Manifest(
@@ -317,7 +328,7 @@ class Publisher:
             generation=plan.generation,
             version=plan.version,
             published_at=now(),
-            source_rev=source_rev,
+            source_rev=rev,
             content=plan.content,
         )
         data = encode_manifest(manifest)
@@ -402,7 +413,21 @@ def _diff(
     return added, modified, removed
 
 
-def _prune(plan: _Plan, manifest: Manifest, keep: int) -> set[str]:
+def _attempt(write: Callable[..., _T], plan: "_Plan", **kwargs: object) -> _T | HeraldError | OSError:
+    """`write(plan, **kwargs)`, or the error that stopped it: one host's failure is its own."""
+    try:
+        return write(plan, **kwargs)
+    except (HeraldError, OSError) as exc:
+        return exc
+
+
+def _switch(item: tuple["_Plan", Manifest]) -> None:
+    plan = item[0]
+    plan.chroot.set_current(Current(plan.generation, plan.version))
+
+
+def _prune(item: tuple["_Plan", Manifest], *, keep: int) -> set[str]:
+    plan, manifest = item
     known = {manifest.generation: manifest}
     if plan.previous is not None:
         known[plan.previous.generation] = plan.previous
