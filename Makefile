@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test faults lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,10 @@ demo: $(STAMP)
 	$(BIN)/herald demo
 
 test: $(STAMP)
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests -m "not faults"
+
+faults: $(STAMP)
+	$(BIN)/pytest tests -m faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

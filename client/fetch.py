@@ -93,7 +93,9 @@ async def _read_exactly(
     """`size` bytes from `offset`, one request per `_CHUNK`, all in flight at once; shorter only
     at the end of the file. With `probe_end` the last request asks for one byte more, so a file
     longer than `size` shows in the same round trip (the result is then `size + 1` long)."""
-    starts = range(offset, offset + size, _CHUNK) or range(offset, offset + 1)
+    starts = range(offset, offset + size, _CHUNK) or range(offset, offset + int(probe_end))
+    if not starts:
+        return b""
     last = starts[-1]
     parts = await asyncio.gather(
         *(
