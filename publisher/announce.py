@@ -57,7 +57,9 @@ async def announce(
             timeout=timeout,
             max_inflight=_IN_FLIGHT,
         ) as client:
-            # All at once: paho keeps a window of them in flight instead of one round trip each.
+            # All at once: paho keeps a window of them in flight instead of one round trip each
+            # (and aiomqtt, which warns past 10 waiting publishes, is told that is intended).
+            client.pending_calls_threshold = len(desired) + 1
             await asyncio.gather(
                 *(
                     client.publish(topics.desired(host), encode(payload), qos=1, retain=True)

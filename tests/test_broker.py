@@ -8,6 +8,7 @@ so, instead of the fix silently turning into dead code.
 import asyncio
 import hashlib
 import inspect
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from protocol.credentials import Secret, read_secret
 from protocol.messages import Online, decode, encode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
+from publisher.announce import announce, desired_of
 from publisher.publish import publish
 
 T = Topics()
@@ -363,3 +365,18 @@ def test_subscriptions_are_forgotten_when_a_session_ends(state: Path):
             await broker.stop()
 
     assert run(scenario()) == ({}, {})
+
+
+def test_announcing_many_hosts_says_one_line(state: Path, caplog: pytest.LogCaptureFixture):
+    """All announcements go out at once on purpose: no warning per waiting publish."""
+    desired = desired_of(state, ["alpha"])["alpha"]
+    many = {f"host{index:03d}": desired for index in range(50)}
+
+    async def scenario() -> None:
+        async with embedded(state) as url:
+            await announce(many, url=url, password=secret(state, PUBLISHER_USER), topics=T)
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario())
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == []
