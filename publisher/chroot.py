@@ -137,20 +137,22 @@ class Chroot:
             return set()
 
     def write_object(
-        self, source: Source, sha256: str, pool: "Pool", *, private: bool, present: set[str]
+        self, source: Source, sha256: str, pool: "Pool", *, private: bool, shared: bool, present: set[str]
     ) -> bool:
         """Store `source` as objects/<sha256> unless `present` (object_names) holds it; True if
         a file was added (and then added to `present`).
 
-        Content anyone may read is a hard link to the shared pool: creating a link costs a
-        small fraction of creating a file. Private content (files not readable by others, such
-        as secrets) gets a copy of its own, readable only inside this chroot.
+        Content anyone may read that other hosts release too (`shared`), or that the pool holds
+        already, is a hard link to the pool: creating a link costs a small fraction of creating
+        a file. Content only this host releases is stored here directly (a pool entry would be
+        one more file, for nothing to share), and so is private content (files not readable by
+        others, such as secrets), readable only inside this chroot.
         """
         if sha256 in present:
             return False
         present.add(sha256)
         target = self.objects / sha256
-        if not private:
+        if not private and (shared or pool.holds(sha256)):
             try:
                 os.link(pool.get(source, sha256), target)
             except OSError:
@@ -255,6 +257,14 @@ class Pool:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._known: set[str] = set()  # entries present this run: a shared file is stat'ed once
+
+    def holds(self, sha256: str) -> bool:
+        if sha256 in self._known:
+            return True
+        if (self.path / sha256).exists():
+            self._known.add(sha256)
+            return True
+        return False
 
     def get(self, source: Source, sha256: str) -> Path:
         pooled = self.path / sha256

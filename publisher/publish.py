@@ -259,10 +259,12 @@ class Publisher:
         # Creating, renaming and removing files is most of a publish that changes many hosts,
         # and it waits on the filesystem rather than on the interpreter: hosts are written a
         # few at a time (their chroots are separate directories; the pool takes a lock).
+        shared = _shared(plans)
         with ThreadPoolExecutor(max_workers=_FILE_WORKERS, thread_name_prefix="write") as files:
-            writes = files.map(
-                partial(_attempt, self._write_release, signer=signer, pool=pool, rev=report.source_rev), plans
+            write = partial(
+                _attempt, self._write_release, signer=signer, pool=pool, shared=shared, rev=report.source_rev
             )
+            writes = files.map(write, plans)
             for index, (plan, outcome) in enumerate(zip(plans, writes, strict=True), 1):
                 self._progress("writing", index, len(plans))
                 name = plan.host.name
@@ -313,14 +315,23 @@ class Publisher:
         return created
 
     @staticmethod
-    def _write_release(plan: _Plan, *, signer: Signer, pool: Pool, rev: str | None) -> tuple[Manifest, int]:
+    def _write_release(
+        plan: _Plan, *, signer: Signer, pool: Pool, shared: set[str], rev: str | None
+    ) -> tuple[Manifest, int]:
         """Objects and releases/<generation>/ of one host; not yet named by `current`."""
         chroot = plan.chroot
         chroot.ensure_layout()
         private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004}
         present = chroot.object_names()
         written = sum(
-            chroot.write_object(source, entry.sha256, pool, private=entry.sha256 in private, present=present)
+            chroot.write_object(
+                source,
+                entry.sha256,
+                pool,
+                private=entry.sha256 in private,
+                shared=entry.sha256 in shared,
+                present=present,
+            )
             for source, entry in zip(plan.sources, plan.entries, strict=True)
         )
         manifest = Manifest(
@@ -411,6 +422,16 @@ def _diff(
     removed = tuple(sorted(before.keys() - after.keys()))
     modified = tuple(sorted(path for path in after.keys() & before.keys() if after[path] != before[path]))
     return added, modified, removed
+
+
+def _shared(plans: list[_Plan]) -> set[str]:
+    """Content more than one of these hosts releases: what goes through the pool."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for plan in plans:
+        for sha256 in {entry.sha256 for entry in plan.entries}:
+            (shared if sha256 in seen else seen).add(sha256)
+    return shared
 
 
 def _attempt(write: Callable[..., _T], plan: "_Plan", **kwargs: object) -> _T | HeraldError | OSError:

@@ -67,6 +67,20 @@ def test_a_shared_module_change_writes_one_object_and_one_release_per_host(fleet
     assert all(r.modified == ("common/base.nix",) for r in report.hosts)
 
 
+def test_shared_content_is_one_file_linked_into_each_chroot_and_own_content_is_not_pooled(
+    fleet: Fleet, state: Path
+):
+    publish(fleet.root, state)
+    entries = {host: {e.path: e.sha256 for e in manifest(state, host).content.files} for host in fleet.hosts}
+    shared = entries["alpha"]["common/base.nix"]
+    inodes = {(state / "chroot" / host / "objects" / shared).stat().st_ino for host in fleet.hosts}
+    assert inodes == {(state / "objects" / shared).stat().st_ino}  # one file, in the pool and every chroot
+    own = entries["alpha"]["configuration.nix"]
+    assert own not in entries["beta"].values()
+    assert (state / "chroot" / "alpha" / "objects" / own).stat().st_nlink == 1
+    assert not (state / "objects" / own).exists()
+
+
 def test_modes_are_kept(fleet: Fleet, state: Path):
     secret = fleet.root / "hosts" / "beta" / "files" / "etc" / "wifi.psk"
     secret.write_text("hunter2\n")
