@@ -56,7 +56,9 @@ class OpenSSH:
         self.proc.stop()
 
 
-def provision(fleet: Fleet, state: Path, root: Path) -> subprocess.CompletedProcess[str]:
+def provision(
+    fleet: Fleet, state: Path, root: Path, *, dry_run: bool = False
+) -> subprocess.CompletedProcess[str]:
     argv = [
         *HERALD,
         "server",
@@ -65,6 +67,7 @@ def provision(fleet: Fleet, state: Path, root: Path) -> subprocess.CompletedProc
         str(inside(fleet.root, root)),
         "--state",
         str(inside(state, root)),
+        *(["--dry-run"] if dry_run else []),
     ]
     return subprocess.run(
         in_namespace(root, shlex.join(argv)), capture_output=True, text=True, timeout=120, check=False

@@ -7,8 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLE_FLEET, HERALD, REPO, need, need_root
-from openssh import in_namespace
+from helpers import EXAMPLE_FLEET, REPO, need, need_root
+from openssh import provision
 
 from protocol import schema
 from protocol.settings import AgentConfig, ServerConfig, convert
@@ -56,17 +56,7 @@ def test_the_chroot_layout_is_the_same_from_nix_and_from_a_provision_dry_run(fle
     toml = fleet.root / "fleet.toml"
     toml.write_text(toml.read_text().replace("[hosts.beta]\n", '[hosts.beta]\nbackups = "5G"\n'))
     tmp_path.chmod(0o755)
-    argv = [
-        *HERALD,
-        "server",
-        "provision",
-        "--fleet",
-        "/mnt/herald/fleet",
-        "--state",
-        "/mnt/herald/state",
-        "--dry-run",
-    ]
-    done = subprocess.run(in_namespace(tmp_path, " ".join(argv)), capture_output=True, text=True, check=False)
+    done = provision(fleet, tmp_path / "state", tmp_path, dry_run=True)
     assert done.returncode == 0, done.stderr
     planned = {
         line.removeprefix("would create ")

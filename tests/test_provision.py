@@ -1,11 +1,10 @@
 """`herald server provision`: users, chroot ownership and the sshd fragment, idempotent, with a dry run."""
 
 import pwd
-import subprocess
 from pathlib import Path
 
-from helpers import HERALD, Fleet, herald, need, need_root
-from openssh import in_namespace, provision
+from helpers import Fleet, herald, need, need_root
+from openssh import provision
 
 
 def users_exist(*names: str) -> list[bool]:
@@ -24,17 +23,7 @@ def test_a_dry_run_lists_every_change_and_makes_none(fleet: Fleet, state: Path, 
     need("unshare")
     tmp_path.chmod(0o755)
     before = users_exist("alpha", "beta", "gamma")
-    argv = [
-        *HERALD,
-        "server",
-        "provision",
-        "--fleet",
-        "/mnt/herald/fleet",
-        "--state",
-        "/mnt/herald/state",
-        "--dry-run",
-    ]
-    done = subprocess.run(in_namespace(tmp_path, " ".join(argv)), capture_output=True, text=True, check=False)
+    done = provision(fleet, state, tmp_path, dry_run=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     if not before[0]:
