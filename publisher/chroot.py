@@ -12,6 +12,7 @@ a Flusher; the publisher makes it durable in one batch before any `current` name
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -31,6 +32,7 @@ from protocol.release import (
     CURRENT,
     LOGS,
     MANIFEST,
+    MAX_CURRENT,
     OBJECTS,
     PUBLISHER_KEY,
     RELEASES,
@@ -54,11 +56,15 @@ class Chroot:
     the files only the host may read then belong to its group, and logs/ to the host."""
 
     def __init__(
-        self, path: Path, flusher: Flusher | None = None, owner: tuple[int, int] | None = None
+        self, path: Path | str, flusher: Flusher | None = None, owner: tuple[int, int] | None = None
     ) -> None:
-        self.path = path
+        self._at = os.fspath(path)  # the checks every run makes on every host use plain strings
         self.flusher = flusher
         self.owner = owner
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return Path(self._at)
 
     def _group(self, path: Path, *, user: bool = False) -> None:
         """Give `path` to the host's group (and, with `user`, to the host) in OpenSSH mode."""
@@ -79,9 +85,13 @@ class Chroot:
 
     def current(self) -> Current | None:
         try:
-            return Current.decode((self.path / CURRENT).read_bytes())
+            fd = os.open(f"{self._at}/{CURRENT}", os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            return Current.decode(os.read(fd, MAX_CURRENT + 1))
+        finally:
+            os.close(fd)
 
     def manifest(self, generation: int) -> Manifest | None:
         try:
@@ -91,7 +101,8 @@ class Chroot:
             return None
 
     def ensure_layout(self, *, backups: bool = False) -> None:
-        if (self.path / LOGS).is_dir() and (not backups or (self.path / BACKUPS).is_dir()):
+        logs, backups_dir = f"{self._at}/{LOGS}", f"{self._at}/{BACKUPS}"
+        if os.path.isdir(logs) and (not backups or os.path.isdir(backups_dir)):  # noqa: PTH112 - hot path
             return
         for directory, mode in (
             (self.path, 0o755),
@@ -111,15 +122,15 @@ class Chroot:
     def ensure_credentials(self, publisher_key: str, *, key_changed: bool) -> Secret | None:
         """Place the publisher key (if missing or changed) and create the host's broker secret
         if it has none (deleting it rotates it). Returns the secret if one was created."""
-        credentials = self.path / CREDENTIALS
-        key_file = credentials / PUBLISHER_KEY
-        if key_changed or not key_file.exists():
+        credentials = f"{self._at}/{CREDENTIALS}"
+        if key_changed or not os.path.exists(f"{credentials}/{PUBLISHER_KEY}"):  # noqa: PTH110 - hot path
+            key_file = self.path / CREDENTIALS / PUBLISHER_KEY
             write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
             self._group(key_file)
             self._wrote(key_file)
-        secret_file = credentials / BROKER_SECRET
-        if secret_file.exists():
+        if os.path.exists(f"{credentials}/{BROKER_SECRET}"):  # noqa: PTH110 - hot path
             return None
+        secret_file = self.path / CREDENTIALS / BROKER_SECRET
         secret = new_secret()
         write_atomic(secret_file, f"{secret.reveal()}\n".encode(), mode=0o640, durable=False)
         self._group(secret_file)

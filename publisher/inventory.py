@@ -50,7 +50,8 @@ def load_inventory(root: Path) -> Inventory:
     if not hosts_dir.is_dir():
         raise ConfigError(f"{hosts_dir}: not found (one directory per host is expected there)")
 
-    on_disk = {path.name for path in hosts_dir.iterdir() if path.is_dir() and not path.name.startswith(".")}
+    with os.scandir(hosts_dir) as listing:
+        on_disk = {entry.name for entry in listing if entry.is_dir() and not entry.name.startswith(".")}
     if unlisted := sorted(on_disk - config.hosts.keys()):
         name = unlisted[0]
         raise ConfigError(
@@ -63,9 +64,9 @@ def load_inventory(root: Path) -> Inventory:
     hosts = []
     for name in sorted(config.hosts):
         directory = hosts_dir / name
-        names = set(os.listdir(directory))
-        if not names.intersection(ENTRY_POINTS):
+        flake, classic = (os.path.lexists(f"{directory}/{point}") for point in ENTRY_POINTS)
+        if not flake and not classic:
             raise ConfigError(f"hosts/{name}: no configuration.nix or flake.nix")
         entry = config.hosts[name]
-        hosts.append(Host(name, entry, directory, (entry.flake or name) if "flake.nix" in names else None))
+        hosts.append(Host(name, entry, directory, (entry.flake or name) if flake else None))
     return Inventory(root, config, tuple(hosts))

@@ -11,16 +11,19 @@ strings and `os.scandir`.
 
 import os
 import stat
-from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
+
+import msgspec
 
 from protocol.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One file of a release: where it goes (`path`) and where its content is (`real`)."""
+class Source(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """One file of a release: where it goes (`path`) and where its content is (`real`).
+
+    A Struct rather than a dataclass: one is made per file per run (a frozen dataclass took
+    most of a microsecond more each)."""
 
     path: str
     real: str
@@ -128,7 +131,9 @@ def materialise(repo: Path, host: str, directory: Path, listings: Listings | Non
     """Every regular file a host releases, sorted by release path. `repo` must be a real path
     (inventory.load_inventory resolves it)."""
     root = str(repo)
-    top = str(directory) if not directory.is_symlink() else os.path.realpath(directory)
+    top = os.fspath(directory)
+    if os.path.islink(top):  # noqa: PTH114 - strings on the hot path
+        top = os.path.realpath(top)
     if not top.startswith(root + "/"):
         raise ConfigError(f"host {host}: .: host directory leaves the fleet repository (-> {top})")
     try:

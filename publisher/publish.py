@@ -32,7 +32,7 @@ from protocol.topics import SERVICE_USERS
 from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Pool
-from publisher.hashcache import HashCache
+from publisher.hashcache import HashCache, tree_key
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
@@ -180,7 +180,7 @@ class Publisher:
             if not dry_run:
                 self._write(inventory, passed, results, report, generations)
                 checker.save()
-                cache.save(keep=self._seen)
+                cache.save(keep=self._seen, hosts={host.name for host in inventory.hosts})
                 self._flusher.flush()
         report.hosts = [results[host.name] for host in inventory.hosts]
         report.files_hashed = cache.hashed
@@ -202,15 +202,24 @@ class Publisher:
         plans: list[_Plan] = []
         listings = Listings()  # shared directories are listed once per run
         accounts = host_accounts()
+        chroots = os.fspath(self.state.chroots)
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
-            chroot = Chroot(self.state.chroot(host.name), self._flusher, accounts.get(host.name))
+            chroot = Chroot(f"{chroots}/{host.name}", self._flusher, accounts.get(host.name))
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
+                current = chroot.current()
+                key = tree_key((host.entry.operation, host.flake), sources)
+                if current is not None and cache.version(host.name, key) == current.version:
+                    self._seen.update(source.real for source in sources)
+                    results[host.name] = HostResult(
+                        host.name, Status.UNCHANGED, current.generation, current.version
+                    )
+                    continue
                 entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
                 content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
                 version = content.version()
-                current = chroot.current()
+                cache.remember(host.name, key, version, sources)
                 if current is None or current.version != version:
                     check_content(content)  # what agents enforce, enforced before anything is served
             except (HeraldError, OSError) as exc:
@@ -303,8 +312,9 @@ class Publisher:
         key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
         created: dict[str, Secret] = {}
         accounts = host_accounts()
+        chroots = os.fspath(self.state.chroots)
         for host in inventory.hosts:
-            chroot = Chroot(self.state.chroot(host.name), self._flusher, accounts.get(host.name))
+            chroot = Chroot(f"{chroots}/{host.name}", self._flusher, accounts.get(host.name))
             chroot.ensure_layout(backups=host.entry.backups is not None)
             secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
             if secret is not None:

@@ -98,6 +98,40 @@ def test_nothing_changes_nothing_is_written(fleet: Fleet, state: Path):
     assert {p: p.stat().st_mtime_ns for p in (state / "chroot").rglob("*")} == before
 
 
+_SETTLED = 1_577_836_800  # 2020-01-01: far past the hash cache's margin, and the same every time
+
+
+def _settle(root: Path) -> None:
+    """Every file below root as if last written long ago (an unchanged file keeps its stat)."""
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, (_SETTLED, _SETTLED))
+
+
+def test_settled_files_are_not_read_again_and_a_same_size_edit_or_a_setting_is_still_seen(
+    fleet: Fleet, state: Path
+):
+    _settle(fleet.root)
+    publish(fleet.root, state)
+    again = publish(fleet.root, state)
+    assert {r.status for r in again.hosts} == {Status.UNCHANGED}
+    assert again.files_hashed == 0
+    old = (fleet.root / "hosts/alpha/configuration.nix").read_text()
+    fleet.edit("alpha", "configuration.nix", old.replace("alpha", "alphb"))  # same size, new mtime
+    edited = publish(fleet.root, state)
+    assert [(r.host, r.status, r.modified) for r in edited.hosts if r.status is not Status.UNCHANGED] == [
+        ("alpha", Status.CHANGED, ("configuration.nix",))
+    ]
+    # beta's files are as they were: its setting alone must change its version
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(toml.read_text().replace('operation = "boot"', 'operation = "test"'))  # beta's
+    retuned = publish(fleet.root, state)
+    assert [(r.host, r.status) for r in retuned.hosts if r.status is not Status.UNCHANGED] == [
+        ("beta", Status.CHANGED)
+    ]
+    assert manifest(state, "beta").content.operation == "test"
+
+
 def test_dry_run_writes_nothing_and_names_the_files(fleet: Fleet, state: Path):
     publish(fleet.root, state)
     fleet.edit("beta", "files/etc/issue", "new file\n")
