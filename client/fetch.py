@@ -22,16 +22,15 @@ from client.store import Store
 from protocol.errors import HeraldError, ReleaseError, StorageError, UnreachableError
 from protocol.release import (
     CURRENT,
-    MANIFEST,
     MAX_CURRENT,
-    MAX_MANIFEST,
+    MAX_RELEASE,
     OBJECTS,
-    SIGNATURE,
     Current,
     FileEntry,
     Manifest,
     decode_manifest,
-    release_dir,
+    release_path,
+    split_release,
     verify_signature,
 )
 
@@ -124,11 +123,7 @@ async def check(sftp: asyncssh.SFTPClient) -> Current:
 async def fetch(
     sftp: asyncssh.SFTPClient, current: Current, *, host: str, key: Ed25519PublicKey, store: Store
 ) -> Fetched:
-    where = release_dir(current.generation)
-    data, signature = await asyncio.gather(
-        read_small(sftp, f"{where}/{MANIFEST}", MAX_MANIFEST),
-        read_small(sftp, f"{where}/{SIGNATURE}", 1024),
-    )
+    data, signature = split_release(await read_small(sftp, release_path(current.generation), MAX_RELEASE))
     verify_signature(data, signature, key)
     manifest = decode_manifest(data, host=host, current=current)
 

@@ -1,16 +1,21 @@
 """The release format: what the publisher writes into a chroot and what an agent verifies.
 
-    current                     "<generation> <version>\\n", replaced atomically, written last
-    objects/<sha256>            file contents, named by their hash
-    releases/<generation>/MANIFEST      this module's `Manifest`, JSON
-    releases/<generation>/MANIFEST.sig  ed25519 signature of MANIFEST, base64
+    current                 "<generation> <version>\\n", replaced atomically, written last
+    objects/<sha256>        file contents, named by their hash
+    releases/<generation>   the release: one line with the ed25519 signature of the MANIFEST
+                            (base64), then the MANIFEST: this module's `Manifest`, JSON
 
 `version` is the hash of what the host gets (files, modes, operation, flake); `generation` grows
 by one whenever the version changes. Releases are named by generation, not version, so that a
 host returning to an earlier content gets a new release instead of a rewritten old one.
+
+A release is one file, the signature beside the MANIFEST it signs: publishing a change that every
+host receives writes, and later prunes, one file per host instead of a directory and two files,
+and an agent fetches it with one request.
 """
 
 import base64
+import functools
 import hashlib
 from typing import Annotated, Final
 
@@ -28,11 +33,12 @@ RELEASES: Final = "releases"
 CREDENTIALS: Final = "credentials"
 LOGS: Final = "logs"
 MANIFEST: Final = "MANIFEST"
-SIGNATURE: Final = "MANIFEST.sig"
 BROKER_SECRET: Final = "broker.secret"  # noqa: S105 - a file name, not a secret
 PUBLISHER_KEY: Final = "publisher.pub"
 
 MAX_MANIFEST: Final = 32 * 1024 * 1024
+MAX_SIGNATURE: Final = 256  # the base64 line of an ed25519 signature is 88 bytes
+MAX_RELEASE: Final = MAX_SIGNATURE + MAX_MANIFEST
 MAX_CURRENT: Final = 256
 _KEY_PREFIX: Final = "ed25519:"
 
@@ -87,8 +93,21 @@ class Current(msgspec.Struct, frozen=True):
         return current
 
 
-def release_dir(generation: int) -> str:
+def release_path(generation: int) -> str:
     return f"{RELEASES}/{generation}"
+
+
+def encode_release(manifest: bytes, signature: bytes) -> bytes:
+    """A release file: the signature line, then the MANIFEST it signs."""
+    return signature.strip() + b"\n" + manifest
+
+
+def split_release(data: bytes) -> tuple[bytes, bytes]:
+    """(MANIFEST, signature) of a release file; nothing is trusted until the signature verifies."""
+    signature, newline, manifest = data.partition(b"\n")
+    if not newline or len(signature) > MAX_SIGNATURE:
+        raise ReleaseError("malformed release: no signature line before the MANIFEST")
+    return manifest, signature
 
 
 _UNSAFE_PARTS: Final = frozenset(("", ".", ".."))
@@ -97,8 +116,13 @@ _UNSAFE_PARTS: Final = frozenset(("", ".", ".."))
 def check_path(path: str) -> None:
     """Refuse any release path that is not a plain relative path below the release root:
     no leading '/', no empty, '.' or '..' component, no backslash or NUL."""
-    if "\\" in path or "\0" in path or not _UNSAFE_PARTS.isdisjoint(path.split("/")):
+    if not _safe(path):
         raise ReleaseError(f"unsafe path in MANIFEST: {path!r}")
+
+
+@functools.lru_cache(maxsize=4096)  # a publish checks the same shared paths for every host
+def _safe(path: str) -> bool:
+    return "\\" not in path and "\0" not in path and _UNSAFE_PARTS.isdisjoint(path.split("/"))
 
 
 def check_content(content: Content) -> None:

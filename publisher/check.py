@@ -35,6 +35,12 @@ class Checker:
         if settings.check is None and self.nix is None:
             logger.warning("nix-instantiate not found: .nix files are published without a parse check")
 
+    @property
+    def idle(self) -> bool:
+        """True when no check or build would run: nothing to wait for."""
+        nothing_to_check = self.nix is None if self.settings.check is None else not self.settings.check
+        return nothing_to_check and not self.settings.build
+
     def check(self, host: str, flake: str | None, files: Sequence[tuple[Source, str]]) -> str | None:
         """None if the host's release passes; else the first lines of what failed."""
         if self.settings.check is None:

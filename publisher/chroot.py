@@ -2,7 +2,7 @@
 
     <chroot>/current                   "<generation> <version>", replaced last
     <chroot>/objects/<sha256>          contents, each written once
-    <chroot>/releases/<generation>/    MANIFEST + MANIFEST.sig, immutable once renamed into place
+    <chroot>/releases/<generation>     signature line + MANIFEST (protocol.release)
     <chroot>/credentials/              broker.secret, publisher.pub
     <chroot>/logs/                     the host's uploads
 
@@ -31,14 +31,14 @@ from protocol.release import (
     CREDENTIALS,
     CURRENT,
     LOGS,
-    MANIFEST,
     MAX_CURRENT,
     OBJECTS,
     PUBLISHER_KEY,
     RELEASES,
-    SIGNATURE,
     Current,
     Manifest,
+    encode_release,
+    split_release,
 )
 from publisher.materialise import Source
 
@@ -51,6 +51,20 @@ BACKUPS: Final = "backups"
 _SWEEP_EVERY: Final = 86400
 
 
+Listed = tuple[str, int, int, str]  # a file entry of a MANIFEST: path, mode, size, sha256
+
+
+class _Files(msgspec.Struct):
+    files: list[Listed]
+
+
+class _Listing(msgspec.Struct):
+    content: _Files
+
+
+_LISTING: Final = msgspec.json.Decoder(_Listing)
+
+
 class Chroot:
     """`owner` is the host's (uid, gid) when its chroot is served by OpenSSH (publisher.accounts):
     the files only the host may read then belong to its group, and logs/ to the host."""
@@ -61,17 +75,18 @@ class Chroot:
         self._at = os.fspath(path)  # the checks every run makes on every host use plain strings
         self.flusher = flusher
         self.owner = owner
+        self._objects: set[str] | None = None  # what object_names listed, kept up to date since
 
     @functools.cached_property
     def path(self) -> Path:
         return Path(self._at)
 
-    def _group(self, path: Path, *, user: bool = False) -> None:
+    def _group(self, path: Path | str, *, user: bool = False) -> None:
         """Give `path` to the host's group (and, with `user`, to the host) in OpenSSH mode."""
         if self.owner is not None:
             os.chown(path, self.owner[0] if user else 0, self.owner[1], follow_symlinks=False)
 
-    def _wrote(self, path: Path, *, directory: bool = False) -> None:
+    def _wrote(self, path: Path | str, *, directory: bool = False) -> None:
         if self.flusher is not None:
             self.flusher.wrote(path, directory=directory)
 
@@ -95,10 +110,30 @@ class Chroot:
 
     def manifest(self, generation: int) -> Manifest | None:
         try:
-            data = (self.releases / str(generation) / MANIFEST).read_bytes()
+            path = self.releases / str(generation)
+            try:
+                data, _ = split_release(path.read_bytes())
+            except IsADirectoryError:  # a release of the layout before releases were single files
+                data = (path / "MANIFEST").read_bytes()
             return msgspec.json.decode(data, type=Manifest)
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        except (OSError, ReleaseError, msgspec.DecodeError, msgspec.ValidationError):
             return None
+
+    def listed(self, generation: int) -> list[Listed]:
+        """A release's file entries, decoded without checking the rest: the publisher wrote it,
+        and wants only these (for the diff of a new release and for pruning); agents check
+        everything. ReleaseError if the release cannot be read."""
+        path = self.releases / str(generation)
+        try:
+            data, _ = split_release(path.read_bytes())
+            return _LISTING.decode(data).content.files
+        except IsADirectoryError:  # a release of the layout before releases were single files
+            manifest = self.manifest(generation)
+            if manifest is not None:
+                return [(e.path, e.mode, e.size, e.sha256) for e in manifest.content.files]
+        except (OSError, ReleaseError, msgspec.DecodeError, msgspec.ValidationError):
+            pass
+        raise ReleaseError(f"{path}: unreadable MANIFEST")
 
     def ensure_layout(self, *, backups: bool = False) -> None:
         logs, backups_dir = f"{self._at}/{LOGS}", f"{self._at}/{BACKUPS}"
@@ -141,11 +176,14 @@ class Chroot:
         return read_secret(self.path / CREDENTIALS / BROKER_SECRET)
 
     def object_names(self) -> set[str]:
-        """The objects present: one listing instead of a stat per file of the release."""
-        try:
-            return set(os.listdir(self.objects))
-        except FileNotFoundError:
-            return set()
+        """The objects present: one listing instead of a stat per file of the release. The set
+        returned is the one write_object adds to and prune reads, so it is listed once."""
+        if self._objects is None:
+            try:
+                self._objects = set(os.listdir(self.objects))
+            except FileNotFoundError:
+                self._objects = set()
+        return self._objects
 
     def write_object(
         self, source: Source, sha256: str, pool: "Pool", *, private: bool, shared: bool, present: set[str]
@@ -162,7 +200,7 @@ class Chroot:
         if sha256 in present:
             return False
         present.add(sha256)
-        target = self.objects / sha256
+        target = f"{self._at}/{OBJECTS}/{sha256}"
         if not private and (shared or pool.holds(sha256)):
             try:
                 os.link(pool.get(source, sha256), target)
@@ -171,39 +209,47 @@ class Chroot:
             else:
                 self._wrote(target)
                 return True
-        _store(source, sha256, target, 0o640 if private else 0o644)
+        _store(source, sha256, Path(target), 0o640 if private else 0o644)
         if private:
             self._group(target)
         self._wrote(target)
         return True
 
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
-        """releases/<generation>/ with MANIFEST and its signature.
+        """releases/<generation>: the signature, then the MANIFEST.
 
         Written in place: agents read only the release `current` names, and `current` is
         replaced after this release is complete and on disk. What a crash leaves here is
         rewritten by the next run, which computes the same generation.
         """
-        final = self.releases / str(manifest.generation)
-        if final.exists():  # left by a run that crashed before `current` named it
+        final = f"{self._at}/{RELEASES}/{manifest.generation}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(final, flags, 0o644)
+        except IsADirectoryError:  # a release of the layout before releases were single files
             shutil.rmtree(final)
-        final.mkdir(mode=0o755)
-        (final / MANIFEST).write_bytes(data)
-        (final / SIGNATURE).write_bytes(signature)
-        self._wrote(final, directory=True)
-        self._wrote(final / MANIFEST)
-        self._wrote(final / SIGNATURE)
+            fd = os.open(final, flags, 0o644)
+        try:
+            rest = memoryview(encode_release(data, signature))
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+            os.fchmod(fd, 0o644)  # whatever the umask: the host's account reads it
+        finally:
+            os.close(fd)
+        self._wrote(final)
 
     def set_current(self, current: Current) -> None:
         """Name a release whose files are already on disk (see publisher.publish)."""
-        write_atomic(self.path / CURRENT, current.encode(), mode=0o644, durable=False)
-        self._wrote(self.path / CURRENT)
+        path = f"{self._at}/{CURRENT}"
+        write_atomic(path, current.encode(), mode=0o644, durable=False)
+        self._wrote(path)
 
-    def prune(self, keep: int, known: dict[int, Manifest]) -> set[str]:
+    def prune(self, keep: int, known: dict[int, list[str]]) -> set[str]:
         """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes.
 
-        `known` holds manifests already in memory, by generation, so that they are not read
-        again. Returns the names of the objects removed (their pool entries may now be unused).
+        `known` holds the objects of releases already in memory, by generation, so that they
+        are not read again. Returns the names of the objects removed (their pool entries may
+        now be unused).
         """
         current = self.current()
         names = os.listdir(self.releases)
@@ -216,32 +262,33 @@ class Chroot:
             return set()  # objects go when the last release naming them goes
         named: set[str] = set()
         for generation in kept:
-            manifest = known.get(generation) or self.manifest(generation)
-            if manifest is None:
-                raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST; not pruning")
-            named.update(entry.sha256 for entry in manifest.content.files)
+            listed = known.get(generation)
+            if listed is None:
+                try:
+                    listed = [file[3] for file in self.listed(generation)]
+                except ReleaseError as exc:
+                    raise ReleaseError(f"{exc}; not pruning") from None
+            named.update(listed)
         releases, objects = str(self.releases), str(self.objects)
         for name in doomed:
             _remove_release(f"{releases}/{name}")
-        removed = set()
-        for name in os.listdir(objects):
-            if name not in named:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{objects}/{name}")  # noqa: PTH108 - a str path, a thousand times a run
-                removed.add(name)
+        present = self.object_names()
+        removed = {name for name in present if name not in named}
+        for name in removed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{objects}/{name}")  # noqa: PTH108 - a str path, a thousand times a run
+        present -= removed
         return removed
 
 
 def _remove_release(path: str) -> None:
-    """A release directory holds MANIFEST and its signature: three calls, not rmtree's walk
-    (which is most of the cost of pruning a thousand releases). Anything else there (a crashed
-    run's leftovers) falls back to rmtree."""
+    """A release is one file; a directory there (a release of the layout before releases were
+    single files) is removed with what it holds."""
     try:
-        for name in (MANIFEST, SIGNATURE):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}/{name}")  # noqa: PTH108
-        os.rmdir(path)  # noqa: PTH106
-    except OSError:
+        os.unlink(path)  # noqa: PTH108 - a str path, a thousand times a run
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
         shutil.rmtree(path, ignore_errors=True)
 
 

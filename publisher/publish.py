@@ -22,7 +22,7 @@ import msgspec
 from loguru import logger
 
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
-from protocol.errors import HeraldError
+from protocol.errors import HeraldError, ReleaseError
 from protocol.files import Flusher, write_atomic
 from protocol.layout import Access, StateDir
 from protocol.messages import now
@@ -31,7 +31,7 @@ from protocol.settings import size_bytes
 from protocol.topics import SERVICE_USERS
 from publisher.accounts import host_accounts
 from publisher.check import Checker
-from publisher.chroot import Chroot, Pool
+from publisher.chroot import Chroot, Listed, Pool
 from publisher.hashcache import HashCache, tree_key
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keys import authorized_key_line
@@ -124,7 +124,7 @@ class _Plan:
     entries: list[FileEntry]
     content: Content
     version: str
-    previous: Manifest | None
+    previous: tuple[int, list[Listed]] | None  # the generation `current` names, and its files
     generation: int
     diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
@@ -230,16 +230,16 @@ class Publisher:
             if current is not None and current.version == version:
                 results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
                 continue
-            previous = chroot.manifest(current.generation) if current else None
+            previous = _listed(chroot, current.generation) if current else None
             generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
-            diff = _diff(previous.content.files if previous else [], entries)
+            diff = _diff(previous[1] if previous else [], entries)
             plans.append(_Plan(host, chroot, sources, entries, content, version, previous, generation, diff))
         return results, plans
 
     def _check(self, checker: Checker, plans: list[_Plan]) -> list[tuple[_Plan, str | None]]:
         """Every changed host's check, in parallel, bounded by the core count."""
-        if not plans:
-            return []
+        if checker.idle:
+            return [(plan, None) for plan in plans]
         done: list[tuple[_Plan, str | None]] = []
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="check") as pool:
             futures = {
@@ -331,8 +331,13 @@ class Publisher:
         """Objects and releases/<generation>/ of one host; not yet named by `current`."""
         chroot = plan.chroot
         chroot.ensure_layout()
-        private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004}
         present = chroot.object_names()
+        missing = [
+            (source, entry)
+            for source, entry in zip(plan.sources, plan.entries, strict=True)
+            if entry.sha256 not in present
+        ]
+        private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004} if missing else set()
         written = sum(
             chroot.write_object(
                 source,
@@ -342,7 +347,7 @@ class Publisher:
                 shared=entry.sha256 in shared,
                 present=present,
             )
-            for source, entry in zip(plan.sources, plan.entries, strict=True)
+            for source, entry in missing
         )
         manifest = Manifest(
             host=plan.host.name,
@@ -422,12 +427,19 @@ class Publisher:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
 
+def _listed(chroot: Chroot, generation: int) -> tuple[int, list[Listed]] | None:
+    try:
+        return generation, chroot.listed(generation)
+    except ReleaseError:
+        return None  # diffed against nothing; pruning reads it again and says why it cannot
+
+
 def _diff(
-    old: list[FileEntry], new: list[FileEntry]
+    old: list[Listed], new: list[FileEntry]
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(added, modified, removed) paths between two file lists."""
-    before = {entry.path: entry for entry in old}
-    after = {entry.path: entry for entry in new}
+    before = {path: rest for path, *rest in old}
+    after = {entry.path: [entry.mode, entry.size, entry.sha256] for entry in new}
     added = tuple(sorted(after.keys() - before.keys()))
     removed = tuple(sorted(before.keys() - after.keys()))
     modified = tuple(sorted(path for path in after.keys() & before.keys() if after[path] != before[path]))
@@ -459,9 +471,10 @@ def _switch(item: tuple["_Plan", Manifest]) -> None:
 
 def _prune(item: tuple["_Plan", Manifest], *, keep: int) -> set[str]:
     plan, manifest = item
-    known = {manifest.generation: manifest}
+    known = {manifest.generation: [entry.sha256 for entry in manifest.content.files]}
     if plan.previous is not None:
-        known[plan.previous.generation] = plan.previous
+        generation, files = plan.previous
+        known[generation] = [file[3] for file in files]
     try:
         return plan.chroot.prune(keep, known)
     except (HeraldError, OSError) as exc:

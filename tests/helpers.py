@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from protocol.messages import Desired, Online, State, decode
+from protocol.release import encode_release, split_release
 from protocol.topics import ADMIN_USER, Topics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +151,16 @@ class Fleet:
 def current_generation(state: Path, host: str) -> int:
     path = state / "chroot" / host / "current"
     return int(path.read_text().split()[0]) if path.exists() else 0
+
+
+def read_release(state: Path, host: str, generation: int) -> tuple[bytes, bytes]:
+    """(MANIFEST, signature) of releases/<generation> in the host's chroot, not yet verified."""
+    return split_release((state / "chroot" / host / "releases" / str(generation)).read_bytes())
+
+
+def write_release(state: Path, host: str, generation: int, manifest: bytes, signature: bytes) -> None:
+    """Put a release file where the publisher would, as a forged or tampered release would be."""
+    (state / "chroot" / host / "releases" / str(generation)).write_bytes(encode_release(manifest, signature))
 
 
 # ---------------------------------------------------------------- server

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import Agent, Fleet, Serve, herald, make_agent
+from helpers import Agent, Fleet, Serve, herald, make_agent, read_release, write_release
 
 from protocol.release import Content, Current, FileEntry, Manifest, encode_manifest
 from protocol.settings import Operation
@@ -74,8 +74,8 @@ def test_a_file_larger_than_a_read_window_arrives_whole(fleet: Fleet, state: Pat
 
 
 def test_a_bad_signature_rejects_the_release(alpha: Agent, state: Path):
-    signature = chroot(state) / "releases" / "1" / "MANIFEST.sig"
-    signature.write_bytes(Signer.load_or_create(state.parent / "other.key").sign(b"something else"))
+    data, _ = read_release(state, "alpha", 1)
+    write_release(state, "alpha", 1, data, Signer.load_or_create(state.parent / "other.key").sign(data))
     done = alpha.once()
     assert done.returncode == 1
     assert "signature does not verify" in done.stdout
@@ -95,12 +95,8 @@ def _forge(state: Path, generation: int, files: list[FileEntry]) -> None:
         content=content,
     )
     data = encode_manifest(manifest)
-    release = chroot(state) / "releases" / str(generation)
-    release.mkdir()
-    (release / "MANIFEST").write_bytes(data)
-    (release / "MANIFEST.sig").write_bytes(
-        Signer.load_or_create(state / "publisher" / "signing.key").sign(data)
-    )
+    signature = Signer.load_or_create(state / "publisher" / "signing.key").sign(data)
+    write_release(state, "alpha", generation, data, signature)
     (chroot(state) / "current").write_bytes(Current(generation, content.version()).encode())
 
 
@@ -119,7 +115,7 @@ def test_a_lower_generation_is_refused(alpha: Agent, fleet: Fleet, state: Path):
     assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
     assert alpha.once().returncode == 0
     assert alpha.deployed() == 2
-    old = (chroot(state) / "releases" / "1" / "MANIFEST").read_bytes()
+    old, _ = read_release(state, "alpha", 1)
     version = msgspec.json.decode(old)["version"]
     (chroot(state) / "current").write_bytes(Current(1, version).encode())
     done = alpha.once()

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, Fleet, current_generation, need
+from helpers import REPO, Fleet, current_generation, need, read_release
 
 from protocol.release import Current, decode_manifest
 
@@ -51,8 +51,6 @@ def test_a_push_publishes_and_names_the_commit(fleet: Fleet, state: Path, tmp_pa
     assert [current_generation(state, host) for host in fleet.hosts] == [1, 1, 1]
     chroot = state / "chroot" / "beta"
     current = Current.decode((chroot / "current").read_bytes())
-    manifest = decode_manifest(
-        (chroot / "releases" / "1" / "MANIFEST").read_bytes(), host="beta", current=current
-    )
+    manifest = decode_manifest(read_release(state, "beta", 1)[0], host="beta", current=current)
     assert manifest.source_rev == commit
     assert (worktree / "hosts" / "beta" / "files" / "etc" / "motd").read_text() == "pushed\n"

@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 from protocol.errors import ConfigError, PayloadError, ReleaseError
 from protocol.messages import Command, Desired, Online, State, decode, encode
 from protocol.mqtt import BrokerURL
-from protocol.release import Content, Current, FileEntry, Manifest, check_content, check_path, decode_manifest
+from protocol.release import (
+    Content,
+    Current,
+    FileEntry,
+    Manifest,
+    check_content,
+    check_path,
+    decode_manifest,
+    encode_release,
+    split_release,
+)
 from protocol.settings import AgentConfig, Operation, load, seconds
 from protocol.topics import Kind, Topics
 
@@ -193,6 +203,22 @@ def test_a_manifest_must_match_host_generation_and_its_own_version():
     escaping = msgspec.structs.replace(escaping, version=escaping.content.version())
     with pytest.raises(ReleaseError, match="unsafe path"):
         decode_manifest(msgspec.json.encode(escaping), host="alpha", current=Current(2, escaping.version))
+
+
+def test_a_release_file_is_a_signature_line_then_the_manifest():
+    manifest = b'{"host": "alpha"}\n'  # whatever bytes: the signature covers them exactly
+    assert split_release(encode_release(manifest, b"c2lnbmF0dXJl\n")) == (manifest, b"c2lnbmF0dXJl")
+    with pytest.raises(ReleaseError, match="no signature line"):
+        split_release(b'{"host": "alpha"}')
+    with pytest.raises(ReleaseError, match="no signature line"):
+        split_release(b"x" * 300 + b"\n{}")
+
+
+@given(st.binary(max_size=300))
+def test_no_release_file_crashes_its_splitter(data: bytes):
+    with contextlib.suppress(ReleaseError):
+        manifest, signature = split_release(data)
+        assert signature + b"\n" + manifest == data
 
 
 @given(st.binary(max_size=300))

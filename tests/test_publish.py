@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from helpers import Fleet, current_generation, herald, need, need_root
+from helpers import Fleet, current_generation, herald, need, need_root, read_release
 
 from protocol.errors import ConfigError
 from protocol.release import Current, Manifest, decode_manifest, decode_public_key, verify_signature
@@ -17,8 +17,7 @@ from publisher.publish import Status, publish
 def manifest(state: Path, host: str) -> Manifest:
     chroot = state / "chroot" / host
     current = Current.decode((chroot / "current").read_bytes())
-    data = (chroot / "releases" / str(current.generation) / "MANIFEST").read_bytes()
-    signature = (chroot / "releases" / str(current.generation) / "MANIFEST.sig").read_bytes()
+    data, signature = read_release(state, host, current.generation)
     key = decode_public_key((chroot / "credentials" / "publisher.pub").read_text())
     verify_signature(data, signature, key)
     return decode_manifest(data, host=host, current=current)

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import HERALD, wait_until
+from helpers import HERALD, read_release, wait_until
 
 from bench.fleetgen import host_name, make_fleet
 from protocol.release import Current, decode_manifest, decode_public_key, verify_signature
@@ -25,12 +25,9 @@ def verify(state: Path, host: str) -> int:
         current = Current.decode((chroot / "current").read_bytes())
     except FileNotFoundError:
         return 0
-    release = chroot / "releases" / str(current.generation)
-    data = (release / "MANIFEST").read_bytes()
+    data, signature = read_release(state, host, current.generation)
     verify_signature(
-        data,
-        (release / "MANIFEST.sig").read_bytes(),
-        decode_public_key((chroot / "credentials" / "publisher.pub").read_text()),
+        data, signature, decode_public_key((chroot / "credentials" / "publisher.pub").read_text())
     )
     manifest = decode_manifest(data, host=host, current=current)
     for entry in manifest.content.files:
@@ -75,9 +72,7 @@ def test_publish_killed_at_any_moment_leaves_complete_releases_and_the_next_run_
         chroot = state / "chroot" / host
         current = Current.decode((chroot / "current").read_bytes())
         manifest = decode_manifest(
-            (chroot / "releases" / str(current.generation) / "MANIFEST").read_bytes(),
-            host=host,
-            current=current,
+            read_release(state, host, current.generation)[0], host=host, current=current
         )
         entry = next(e for e in manifest.content.files if e.path == "common/module03.nix")
         assert (chroot / "objects" / entry.sha256).read_bytes() == expected
