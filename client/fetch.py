@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 import asyncssh
@@ -160,17 +160,21 @@ async def _assemble(
     async def one(entry: FileEntry) -> None:
         nonlocal downloaded, downloaded_bytes, reused
         target = staging / entry.path
-        target.parent.mkdir(parents=True, exist_ok=True)
         local = have.get(entry.sha256)
-        if local is not None and _copy_verified(local, target, entry):
+        if local is not None and _reuse(local, target, entry):
             reused += 1
-        else:
-            async with gate:
-                await _download(sftp, entry, target)
-            downloaded += 1
-            downloaded_bytes += entry.size
-        target.chmod(entry.mode)
+            return
+        async with gate:
+            await _download(sftp, entry, target)
+        downloaded += 1
+        downloaded_bytes += entry.size
 
+    directories = {str(PurePosixPath(entry.path).parent) for entry in files} - {"."}
+    try:
+        for directory in directories:  # once each, not once per file
+            (staging / directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot write the staging tree in {staging}: {exc}") from None
     try:
         async with asyncio.TaskGroup() as group:
             for entry in files:
@@ -190,16 +194,26 @@ def _first(group: BaseExceptionGroup[HeraldError]) -> HeraldError:
     raise group
 
 
-def _copy_verified(source: Path, target: Path, entry: FileEntry) -> bool:
-    """Copy a local file if it still hashes to what the MANIFEST names; False otherwise."""
+def _reuse(source: Path, target: Path, entry: FileEntry) -> bool:
+    """Take a file from an earlier tree if it still hashes to what the MANIFEST names; False
+    otherwise. Trees are never changed once in place, so a file with the same mode is shared
+    with a hard link (creating a link costs a fraction of writing a file); else it is copied."""
     try:
         with source.open("rb") as src:
             data = src.read(entry.size + 1)
+            mode = os.fstat(src.fileno()).st_mode & 0o7777
     except OSError:
         return False
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
         return False
-    _write_new(target, data)
+    if mode == entry.mode:
+        try:
+            os.link(source, target)
+        except OSError:
+            pass  # links refused here: copy
+        else:
+            return True
+    _write_new(target, data, entry.mode)
     return True
 
 
@@ -207,7 +221,7 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
     path = f"{OBJECTS}/{entry.sha256}"
     digest = hashlib.sha256()
     size = 0
-    out = _Local(target)
+    out = _Local(target, entry.mode)
     try:
         async with sftp.open(path, "rb", block_size=0) as stream:
             # The MANIFEST's size, a window at a time, and one byte more at the end: a file that
@@ -240,11 +254,16 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
 class _Local:
     """A new file in the staging tree; its failures are the agent's disk's, not the server's."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int) -> None:
         self.path = path
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+        try:
+            os.fchmod(self._fd, mode)  # the MANIFEST's mode, whatever the umask
+        except OSError as exc:
+            os.close(self._fd)
             raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 
     def write(self, data: bytes) -> None:
@@ -266,8 +285,8 @@ def _binary(data: str | bytes) -> bytes:
     raise TypeError("SFTP file was not opened in binary mode")
 
 
-def _write_new(target: Path, data: bytes) -> None:
-    out = _Local(target)
+def _write_new(target: Path, data: bytes, mode: int) -> None:
+    out = _Local(target, mode)
     try:
         out.write(data)
     finally:

@@ -122,7 +122,9 @@ class Store:
     def commit_tree(self, staging: Path, manifest: Manifest, data: bytes) -> Path:
         """Rename a complete, verified staging dir into place as trees/<generation>."""
         final = self.tree(manifest.generation)
-        write_atomic(self.trees / f"{manifest.generation}.manifest", data, mode=0o600)
+        # Not fsynced, like the tree's files: after a crash a lost or damaged index only means
+        # fetching again (an unreadable one counts as absent; a reused file is hashed first).
+        write_atomic(self.trees / f"{manifest.generation}.manifest", data, mode=0o600, durable=False)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

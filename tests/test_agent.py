@@ -45,6 +45,28 @@ def test_once_fetches_verifies_applies_and_exits_0(alpha: Agent, fleet: Fleet):
     assert len(alpha.rebuilds()) == 1
 
 
+def test_unchanged_files_are_linked_from_the_last_tree_after_their_hash_is_checked(
+    alpha: Agent, fleet: Fleet, state: Path
+):
+    assert alpha.once().returncode == 0
+    old = Path(alpha.rebuilds()[0]["args"][1]).resolve()
+    fleet.edit("alpha", "configuration.nix", "{ ... }: { changed = true; }\n")
+    (fleet.root / "hosts/alpha/files/etc/motd").chmod(0o640)  # same content, another mode
+    (old / "common/users.nix").write_text("# damaged in the agent's store\n")
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert alpha.once().returncode == 0
+    new = Path(alpha.rebuilds()[1]["args"][1]).resolve()
+    assert new != old
+    assert os.path.samefile(old / "common/base.nix", new / "common/base.nix")  # linked
+    motd = (new / "files/etc/motd").stat()
+    assert (motd.st_mode & 0o777, motd.st_nlink) == (0o640, 1)  # copied: a mode of its own
+    assert not os.path.samefile(old / "common/users.nix", new / "common/users.nix")  # fetched again
+    assert (new / "common/users.nix").read_bytes() == (
+        fleet.root / "hosts/alpha/common/users.nix"
+    ).read_bytes()
+    assert (new / "configuration.nix").read_text() == "{ ... }: { changed = true; }\n"
+
+
 def test_a_tampered_object_rejects_the_whole_release(alpha: Agent, state: Path):
     objects = sorted((chroot(state) / "objects").iterdir())
     objects[0].write_bytes(objects[0].read_bytes() + b"# tampered\n")
