@@ -57,10 +57,10 @@ def test_unchanged_files_are_linked_from_the_last_tree_after_their_hash_is_check
     assert alpha.once().returncode == 0
     new = Path(alpha.rebuilds()[1]["args"][1]).resolve()
     assert new != old
-    assert os.path.samefile(old / "common/base.nix", new / "common/base.nix")  # linked
+    assert (old / "common/base.nix").samefile(new / "common/base.nix")  # linked
     motd = (new / "files/etc/motd").stat()
     assert (motd.st_mode & 0o777, motd.st_nlink) == (0o640, 1)  # copied: a mode of its own
-    assert not os.path.samefile(old / "common/users.nix", new / "common/users.nix")  # fetched again
+    assert not (old / "common/users.nix").samefile(new / "common/users.nix")  # fetched again
     assert (new / "common/users.nix").read_bytes() == (
         fleet.root / "hosts/alpha/common/users.nix"
     ).read_bytes()
