@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +51,21 @@ def _fill(template: list[str], where: str, **values: str) -> list[str]:
 
 
 def install_files(manifest: Manifest, tree: Path, root: Path) -> list[str]:
-    """Copy the release's files/ into `root`, modes kept, each file replaced atomically."""
+    """Copy the release's files/ into `root`, modes kept, each file replaced atomically. A file
+    that is already there as the release has it (content, mode, owner) is left alone: it is not
+    rewritten on every update, and whatever watches it is not woken for nothing. Returns the
+    paths written."""
     installed = []
     for entry in manifest.content.files:
         if not entry.path.startswith(FILES):
             continue
         relative = entry.path.removeprefix(FILES)
         target = root / relative
+        data = (tree / entry.path).read_bytes()
+        if _holds(target, data, entry.mode):
+            continue
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         tmp = target.with_name(f".{target.name}.herald-{os.getpid()}")
-        data = (tree / entry.path).read_bytes()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -73,6 +79,24 @@ def install_files(manifest: Manifest, tree: Path, root: Path) -> list[str]:
             raise
         installed.append("/" + relative)
     return installed
+
+
+def _holds(target: Path, data: bytes, mode: int) -> bool:
+    """True if `target` is a regular file of ours with exactly this content and mode."""
+    try:
+        info = target.lstat()
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or stat.S_IMODE(info.st_mode) != mode
+            or (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid())
+            or info.st_size != len(data)
+        ):
+            return False
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as stream:
+        return stream.read(len(data) + 1) == data
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from loguru import logger
 
 import protocol
-from client.apply import install_files, operation_of, rebuild_argv, rollback_argv, run_rebuild
+from client.apply import FILES, install_files, operation_of, rebuild_argv, rollback_argv, run_rebuild
 from client.confirm import confirm
 from client.fetch import check, fetch, read_small
 from client.link import ServerLink
@@ -169,7 +169,9 @@ class Deployer:
         broker_was_up = self.reporter.connected
         try:
             installed = install_files(manifest, fetched.tree, Path(self.config.root))
-            note(f"installed {len(installed)} file(s) into {self.config.root}: {' '.join(installed)}")
+            kept = sum(1 for entry in manifest.content.files if entry.path.startswith(FILES)) - len(installed)
+            listed = f": {' '.join(installed)}" if installed else ""
+            note(f"installed {len(installed)} file(s) into {self.config.root}{listed}; {kept} unchanged")
             argv = rebuild_argv(self.config, manifest, fetched.tree)
             note(f"running: {' '.join(argv)}")
             self.log.info("generation {}: running {}", generation, argv[0])

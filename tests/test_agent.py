@@ -67,6 +67,28 @@ def test_unchanged_files_are_linked_from_the_last_tree_after_their_hash_is_check
     assert (new / "configuration.nix").read_text() == "{ ... }: { changed = true; }\n"
 
 
+def test_installed_files_as_released_are_left_alone_and_drifted_ones_restored(
+    alpha: Agent, fleet: Fleet, state: Path
+):
+    def update(text: str) -> None:
+        fleet.edit("alpha", "configuration.nix", text)
+        assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+        assert alpha.once().returncode == 0
+
+    assert alpha.once().returncode == 0
+    motd = alpha.home / "root" / "etc" / "motd"
+    released = (fleet.root / "hosts/alpha/files/etc/motd").read_bytes()
+    first = motd.stat()
+    update("{ ... }: { second = true; }\n")
+    assert motd.stat().st_ino == first.st_ino  # as released: not written again
+    motd.write_text("edited on the host\n")
+    update("{ ... }: { third = true; }\n")
+    assert motd.read_bytes() == released
+    (fleet.root / "hosts/alpha/files/etc/motd").chmod(0o600)
+    update("{ ... }: { fourth = true; }\n")
+    assert motd.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_tampered_object_rejects_the_whole_release(alpha: Agent, state: Path):
     objects = sorted((chroot(state) / "objects").iterdir())
     objects[0].write_bytes(objects[0].read_bytes() + b"# tampered\n")
