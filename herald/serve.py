@@ -96,11 +96,14 @@ class Server:
         if self.web is not None:
             await self.web.start(*parse_endpoint(self.config.http))
         self._follow()
-        self._write_run_info()
         if self.external is not None:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
         else:
             await self._announce(desired_of(self.state.root, [result.host for result in report.hosts]))
+        # Written last, as the sign that the server is ready: a client that waits for it finds every
+        # `desired` retained, instead of subscribing while the announcement is being routed (amqtt
+        # then sends such a message twice: once as retained, once as it passes).
+        self._write_run_info()
         return report
 
     def _write_run_info(self) -> None:
