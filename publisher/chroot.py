@@ -108,14 +108,16 @@ class Chroot:
         finally:
             os.close(fd)
 
+    def _manifest_data(self, generation: int) -> bytes:
+        path = self.releases / str(generation)
+        try:
+            return split_release(path.read_bytes())[0]
+        except IsADirectoryError:  # a release of the layout before releases were single files
+            return (path / "MANIFEST").read_bytes()
+
     def manifest(self, generation: int) -> Manifest | None:
         try:
-            path = self.releases / str(generation)
-            try:
-                data, _ = split_release(path.read_bytes())
-            except IsADirectoryError:  # a release of the layout before releases were single files
-                data = (path / "MANIFEST").read_bytes()
-            return msgspec.json.decode(data, type=Manifest)
+            return msgspec.json.decode(self._manifest_data(generation), type=Manifest)
         except (OSError, ReleaseError, msgspec.DecodeError, msgspec.ValidationError):
             return None
 
@@ -123,17 +125,10 @@ class Chroot:
         """A release's file entries, decoded without checking the rest: the publisher wrote it,
         and wants only these (for the diff of a new release and for pruning); agents check
         everything. ReleaseError if the release cannot be read."""
-        path = self.releases / str(generation)
         try:
-            data, _ = split_release(path.read_bytes())
-            return _LISTING.decode(data).content.files
-        except IsADirectoryError:  # a release of the layout before releases were single files
-            manifest = self.manifest(generation)
-            if manifest is not None:
-                return [(e.path, e.mode, e.size, e.sha256) for e in manifest.content.files]
+            return _LISTING.decode(self._manifest_data(generation)).content.files
         except (OSError, ReleaseError, msgspec.DecodeError, msgspec.ValidationError):
-            pass
-        raise ReleaseError(f"{path}: unreadable MANIFEST")
+            raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST") from None
 
     def ensure_layout(self, *, backups: bool = False) -> None:
         logs, backups_dir = f"{self._at}/{LOGS}", f"{self._at}/{BACKUPS}"

@@ -131,6 +131,22 @@ def test_settled_files_are_not_read_again_and_a_same_size_edit_or_a_setting_is_s
     assert manifest(state, "beta").content.operation == "test"
 
 
+def test_a_release_directory_of_the_earlier_layout_is_read_and_pruned_in_turn(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    release = state / "chroot" / "alpha" / "releases" / "1"
+    data, signature = read_release(state, "alpha", 1)
+    release.unlink()
+    release.mkdir()
+    (release / "MANIFEST").write_bytes(data)
+    (release / "MANIFEST.sig").write_bytes(signature)
+    for n in range(2, 5):  # three more releases: generation 1 is past the three kept
+        fleet.edit("alpha", "configuration.nix", f"{{ ... }}: {{ n = {n}; }}\n")
+        report = publish(fleet.root, state)
+        assert report.hosts[0].status is Status.CHANGED
+        assert report.hosts[0].modified == ("configuration.nix",)  # diffed against the old layout too
+    assert sorted(p.name for p in release.parent.iterdir()) == ["2", "3", "4"]
+
+
 def test_dry_run_writes_nothing_and_names_the_files(fleet: Fleet, state: Path):
     publish(fleet.root, state)
     fleet.edit("beta", "files/etc/issue", "new file\n")
