@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.store import Store
 from protocol.errors import HeraldError, ReleaseError, StorageError, UnreachableError
+from protocol.files import write_all
 from protocol.release import (
     CURRENT,
     MAX_CURRENT,
@@ -268,9 +269,7 @@ class _Local:
 
     def write(self, data: bytes) -> None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
 

@@ -28,6 +28,13 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`: a short write (a disk filling up) is continued until it fails."""
+    rest = memoryview(data)
+    while rest:
+        rest = rest[os.write(fd, rest) :]
+
+
 def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Replace `path` with `data` so that a reader sees the old content or the new, never a mix.
 
@@ -37,9 +44,7 @@ def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644, durable: b
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         try:
-            rest = memoryview(data)
-            while rest:  # a short write (a disk filling up) is continued until it fails
-                rest = rest[os.write(fd, rest) :]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
             os.fchmod(fd, mode)  # the umask may have narrowed it

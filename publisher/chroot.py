@@ -25,7 +25,7 @@ import msgspec
 
 from protocol.credentials import Secret, new_secret, read_secret
 from protocol.errors import PublishError, ReleaseError
-from protocol.files import Flusher, write_atomic
+from protocol.files import Flusher, write_all, write_atomic
 from protocol.release import (
     BROKER_SECRET,
     CREDENTIALS,
@@ -225,9 +225,7 @@ class Chroot:
             shutil.rmtree(final)
             fd = os.open(final, flags, 0o644)
         try:
-            rest = memoryview(encode_release(data, signature))
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+            write_all(fd, encode_release(data, signature))
             os.fchmod(fd, 0o644)  # whatever the umask: the host's account reads it
         finally:
             os.close(fd)
