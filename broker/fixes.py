@@ -7,6 +7,8 @@
 2. Keepalive. amqtt never drops a silent client (`handle_read_timeout` does nothing), so a
    suspended laptop would stay online forever and its last will would never fire. Here a client
    silent for 1.5 x its keepalive is disconnected as MQTT 3.1.1 asks, and its will is published.
+   One timer per client does it (`_Silence`); amqtt's own keepalive is turned off for the
+   connection, as it cost a wait_for task and a timer handle per packet to do nothing.
 3. Work that grows with the square of the fleet, which made a 1000-host reconnect storm take
    several seconds and an announcement of 1000 hosts two: every connect walked every topic
    filter, every disconnect walked them again (`_del_all_subscriptions`), every subscription
@@ -175,6 +177,11 @@ class HeraldBroker(Broker):
                 )
                 await asyncio.sleep(1)
 
+        # herald: keepalive is watched by _Silence; with none set, amqtt's handler waits for each
+        # packet without a timeout and keeps no timer per packet sent (it kept a wait_for task and
+        # a timer handle a packet, for a timeout on which it did nothing).
+        silence_limit = math.ceil(client_session.keep_alive * 1.5)
+        client_session.keep_alive = 0
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)
 
@@ -189,6 +196,8 @@ class HeraldBroker(Broker):
         )
 
         await handler.start()
+        if silence_limit > 0:  # herald
+            _Silence(handler, client_session, reader, silence_limit)
 
         # publish messages that were retained because the client session was disconnected
         await self._publish_session_retained_messages(client_session)
@@ -200,28 +209,45 @@ class HeraldBroker(Broker):
 
         await self._client_message_loop(client_session, handler)
 
-    # ---------------------------------------------------------------- keepalive
 
-    async def _initialize_client_session(
-        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
-        )
-        if session.keep_alive > 0:
-            # The reader loop waits this long for each packet; on timeout it calls
-            # handle_read_timeout, which amqtt leaves empty.
-            session.keep_alive = math.ceil(session.keep_alive * 1.5)
-            handler.handle_read_timeout = lambda: _drop_silent(handler, session)
-        return handler, session
+class _Silence:
+    """Drops a client silent for `limit` seconds (1.5 x its keepalive), as MQTT 3.1.1 asks.
 
+    Every read from the client notes the time; one timer per client looks at it when the
+    limit could first be reached, and again `limit` after the last read while there are any.
+    """
 
-def _drop_silent(handler: BrokerProtocolHandler, session: Session) -> None:
-    logger.info("dropping {}: silent for {} s (1.5 x keepalive)", session.client_id, session.keep_alive)
-    # Ends the session as an abnormal disconnect: the broker publishes the will and stops the handler.
-    task = asyncio.ensure_future(handler.handle_connection_closed())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    def __init__(
+        self, handler: BrokerProtocolHandler, session: Session, reader: ReaderAdapter, limit: int
+    ) -> None:
+        self.handler = handler
+        self.session = session
+        self.limit = limit
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        read = reader.read
+
+        async def noted(n: int = -1) -> bytes:
+            data: bytes = await read(n)
+            self.last = self.loop.time()
+            return data
+
+        reader.read = noted
+        self.timer = self.loop.call_at(self.last + limit, self.check)
+        # The reader task (set by start()) ends with the connection: so does the watch, at once,
+        # not a keepalive later (a reconnect storm would hold the old sessions until then).
+        handler._reader_task.add_done_callback(lambda _: self.timer.cancel())  # noqa: SLF001
+
+    def check(self) -> None:
+        due = self.last + self.limit
+        if self.loop.time() < due:
+            self.timer = self.loop.call_at(due, self.check)
+            return
+        logger.info("dropping {}: silent for {} s (1.5 x keepalive)", self.session.client_id, self.limit)
+        # Ends the session as an abnormal disconnect: the broker publishes the will and stops the handler.
+        task = asyncio.ensure_future(self.handler.handle_connection_closed())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Future[None]] = set()

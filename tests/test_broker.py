@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiomqtt
 import amqtt.broker
+import amqtt.mqtt.protocol.handler
 import amqtt.plugins.manager
 import paho.mqtt.client as mqtt
 import pytest
@@ -308,20 +309,25 @@ REVIEWED = {
     "Broker._del_subscription": "415f349273b0552d",  # wrapped to keep the index
     "Broker.add_subscription": "07757b63113c395e",  # wrapped to keep the index
     "Broker._publish_retained_messages_for_subscription": "d6ad257821ba29ef",  # guarded
-    "Broker._initialize_client_session": "5dd89158bbe46266",  # keepalive set after it
     "Broker._client_message_loop": "916c4647c3389918",  # logs repr(self._subscriptions)
     "Broker._handle_subscription": "3dae18afa195209e",  # calls add_subscription, then retained
     "Broker._run_broadcast": "e852128b3e38e04a",  # copied, the filters it walks changed
     "Broker._topic_filtering": "9259ae5e1dd3e20d",  # replaced: plugins asked in turn
     "PluginManager.map_plugin_topic": "5e3f458992d50b21",  # what amqtt's version called
-    "BrokerProtocolHandler.handle_read_timeout": "ffd79f12457f41e1",  # replaced per handler
+    "BrokerProtocolHandler.handle_read_timeout": "ffd79f12457f41e1",  # does nothing: _Silence
+    "ProtocolHandler._init_session": "d8f6979793e163e9",  # keep_alive 0: no keepalive timeout at all
+    "ProtocolHandler._reader_loop": "93f3b8e4483040d0",  # waits for a packet with the keepalive as timeout
+    "ProtocolHandler._send_packet": "9f0ae4e325319652",  # a timer per packet sent, only with a keepalive
 }
 
 
 @pytest.mark.parametrize("name", sorted(REVIEWED))
 def test_the_amqtt_internals_herald_patches_are_the_ones_reviewed(name: str):
     owner, method = name.split(".")
-    where = amqtt.plugins.manager if owner == "PluginManager" else amqtt.broker
+    where = {
+        "PluginManager": amqtt.plugins.manager,
+        "ProtocolHandler": amqtt.mqtt.protocol.handler,
+    }.get(owner, amqtt.broker)
     source = inspect.getsource(getattr(getattr(where, owner), method))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     assert digest == REVIEWED[name], f"amqtt's {name} changed: review broker/fixes.py against it"
@@ -334,7 +340,6 @@ def test_the_overridden_amqtt_methods_keep_their_signatures():
         "_del_subscription",
         "add_subscription",
         "_publish_retained_messages_for_subscription",
-        "_initialize_client_session",
         "_run_broadcast",
     ):
         ours = inspect.signature(getattr(HeraldBroker, name))
