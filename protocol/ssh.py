@@ -1,6 +1,10 @@
 """SSH settings both ends share: the agent's connection and the embedded SFTP server."""
 
+import logging
 from typing import Final
+
+import asyncssh.logging
+import asyncssh.packet
 
 # AES-GCM first: `cryptography` does one AEAD call per packet, where asyncssh's
 # chacha20-poly1305 builds cipher objects for every packet. Under 100 agents fetching at
@@ -14,3 +18,37 @@ CIPHERS: Final = (
     "aes192-ctr",
     "aes128-ctr",
 )
+
+
+# asyncssh builds a log line for every SSH and SFTP packet (its type name, its size, the
+# arguments turned to text) before the logging level drops it: about 6% of the embedded SFTP
+# server's time under 100 agents. The level is checked first here; with asyncssh's debug logging
+# on (asyncssh.set_debug_level and a DEBUG level), every line is written as before.
+# tests/test_ssh_logging.py fails if these asyncssh internals change shape.
+_PACKET_LEVEL: Final = 3  # asyncssh logs packets at debug level 3
+_log_packet: Final = asyncssh.packet.SSHPacketLogger._log_packet  # noqa: SLF001
+_log: Final = asyncssh.logging.SSHLogger.log
+
+
+def _log_packet_if_shown(
+    self: asyncssh.packet.SSHPacketLogger,
+    msg: str,
+    pkttype: int,
+    pktid: int | None,
+    packet: object,
+    note: str,
+) -> None:
+    logger = self.logger
+    if logger._debug_level >= _PACKET_LEVEL and logger.isEnabledFor(logging.DEBUG):  # noqa: SLF001
+        _log_packet(self, msg, pkttype, pktid, packet, note)  # type: ignore[arg-type]
+
+
+def _log_if_shown(
+    self: asyncssh.logging.SSHLogger, level: int, msg: object, *args: object, **kwargs: object
+) -> None:
+    if self.isEnabledFor(level):
+        _log(self, level, msg, *args, **kwargs)
+
+
+asyncssh.packet.SSHPacketLogger._log_packet = _log_packet_if_shown  # type: ignore[method-assign]  # noqa: SLF001
+asyncssh.logging.SSHLogger.log = _log_if_shown  # type: ignore[method-assign]

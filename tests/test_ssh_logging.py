@@ -1,0 +1,127 @@
+"""asyncssh's packet logging is skipped unless it would be shown (protocol/ssh.py).
+
+asyncssh formats a line for every packet before its level check; protocol/ssh.py puts the check
+first. These tests run a real SSH session with SFTP in both settings, and fail if the asyncssh
+internals that protocol/ssh.py replaces change shape.
+"""
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import asyncssh.logging
+import asyncssh.packet
+import pytest
+
+import protocol.ssh
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=0)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def asyncssh_log() -> Iterator[_Records]:
+    records = _Records()
+    package = logging.getLogger("asyncssh")
+    level, propagate = package.level, package.propagate
+    package.addHandler(records)
+    package.propagate = False
+    try:
+        yield records
+    finally:
+        package.removeHandler(records)
+        package.setLevel(level)
+        package.propagate = propagate
+        asyncssh.set_debug_level(1)
+
+
+async def _session(tmp_path: Path) -> None:
+    """An SSH connection with SFTP to an in-process asyncssh server: reads one file."""
+    (tmp_path / "file").write_bytes(b"x" * 100)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    authorized = asyncssh.import_authorized_keys(client_key.export_public_key().decode())
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_host_keys=[host_key],
+        authorized_client_keys=authorized,
+        sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(tmp_path)),  # type: ignore[arg-type]
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                port,
+                username="someone",
+                client_keys=[client_key],
+                known_hosts=([host_key.convert_to_public()], [], []),
+                config=None,
+                agent_path=None,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+            sftp.open("file", "rb") as stream,
+        ):
+            assert await stream.read() == b"x" * 100
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _run(coroutine: "asyncio.Future[None] | object") -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(30):
+            await coroutine  # type: ignore[misc]
+
+    asyncio.run(bounded())
+
+
+def test_packets_are_not_formatted_when_not_shown(
+    tmp_path: Path, asyncssh_log: _Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    formatted: list[int] = []
+    plural = asyncssh.packet.plural
+    monkeypatch.setattr(asyncssh.packet, "plural", lambda *args: formatted.append(1) or plural(*args))
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    asyncssh.set_debug_level(3)
+    _run(_session(tmp_path))
+    assert formatted == []
+    assert asyncssh_log.lines == []
+
+
+def test_packets_are_logged_as_before_when_shown(tmp_path: Path, asyncssh_log: _Records) -> None:
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG)
+    asyncssh.set_debug_level(3)
+    _run(_session(tmp_path))
+    sent = [line for line in asyncssh_log.lines if "] Sent " in line]
+    received = [line for line in asyncssh_log.lines if "] Received " in line]
+    assert any("Sent MSG_KEXINIT" in line for line in sent)
+    assert any("Received MSG_KEXINIT" in line for line in received)
+    assert any("FXP_OPEN" in line for line in sent + received)
+
+
+def test_the_replaced_asyncssh_internals_keep_their_shape() -> None:
+    assert asyncssh.packet.SSHPacketLogger._log_packet is protocol.ssh._log_packet_if_shown
+    assert asyncssh.logging.SSHLogger.log is protocol.ssh._log_if_shown
+    assert list(inspect.signature(protocol.ssh._log_packet).parameters) == [
+        "self",
+        "msg",
+        "pkttype",
+        "pktid",
+        "packet",
+        "note",
+    ]
+    assert list(inspect.signature(protocol.ssh._log).parameters) == ["self", "level", "msg", "args", "kwargs"]
+    assert "self.logger.packet(" in inspect.getsource(protocol.ssh._log_packet)
+    assert "self._debug_level >= 3" in inspect.getsource(asyncssh.logging.SSHLogger.packet)
+    assert isinstance(asyncssh.logging.SSHLogger._debug_level, int)
