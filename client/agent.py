@@ -13,6 +13,8 @@ locally; a needed reboot runs only inside `reboot.window`, between runs.
 
 import asyncio
 import contextlib
+import os
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -33,6 +35,25 @@ from protocol.settings import AgentConfig, parse_endpoint, seconds
 _BACKOFF_CAP = 300.0
 _REACHABLE_CAP = 30.0
 _WINDOW_TICK = 300.0
+
+
+def wait_for_children_in_loop() -> None:
+    """Wait for the rebuild and other commands on a pidfd in the running event loop.
+
+    Python 3.11's default child watcher starts a thread per child, and the loop waits for that
+    thread to start; Python 3.12 uses a pidfd by itself where the kernel has them (Linux 5.3)."""
+    if sys.version_info >= (3, 12):
+        return
+    current = asyncio.get_child_watcher()
+    if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
+        return  # another agent in this process installed it
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # no pidfds: the threaded watcher stays
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 class Agent:
@@ -88,6 +109,7 @@ class Agent:
 
     async def run(self) -> None:
         """Run until cancelled: worker, timer, the MQTT listener (with a broker), the local page."""
+        wait_for_children_in_loop()
         self.store.prepare()
         self.log.info("agent {} starting; state in {}", protocol.__version__, self.store.root)
         page = None
@@ -126,6 +148,7 @@ class Agent:
 
         An unreachable server is reported and then raised: the caller exits non-zero.
         """
+        wait_for_children_in_loop()
         self.store.prepare()
         async with self.link:
             try:

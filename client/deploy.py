@@ -4,6 +4,7 @@ Everything here reports through the Reporter and leaves a log (uploaded to the s
 logs/) for any run that went past the check.
 """
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -230,12 +231,13 @@ class Deployer:
             generation=outcome.generation, version=outcome.version, at=now(), message=outcome.message
         )
         deployed = self.store.deployed()
+        # The records are fsynced in a thread: the loop keeps answering the broker and the page.
         if outcome.phase is Phase.IDLE:
-            self.store.set_deployed(record)
-            self.store.prune({outcome.generation} | ({deployed.generation} if deployed else set()))
+            keep = {outcome.generation} | ({deployed.generation} if deployed else set())
+            await asyncio.to_thread(self.store.set_deployed, record, keep=keep)
             self.log.info("{}", outcome.message)
         else:  # not applied again until a new generation or a forced request
-            self.store.set_failed(record)
+            await asyncio.to_thread(self.store.set_failed, record)
             self.log.error("generation {}: {}", outcome.generation, outcome.message)
         await self._upload_log(log_path)
         target = max(outcome.generation, self.reporter.state.target_generation)

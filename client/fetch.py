@@ -63,19 +63,19 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     """A whole file of at most `limit` bytes, in as few requests as the size allows.
 
     asyncssh's `read(n)` keeps asking past a short read and sends many requests at once for a
-    large `n`; every one of them costs the server a packet. A file below `_ONE_REQUEST` is read
-    with a single request (open, read, close), which every SFTP server answers whole (their read
-    lengths are 32 KiB and more); a larger one is sized by `fstat` and read exactly.
+    large `n`; every one of them costs the server a packet. The first `_ONE_REQUEST` bytes are
+    asked for in one request, which every SFTP server answers whole (their read lengths are
+    32 KiB and more): a shorter answer is the whole file (open, read, close). Only a file that
+    fills it is sized by `fstat` and its rest read exactly.
     """
     try:
         async with sftp.open(path, "rb", block_size=0) as stream:
-            if limit < _ONE_REQUEST:
-                data = _binary(await stream.read(limit + 1))
-            else:
+            data = _binary(await stream.read(min(limit + 1, _ONE_REQUEST)))
+            if len(data) == _ONE_REQUEST <= limit:
                 size = (await stream.stat()).size or 0
                 if size > limit:
                     raise ReleaseError(f"{path} is larger than {limit} bytes")
-                data = await _read_exactly(stream, size)
+                data += await _read_exactly(stream, max(0, size - len(data)), len(data))
     except _LOST as exc:
         raise UnreachableError(f"connection lost while reading {path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:

@@ -67,6 +67,9 @@ class Reporter:
         deployed = self.store.deployed()
         if phase in _SETTLED:
             self.last_settled = phase
+        # Only a finished rebuild (or a reboot) changes the next boot's system: looked at when a
+        # cycle ends, carried through the phases in between.
+        needs_reboot = reboot_needed(self.root) if phase in _SETTLED else self.state.needs_reboot
         self.state = State(
             phase=phase,
             deployed_generation=deployed.generation if deployed else 0,
@@ -76,7 +79,7 @@ class Reporter:
             message=message[:2000],
             log=log if log is not None else self.state.log,
             agent_version=protocol.__version__,
-            needs_reboot=reboot_needed(self.root),
+            needs_reboot=needs_reboot,
         )
         await self._send_state()
         return self.state

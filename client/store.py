@@ -44,6 +44,8 @@ class Store:
         self.root = root
         self.trees = root / "trees"
         self.logs = root / "logs"
+        self._root = str(root)
+        self._records: dict[str, tuple[tuple[int, int, int], Applied]] = {}
 
     def prepare(self) -> None:
         for directory in (self.root, self.trees, self.logs):
@@ -52,12 +54,23 @@ class Store:
     # ---------------------------------------------------------------- records
 
     def _read(self, name: str, kind: type[Applied]) -> Applied | None:
+        """The record in `name`, decoded again only when the file was replaced (every state
+        report asks for `deployed`; records are only ever replaced whole, under a new inode)."""
+        path = os.path.join(self._root, name)  # noqa: PTH118 - hot path
         try:
-            return msgspec.json.decode((self.root / name).read_bytes(), type=kind)
+            info = os.stat(path)  # noqa: PTH116 - hot path
+            seen = (info.st_ino, info.st_mtime_ns, info.st_size)
+            cached = self._records.get(name)
+            if cached is not None and cached[0] == seen:
+                return cached[1]
+            with open(path, "rb") as stream:  # noqa: PTH123 - hot path
+                record = msgspec.json.decode(stream.read(), type=kind)
         except FileNotFoundError:
             return None
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # a damaged record is treated as absent: the next check repairs it
+        self._records[name] = (seen, record)
+        return record
 
     def deployed(self) -> Applied | None:
         return self._read("deployed.json", Applied)
@@ -68,13 +81,16 @@ class Store:
     def previous(self) -> Applied | None:
         return self._read("previous.json", Applied)
 
-    def set_deployed(self, record: Applied) -> None:
-        """Record a new deployment; the one it replaces becomes `previous`."""
+    def set_deployed(self, record: Applied, *, keep: set[int] | None = None) -> None:
+        """Record a new deployment; the one it replaces becomes `previous`. With `keep`, then
+        drop the trees of other generations."""
         old = self.deployed()
         if old is not None and old.generation != record.generation:
             write_atomic(self.root / "previous.json", msgspec.json.encode(old), mode=0o600)
         write_atomic(self.root / "deployed.json", msgspec.json.encode(record), mode=0o600)
         (self.root / "failed.json").unlink(missing_ok=True)
+        if keep is not None:
+            self.prune(keep)
 
     def rolled_back(self) -> None:
         """The previous deployment is the deployed one again."""

@@ -10,6 +10,9 @@ import asyncssh
 import pytest
 from helpers import Fleet, Serve, herald, make_agent
 
+from client.fetch import read_small
+from protocol.errors import ReleaseError
+
 
 def run(coroutine):
     async def bounded():
@@ -280,3 +283,33 @@ def test_a_host_with_backups_may_write_them_within_their_cap(fleet: Fleet, state
 
     assert run(scenario("beta")) == ["written", "SFTPFailure"]
     assert run(scenario("alpha")) == ["SFTPPermissionDenied", "SFTPPermissionDenied"]
+
+
+def test_small_files_are_read_whole_on_either_side_of_one_request(
+    sftp_server: Serve, fleet: Fleet, state: Path
+):
+    """The agent reads `current` and a release with one read request when they fit in one
+    (16 KiB): a shorter answer is taken as the whole file, a full one is sized and read on."""
+    sizes = (0, 1000, (16 << 10) - 1, 16 << 10, (16 << 10) + 1, 70000, 200000)
+    logs = state / "chroot" / "alpha" / "logs"
+    for size in sizes:
+        (logs / f"{size}.log").write_bytes(bytes(index % 251 for index in range(size)))
+
+    async def scenario() -> tuple[dict[int, bytes], list[str]]:
+        async with connect(sftp_server, fleet, "alpha") as conn, conn.start_sftp_client() as sftp:
+            read = {size: await read_small(sftp, f"logs/{size}.log", 1 << 20) for size in sizes}
+            refused = []
+            for size, limit in ((16385, 16384), (1000, 999), (200000, 70000)):
+                with pytest.raises(ReleaseError) as info:
+                    await read_small(sftp, f"logs/{size}.log", limit)
+                refused.append(str(info.value))
+        return read, refused
+
+    read, refused = run(scenario())
+    assert {size: len(data) for size, data in read.items()} == {size: size for size in sizes}
+    assert all(data == (logs / f"{size}.log").read_bytes() for size, data in read.items())
+    assert refused == [
+        "logs/16385.log is larger than 16384 bytes",
+        "logs/1000.log is larger than 999 bytes",
+        "logs/200000.log is larger than 70000 bytes",
+    ]
