@@ -80,11 +80,24 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
     # ---------------------------------------------------------------- paths
 
     def map_path(self, path: bytes) -> bytes:
+        """The local path of `path`, lexically below the chroot; no part of it below the chroot
+        may be a link (the chroot itself was resolved once). What `realpath(local) == local`
+        says, with an lstat per part below the chroot instead of one per part from `/`."""
         normal = posixpath.normpath(posixpath.join(b"/", path))  # '..' cannot climb above '/'
-        local = self._root if normal == b"/" else self._root + normal
-        if os.path.realpath(local) != local:
-            self._log.warning("refused {!r}: links are not followed", path)
-            raise SFTPPermissionDenied("links are not followed")
+        if normal == b"/":
+            return self._root
+        local = self._root + normal
+        end = len(self._root)
+        while end < len(local):
+            end = local.find(b"/", end + 1)
+            end = len(local) if end < 0 else end
+            try:
+                mode = os.lstat(local[:end]).st_mode
+            except OSError:
+                break  # missing (or not a directory): nothing below it exists to be a link
+            if stat.S_ISLNK(mode):
+                self._log.warning("refused {!r}: links are not followed", path)
+                raise SFTPPermissionDenied("links are not followed")
         return local
 
     def reverse_map_path(self, path: bytes) -> bytes:
@@ -314,6 +327,7 @@ class SFTPService:
             sftp_factory=self._session,
             allow_scp=False,
             allow_pty=False,
+            line_editor=False,  # on by default; SFTP has no lines to edit, only a layer per packet
             agent_forwarding=False,
             x11_forwarding=False,
             login_timeout=30,

@@ -86,12 +86,15 @@ def test_wrong_keys_and_unknown_users_are_refused(sftp_server: Serve, fleet: Fle
         "/etc/passwd",
         "escape",
         "other/current",
+        "logs/deep/current",
+        "logs/deep/../../beta/current",
     ],
 )
 def test_nothing_outside_the_chroot_is_readable(sftp_server: Serve, fleet: Fleet, state: Path, path: str):
     chroot = state / "chroot" / "alpha"
     (chroot / "escape").symlink_to("/etc/passwd")  # links placed in the chroot by someone else
     (chroot / "other").symlink_to(state / "chroot" / "beta")
+    (chroot / "logs" / "deep").symlink_to(state / "chroot" / "beta")
 
     async def scenario():
         async with (
