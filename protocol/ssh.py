@@ -3,6 +3,8 @@
 import logging
 from typing import Final
 
+import asyncssh.connection
+import asyncssh.constants
 import asyncssh.logging
 import asyncssh.packet
 
@@ -24,7 +26,7 @@ CIPHERS: Final = (
 # arguments turned to text) before the logging level drops it: about 6% of the embedded SFTP
 # server's time under 100 agents. The level is checked first here; with asyncssh's debug logging
 # on (asyncssh.set_debug_level and a DEBUG level), every line is written as before.
-# tests/test_ssh_logging.py fails if these asyncssh internals change shape.
+# tests/test_ssh_fixes.py fails if these asyncssh internals change shape.
 _PACKET_LEVEL: Final = 3  # asyncssh logs packets at debug level 3
 _log_packet: Final = asyncssh.packet.SSHPacketLogger._log_packet  # noqa: SLF001
 _log: Final = asyncssh.logging.SSHLogger.log
@@ -52,3 +54,32 @@ def _log_if_shown(
 
 asyncssh.packet.SSHPacketLogger._log_packet = _log_packet_if_shown  # type: ignore[method-assign]  # noqa: SLF001
 asyncssh.logging.SSHLogger.log = _log_if_shown  # type: ignore[method-assign]
+
+
+# asyncssh sends an empty MSG_IGNORE packet before every packet after key exchange: a defence
+# for CBC ciphers, whose next IV is the last ciphertext block an attacker has seen. With an
+# AEAD or CTR cipher (all of CIPHERS) it protects nothing and doubles the packets: every SFTP
+# request and reply was two packets, two encryptions and two writes on each end. It is still
+# sent when the cipher in use is a CBC one. tests/test_ssh_fixes.py checks both.
+_IGNORE: Final = asyncssh.constants.MSG_IGNORE
+_EMPTY: Final = b"\0\0\0\0"  # String(b"")
+_send_packet: Final = asyncssh.connection.SSHConnection.send_packet
+
+
+def _send_packet_unpadded(
+    self: asyncssh.connection.SSHConnection,
+    pkttype: int,
+    *args: bytes,
+    handler: asyncssh.packet.SSHPacketLogger | None = None,
+) -> None:
+    if pkttype == _IGNORE and args == (_EMPTY,) and not _cbc(self):
+        return
+    _send_packet(self, pkttype, *args, handler=handler)
+
+
+def _cbc(connection: asyncssh.connection.SSHConnection) -> bool:
+    cipher = connection.get_extra_info("send_cipher")
+    return cipher is None or str(cipher).endswith("-cbc") or str(cipher).endswith("-cbc@ssh.com")
+
+
+asyncssh.connection.SSHConnection.send_packet = _send_packet_unpadded  # type: ignore[method-assign]

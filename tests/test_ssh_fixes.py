@@ -1,8 +1,10 @@
-"""asyncssh's packet logging is skipped unless it would be shown (protocol/ssh.py).
+"""protocol/ssh.py's changes to asyncssh, on a real SSH session with SFTP.
 
-asyncssh formats a line for every packet before its level check; protocol/ssh.py puts the check
-first. These tests run a real SSH session with SFTP in both settings, and fail if the asyncssh
-internals that protocol/ssh.py replaces change shape.
+- asyncssh formats a line for every packet before its level check; the check comes first.
+- asyncssh sends an empty MSG_IGNORE before every packet, a defence that only CBC ciphers need;
+  it is sent with a CBC cipher only.
+
+The tests also fail if the asyncssh internals that protocol/ssh.py replaces change shape.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
+import asyncssh.connection
 import asyncssh.logging
 import asyncssh.packet
 import pytest
@@ -44,8 +47,8 @@ def asyncssh_log() -> Iterator[_Records]:
         asyncssh.set_debug_level(1)
 
 
-async def _session(tmp_path: Path) -> None:
-    """An SSH connection with SFTP to an in-process asyncssh server: reads one file."""
+async def _session(tmp_path: Path, cipher: str = "aes128-gcm@openssh.com") -> None:
+    """An SSH connection with SFTP to an in-process asyncssh server: reads one file a few times."""
     (tmp_path / "file").write_bytes(b"x" * 100)
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -54,6 +57,7 @@ async def _session(tmp_path: Path) -> None:
         "127.0.0.1",
         0,
         server_host_keys=[host_key],
+        encryption_algs=[cipher],
         authorized_client_keys=authorized,
         sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(tmp_path)),  # type: ignore[arg-type]
     )
@@ -68,11 +72,13 @@ async def _session(tmp_path: Path) -> None:
                 known_hosts=([host_key.convert_to_public()], [], []),
                 config=None,
                 agent_path=None,
+                encryption_algs=[cipher],
             ) as conn,
             conn.start_sftp_client() as sftp,
-            sftp.open("file", "rb") as stream,
         ):
-            assert await stream.read() == b"x" * 100
+            for _ in range(5):
+                async with sftp.open("file", "rb") as stream:
+                    assert await stream.read() == b"x" * 100
     finally:
         server.close()
         await server.wait_closed()
@@ -110,6 +116,27 @@ def test_packets_are_logged_as_before_when_shown(tmp_path: Path, asyncssh_log: _
     assert any("FXP_OPEN" in line for line in sent + received)
 
 
+@pytest.mark.parametrize(
+    ("cipher", "ignored"),
+    [
+        ("aes128-gcm@openssh.com", False),
+        ("chacha20-poly1305@openssh.com", False),
+        ("aes128-ctr", False),
+        ("aes128-cbc", True),
+    ],
+)
+def test_ignore_packets_are_sent_with_cbc_ciphers_only(
+    tmp_path: Path, asyncssh_log: _Records, cipher: str, ignored: bool
+) -> None:
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG)
+    asyncssh.set_debug_level(3)
+    _run(_session(tmp_path, cipher))
+    data = [line for line in asyncssh_log.lines if "Sent MSG_CHANNEL_DATA" in line]
+    ignore = [line for line in asyncssh_log.lines if "Sent MSG_IGNORE" in line]
+    assert len(data) >= 20  # open, read, read at the end, close: five times, both ways
+    assert (len(ignore) >= len(data)) if ignored else (ignore == [])
+
+
 def test_the_replaced_asyncssh_internals_keep_their_shape() -> None:
     assert asyncssh.packet.SSHPacketLogger._log_packet is protocol.ssh._log_packet_if_shown
     assert asyncssh.logging.SSHLogger.log is protocol.ssh._log_if_shown
@@ -125,3 +152,13 @@ def test_the_replaced_asyncssh_internals_keep_their_shape() -> None:
     assert "self.logger.packet(" in inspect.getsource(protocol.ssh._log_packet)
     assert "self._debug_level >= 3" in inspect.getsource(asyncssh.logging.SSHLogger.packet)
     assert isinstance(asyncssh.logging.SSHLogger._debug_level, int)
+    assert asyncssh.connection.SSHConnection.send_packet is protocol.ssh._send_packet_unpadded
+    sending = inspect.getsource(protocol.ssh._send_packet)
+    inserted = "if self._send_encryption and pkttype > MSG_KEX_LAST:\n"
+    assert inserted + "            self.send_packet(MSG_IGNORE, String(b''))" in sending
+    assert list(inspect.signature(protocol.ssh._send_packet).parameters) == [
+        "self",
+        "pkttype",
+        "args",
+        "handler",
+    ]
