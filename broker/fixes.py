@@ -27,7 +27,7 @@ changes them fails the tests instead of silently turning a fix into dead code.
 import asyncio
 import math
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import QOS_0, QOS_1, QOS_2, Broker, BrokerError, BrokerEvents, MachineError, Server
@@ -35,6 +35,9 @@ from amqtt.contexts import Action
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from loguru import logger
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 REFUSED = 0x80  # SUBACK return code for a refused subscription
 
@@ -50,9 +53,30 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
 class HeraldBroker(Broker):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        self.retained_watchers: list[Callable[[str, bytes], object]] = []
         self._subscriptions = _Subscriptions()
         self._filters_of: dict[str, set[str]] = {}  # client id -> the filters it subscribed
         self._wildcards: set[str] = set()  # filters with + or # (a superset: some may be unused)
+
+    # ---------------------------------------------------------------- retained messages
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """amqtt's, then each watcher is told the topic's new retained payload (b"" once cleared):
+        the serving process keeps its fleet view from here, not through a client of its own."""
+        await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name is None:
+            return
+        for watcher in self.retained_watchers:
+            try:
+                watcher(topic_name, bytes(data or b""))
+            except Exception:  # noqa: BLE001 - a watcher's bug must not stop the broker
+                logger.exception("retained message watcher failed on {}", topic_name)
 
     # ---------------------------------------------------------------- the filter index
 

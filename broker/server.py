@@ -1,5 +1,6 @@
 """The embedded broker: herald's fixed amqtt (broker.fixes) with herald's users and ACL."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class EmbeddedBroker:
         )
         self._config = broker_config(listeners=self.listeners, password_file=password_file, prefix=prefix)
         self._broker: HeraldBroker | None = None
+        self._retained_watchers: list[Callable[[str, bytes], object]] = []
         self.host = listener.host
         self.ports = {name: item.port for name, item in self.listeners.items()}
 
@@ -69,8 +71,14 @@ class EmbeddedBroker:
     def port(self) -> int:
         return self.ports["default"]
 
+    def watch_retained(self, watcher: Callable[[str, bytes], object]) -> None:
+        """Call `watcher(topic, payload)` for every retained message stored (b"" when cleared),
+        from the next start on."""
+        self._retained_watchers.append(watcher)
+
     async def start(self) -> None:
         self._broker = HeraldBroker(self._config)
+        self._broker.retained_watchers.extend(self._retained_watchers)
         await self._broker.start()
         for name in self.listeners:
             server = self._broker._servers[name].instance  # noqa: SLF001 - amqtt exposes no bound address

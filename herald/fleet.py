@@ -146,12 +146,17 @@ async def follow(
     on_change: Callable[[], None] | None = None,
     ca: str | None = None,
 ) -> None:
-    """Keep `view` up to date from the broker until cancelled, reconnecting when it drops."""
+    """Keep `view` up to date from the broker until cancelled, reconnecting when it drops.
+
+    At QoS 0: a view keeps only the last message of each topic, and a reconnect gets every
+    retained one again, so acknowledging each (a PUBACK both ways, an in-flight entry in the
+    broker) buys nothing. The embedded server's own view would do that for every state every
+    host reports."""
     while True:
         try:
             async with connect(url, username=ADMIN_USER, password=password, ca=ca) as client:
                 for topic in subscribe_all(view.topics):
-                    await client.subscribe(topic, qos=1)
+                    await client.subscribe(topic, qos=0)
                 async for message in client.messages:
                     changed = isinstance(message.payload, bytes) and view.update(
                         str(message.topic), message.payload

@@ -74,6 +74,8 @@ class Server:
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self.view = FleetView(self.topics)
+        if self.broker is not None:
+            self.broker.watch_retained(self.view.update)
         self.figures = PublishFigures()
         self.web = FleetWeb(lambda: self.view, self.figures) if config.http != "off" else None
         self._follower: asyncio.Task[None] | None = None
@@ -156,8 +158,9 @@ class Server:
             await asyncio.sleep(_RETRY)
 
     def _follow(self) -> None:
-        """Keep the fleet view (page, metrics) current from the broker's retained messages."""
-        if self.url is None:
+        """Keep the fleet view (page, metrics) current from the broker's retained messages:
+        told by the embedded broker as it stores them, else as a client of the external one."""
+        if self.url is None or self.broker is not None:
             return
         password = read_secret(self.state.service_secret(ADMIN_USER))
         self._follower = asyncio.create_task(follow(self.url, password, self.view), name="fleet-view")

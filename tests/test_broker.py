@@ -11,7 +11,7 @@ import inspect
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from broker.server import EmbeddedBroker, Listener, broker_config
 from protocol.credentials import Secret, read_secret
 from protocol.messages import Online, decode, encode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
-from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
+from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics
 from publisher.announce import announce, desired_of
 from publisher.publish import publish
 
@@ -58,8 +58,10 @@ def secret(state: Path, user: str) -> Secret:
 
 
 @asynccontextmanager
-async def embedded(state: Path) -> AsyncIterator[BrokerURL]:
+async def embedded(state: Path, *watchers: Callable[[str, bytes], object]) -> AsyncIterator[BrokerURL]:
     broker = EmbeddedBroker(Listener("127.0.0.1", 0), password_file=state / "broker" / "passwd")
+    for watcher in watchers:
+        broker.watch_retained(watcher)
     await broker.start()
     try:
         yield BrokerURL("127.0.0.1", broker.port)
@@ -313,6 +315,7 @@ REVIEWED = {
     "Broker._handle_subscription": "3dae18afa195209e",  # calls add_subscription, then retained
     "Broker._run_broadcast": "e852128b3e38e04a",  # copied, the filters it walks changed
     "Broker._topic_filtering": "9259ae5e1dd3e20d",  # replaced: plugins asked in turn
+    "Broker.retain_message": "6233eff2618baede",  # wrapped: watchers told after it
     "PluginManager.map_plugin_topic": "5e3f458992d50b21",  # what amqtt's version called
     "BrokerProtocolHandler.handle_read_timeout": "ffd79f12457f41e1",  # does nothing: _Silence
     "ProtocolHandler._init_session": "d8f6979793e163e9",  # keep_alive 0: no keepalive timeout at all
@@ -341,10 +344,34 @@ def test_the_overridden_amqtt_methods_keep_their_signatures():
         "add_subscription",
         "_publish_retained_messages_for_subscription",
         "_run_broadcast",
+        "retain_message",
     ):
         ours = inspect.signature(getattr(HeraldBroker, name))
         theirs = inspect.signature(getattr(amqtt.broker.Broker, name))
         assert list(ours.parameters) == list(theirs.parameters), name
+
+
+def test_watchers_see_every_retained_message_and_a_failing_one_stops_nothing(state: Path):
+    """The serving process keeps its fleet view from these calls, not through a client."""
+    seen: list[tuple[str, bytes]] = []
+
+    def broken(topic: str, payload: bytes) -> None:
+        raise RuntimeError("a watcher with a bug")
+
+    async def scenario() -> list[tuple[str, bytes]]:
+        watch = lambda topic, payload: seen.append((topic, payload))  # noqa: E731
+        async with embedded(state, broken, watch) as url, client(url, state, ADMIN_USER) as admin:
+            await admin.subscribe(T.every(Kind.STATE), qos=1)
+            async with client(url, state, "alpha") as alpha:
+                await alpha.publish(T.state("alpha"), b"one", qos=1, retain=True)
+                await alpha.publish(T.state("alpha"), b"not kept", qos=1, retain=False)
+                await alpha.publish(T.state("alpha"), b"", qos=1, retain=True)  # clears it
+                await alpha.publish(T.state("beta"), b"forged", qos=1, retain=True)  # refused
+            return await drain(admin, 2)
+
+    delivered = run(scenario())
+    assert seen == [(T.state("alpha"), b"one"), (T.state("alpha"), b"")]
+    assert delivered == [(T.state("alpha"), b"one"), (T.state("alpha"), b"not kept"), (T.state("alpha"), b"")]
 
 
 def test_subscriptions_are_forgotten_when_a_session_ends(state: Path):
