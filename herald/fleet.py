@@ -150,8 +150,7 @@ async def follow(
 
     At QoS 0: a view keeps only the last message of each topic, and a reconnect gets every
     retained one again, so acknowledging each (a PUBACK both ways, an in-flight entry in the
-    broker) buys nothing. The embedded server's own view would do that for every state every
-    host reports."""
+    broker) buys nothing. (`herald serve` with its embedded broker is told by the broker itself.)"""
     while True:
         try:
             async with connect(url, username=ADMIN_USER, password=password, ca=ca) as client:
