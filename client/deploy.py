@@ -234,7 +234,12 @@ class Deployer:
         # The records are fsynced in a thread: the loop keeps answering the broker and the page.
         if outcome.phase is Phase.IDLE:
             keep = {outcome.generation} | ({deployed.generation} if deployed else set())
-            await asyncio.to_thread(self.store.set_deployed, record, keep=keep)
+
+            def settle() -> None:
+                self.store.set_deployed(record)
+                self.store.prune(keep)
+
+            await asyncio.to_thread(settle)
             self.log.info("{}", outcome.message)
         else:  # not applied again until a new generation or a forced request
             await asyncio.to_thread(self.store.set_failed, record)

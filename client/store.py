@@ -81,16 +81,13 @@ class Store:
     def previous(self) -> Applied | None:
         return self._read("previous.json", Applied)
 
-    def set_deployed(self, record: Applied, *, keep: set[int] | None = None) -> None:
-        """Record a new deployment; the one it replaces becomes `previous`. With `keep`, then
-        drop the trees of other generations."""
+    def set_deployed(self, record: Applied) -> None:
+        """Record a new deployment; the one it replaces becomes `previous`."""
         old = self.deployed()
         if old is not None and old.generation != record.generation:
             write_atomic(self.root / "previous.json", msgspec.json.encode(old), mode=0o600)
         write_atomic(self.root / "deployed.json", msgspec.json.encode(record), mode=0o600)
         (self.root / "failed.json").unlink(missing_ok=True)
-        if keep is not None:
-            self.prune(keep)
 
     def rolled_back(self) -> None:
         """The previous deployment is the deployed one again."""

@@ -79,7 +79,7 @@ def _send_packet_unpadded(
 
 def _cbc(connection: asyncssh.connection.SSHConnection) -> bool:
     cipher = connection.get_extra_info("send_cipher")
-    return cipher is None or str(cipher).endswith("-cbc") or str(cipher).endswith("-cbc@ssh.com")
+    return cipher is None or str(cipher).endswith(("-cbc", "-cbc@ssh.com"))
 
 
 asyncssh.connection.SSHConnection.send_packet = _send_packet_unpadded  # type: ignore[method-assign]
