@@ -20,7 +20,7 @@ from client.workstation import reboot_needed
 from protocol.credentials import Secret, read_secret
 from protocol.errors import ConfigError, PayloadError, UnreachableError
 from protocol.messages import Action, Command, Desired, Online, Phase, State, decode, encode, now
-from protocol.mqtt import BrokerURL, connect
+from protocol.mqtt import BrokerURL, client_id, connect
 from protocol.release import BROKER_SECRET
 from protocol.settings import AgentConfig
 from protocol.topics import Kind, Topics
@@ -111,7 +111,7 @@ class Reporter:
             return  # never reached the server: no broker secret yet
         try:
             secret = self._secret or read_secret(self.store.root / BROKER_SECRET)
-            async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(self.url, secret) as client:
+            async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(self.url, secret, "once") as client:
                 await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
                 await client.publish(
                     self.topics.online(self.host), encode(Online(online=False, at=now())), qos=1, retain=True
@@ -125,7 +125,9 @@ class Reporter:
         self._secret = secret
         self._secret_ready.set()
 
-    def _connect(self, url: BrokerURL, secret: Secret) -> aiomqtt.Client:
+    def _connect(self, url: BrokerURL, secret: Secret, purpose: str = "agent") -> aiomqtt.Client:
+        """The connection of `purpose`: the agent's own keeps one identifier (a reconnect takes
+        over its stale session); `herald agent --once` has its own, so it never kicks the agent."""
         will = aiomqtt.Will(
             self.topics.online(self.host), encode(Online(online=False, at=now())), qos=1, retain=True
         )
@@ -133,7 +135,7 @@ class Reporter:
             url,
             username=self.host,
             password=secret,
-            identifier=f"herald-agent-{self.host}",
+            identifier=client_id(self.host, purpose, secret),
             will=will,
             keepalive=self.config.broker.keepalive,
             ca=self.config.broker.ca,
@@ -154,7 +156,7 @@ class Reporter:
                     self.url,
                     username=self.host,
                     password=self._secret,
-                    identifier=f"herald-agent-{self.host}-probe",
+                    identifier=client_id(self.host, "probe"),
                     ca=self.config.broker.ca,
                 ),
             ):

@@ -5,6 +5,8 @@ identifiers are set in one place.
 """
 
 import asyncio
+import hashlib
+import hmac
 import secrets
 import ssl
 from collections.abc import Callable
@@ -44,6 +46,22 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
+def client_id(user: str, purpose: str, secret: Secret | None = None) -> str:
+    """`<user>.<purpose>.<suffix>`, the MQTT client identifier of one of `user`'s connections.
+
+    herald's broker admits an identifier only for the user it names (broker.acl.owns_client_id),
+    so no login can take over another user's session. The suffix also makes it unguessable, for
+    brokers that bind identifiers to nobody (Mosquitto): derived from `secret`, it stays the same
+    across reconnects, so a new connection takes over its own stale session at once; without a
+    secret it is random.
+    """
+    if secret is None:
+        suffix = secrets.token_hex(8)
+    else:
+        suffix = hmac.new(secret.reveal().encode(), purpose.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{user}.{purpose}.{suffix}"
+
+
 def connect(
     url: BrokerURL,
     *,
@@ -59,13 +77,13 @@ def connect(
     """An unconnected client; use it as `async with connect(...) as client:`.
 
     For mqtts://, the server certificate is checked against `ca` (a PEM file), else the
-    system's CAs (or $SSL_CERT_FILE)."""
+    system's CAs (or $SSL_CERT_FILE). Without `identifier`, a random one of `username`'s."""
     return aiomqtt.Client(
         url.host,
         url.port,
         username=username,
         password=password.reveal(),
-        identifier=identifier,
+        identifier=identifier or client_id(username, "client"),
         will=will,
         keepalive=keepalive,
         timeout=timeout,

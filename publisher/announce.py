@@ -1,7 +1,6 @@
 """Announce releases: a retained `desired` per host, confirmed routed before returning."""
 
 import asyncio
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -53,7 +52,6 @@ async def announce(
             url,
             username=PUBLISHER_USER,
             password=password,
-            identifier=f"herald-publisher-{os.getpid()}",
             timeout=timeout,
             max_inflight=_IN_FLIGHT,
         ) as client:
