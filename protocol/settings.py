@@ -102,6 +102,56 @@ def check_placeholders(field: str, argv: list[str], allowed: set[str]) -> None:
                 raise ValueError(f"{field}: unknown placeholder {{{name}}} (known: {known})")
 
 
+# ---------------------------------------------------------------- modes of files/
+
+_MODE_RE: Final = re.compile(r"0?[0-7]{3}")
+_GLOB_CHARS: Final = frozenset("*?[")
+_BAD_PARTS: Final = frozenset(("", ".", ".."))
+DeclaredModes = dict[str, str | int]  # a `files` table as written: path below files/ -> "0644"
+
+
+def _quoted(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _bad_path(key: str) -> str | None:
+    """Why `key` cannot name a file or directory below files/, or None."""
+    if key in ("", "/"):
+        return "name a file or a directory below files/, such as 'etc/motd' or 'etc/ssl/'"
+    if key.startswith("/"):
+        return "a path relative to files/, without the leading '/'"
+    if "\\" in key or "\0" in key:
+        return "no backslash or NUL in a path"
+    if not _GLOB_CHARS.isdisjoint(key):
+        return "globs are not supported: name a file, or a directory with a trailing '/'"
+    if not _BAD_PARTS.isdisjoint(key.removesuffix("/").split("/")):
+        return "a path relative to files/, with no '..', '.' or empty parts"
+    return None
+
+
+def declared_modes(files: DeclaredModes) -> dict[str, int]:
+    """A `files` table of fleet.toml as {path below files/: mode}; ValueError (TypeError for a
+    mode that is not a string) naming the first bad entry. A key names a file ('etc/motd') or,
+    ending in '/', a directory and everything below it ('etc/ssl/'). A mode is three octal
+    digits, with an optional leading 0 ('0644'): no setuid, setgid or sticky bit, as the agent
+    installs files as root."""
+    modes: dict[str, int] = {}
+    for key, value in files.items():
+        why = _bad_path(key)
+        if why is not None:
+            raise ValueError(f"files: {_quoted(key)}: {why}")
+        if not isinstance(value, str):
+            hint = _quoted(f"{value:0>4}")
+            raise TypeError(f"files: {_quoted(key)} = {value}: write the mode as a string, such as {hint}")
+        if not _MODE_RE.fullmatch(value):
+            raise ValueError(
+                f"files: {_quoted(key)} = {_quoted(value)}: expected an octal mode such as "
+                "'0644', '0640' or '0755' (setuid, setgid and sticky bits are refused)"
+            )
+        modes[key] = int(value, 8)
+    return modes
+
+
 class Operation(StrEnum):
     SWITCH = "switch"
     BOOT = "boot"
@@ -125,12 +175,14 @@ class HostEntry(_Settings, frozen=True, kw_only=True):
     flake: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
     logs: Size = "64M"  # the most the host may keep in its logs/ (embedded server)
     backups: Size | None = None  # a backups/ directory for restic or duplicity, and its size cap
+    files: DeclaredModes = {}  # modes of files/ for this host, over the fleet-wide [files]
 
     def __post_init__(self) -> None:
         try:
             check_ssh_public_key(self.ssh_key)
         except ValueError as exc:
             raise ValueError(f"ssh_key: {exc}") from None
+        declared_modes(self.files)
 
 
 class PublishSettings(_Settings, frozen=True, kw_only=True):
@@ -150,8 +202,15 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
 
 
 class FleetConfig(_Settings, frozen=True, kw_only=True):
+    """fleet.toml. `files` declares modes of files/ for every host (see publisher.modes): git
+    keeps only the executable bit, so what is not declared is private."""
+
     hosts: dict[str, HostEntry]
     publish: PublishSettings = PublishSettings()
+    files: DeclaredModes = {}
+
+    def __post_init__(self) -> None:
+        declared_modes(self.files)
 
 
 # ---------------------------------------------------------------- server.toml

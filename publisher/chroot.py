@@ -210,6 +210,18 @@ class Chroot:
         self._wrote(target)
         return True
 
+    def keep_private(self, source: Source, sha256: str) -> bool:
+        """Make objects/<sha256> readable by this host only, if it is not: stored again (not a
+        link to the pool any more), 0640 and the host's group. True if it was stored again."""
+        target = f"{self._at}/{OBJECTS}/{sha256}"
+        info = os.lstat(target)
+        if not info.st_mode & 0o004 and info.st_nlink == 1:
+            return False
+        _store(source, sha256, Path(target), 0o640)  # renamed over the link: the pool keeps its copy
+        self._group(target)
+        self._wrote(target)
+        return True
+
     def write_release(self, manifest: Manifest, data: bytes, signature: bytes) -> None:
         """releases/<generation>: the signature, then the MANIFEST.
 

@@ -42,7 +42,8 @@ class _Saved(msgspec.Struct, frozen=True):
 
 
 def tree_key(settings: tuple[object, ...], sources: list[Source]) -> bytes:
-    """A digest of what a host's version depends on, short of reading its files."""
+    """A digest of what a host's version depends on, short of reading its files: its settings
+    (operation, flake, and the modes fleet.toml declares for its files/) and its files' stats."""
     return hashlib.blake2b(msgspec.msgpack.encode((settings, sources)), digest_size=16).digest()
 
 

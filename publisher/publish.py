@@ -36,6 +36,7 @@ from publisher.hashcache import HashCache, tree_key
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
+from publisher.modes import Declarations
 from publisher.signing import Signer
 
 _T = TypeVar("_T")
@@ -59,6 +60,7 @@ class HostResult:
     modified: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     objects_written: int = 0
+    modes: tuple[str, ...] = ()  # "files/etc/motd 0644 -> 0600" for each file whose mode changed
 
 
 @dataclass(slots=True)
@@ -127,6 +129,7 @@ class _Plan:
     previous: tuple[int, list[Listed]] | None  # the generation `current` names, and its files
     generation: int
     diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    modes: tuple[str, ...]
 
     def result(self, message: str = "", objects_written: int = 0) -> HostResult:
         return HostResult(
@@ -137,6 +140,7 @@ class _Plan:
             message,
             *self.diff,
             objects_written=objects_written,
+            modes=self.modes,
         )
 
 
@@ -197,26 +201,38 @@ class Publisher:
     def _plan(
         self, inventory: Inventory, cache: HashCache, generations: dict[str, int]
     ) -> tuple[dict[str, HostResult], list[_Plan]]:
-        """Materialise and hash every host; unchanged and broken hosts are settled here."""
+        """Materialise and hash every host; unchanged and broken hosts are settled here.
+        A declaration of fleet.toml's `files` that matches no file stops the run (ConfigError)."""
         results: dict[str, HostResult] = {}
         plans: list[_Plan] = []
         listings = Listings()  # shared directories are listed once per run
         accounts = host_accounts()
         chroots = os.fspath(self.state.chroots)
+        declared = Declarations(inventory)
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
             chroot = Chroot(f"{chroots}/{host.name}", self._flusher, accounts.get(host.name))
+            modes = declared.of[host.name]
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
                 current = chroot.current()
-                key = tree_key((host.entry.operation, host.flake), sources)
+                # The declared modes are part of the key: a change of fleet.toml's `files` alone
+                # must not keep the version the files had (a cache hit also means that the host's
+                # own declarations all matched when it was stored: they and the paths are the key).
+                key = tree_key((host.entry.operation, host.flake, modes.key), sources)
                 if current is not None and cache.version(host.name, key) == current.version:
                     self._seen.update(source.real for source in sources)
                     results[host.name] = HostResult(
                         host.name, Status.UNCHANGED, current.generation, current.version
                     )
                     continue
-                entries = [FileEntry(s.path, s.mode, s.size, cache.sha256(s)) for s in sources]
+                decided = declared.decide(host.name, sources)
+                if decided is None:
+                    continue  # a declaration of its own covers none of its files: the run stops below
+                entries = [
+                    FileEntry(s.path, mode, s.size, cache.sha256(s))
+                    for s, mode in zip(sources, decided[0], strict=True)
+                ]
                 content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
                 version = content.version()
                 cache.remember(host.name, key, version, sources)
@@ -232,8 +248,18 @@ class Publisher:
                 continue
             previous = _listed(chroot, current.generation) if current else None
             generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
-            diff = _diff(previous[1] if previous else [], entries)
-            plans.append(_Plan(host, chroot, sources, entries, content, version, previous, generation, diff))
+            listed = previous[1] if previous else []
+            declared.released(host.name, decided[1], listed)
+            diff, changes = _diff(listed, entries), _mode_changes(listed, entries)
+            plans.append(
+                _Plan(host, chroot, sources, entries, content, version, previous, generation, diff, changes)
+            )
+        declared.check()  # before anything is said about the plans: an error is one line
+        for plan in plans:
+            if plan.modes:
+                logger.bind(host=plan.host.name).info("modes: {}", ", ".join(plan.modes))
+        if warning := declared.warning():
+            logger.warning(warning)
         return results, plans
 
     def _check(self, checker: Checker, plans: list[_Plan]) -> list[tuple[_Plan, str | None]]:
@@ -337,8 +363,20 @@ class Publisher:
             for source, entry in zip(plan.sources, plan.entries, strict=True)
             if entry.sha256 not in present
         ]
-        private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004} if missing else set()
-        written = sum(
+        private = {entry.sha256 for entry in plan.entries if not entry.mode & 0o004}
+        # Content that turns private may be here already, stored for everyone to read (a link to
+        # the pool) by a release that had it public: it is stored again, for this host only.
+        # Content private in the previous release was made so then.
+        was_private = (
+            {file[3] for file in plan.previous[1] if not file[1] & 0o004} if plan.previous else set()
+        )
+        exposed = {
+            entry.sha256: source
+            for source, entry in zip(plan.sources, plan.entries, strict=True)
+            if entry.sha256 in private and entry.sha256 in present and entry.sha256 not in was_private
+        }
+        written = sum(chroot.keep_private(source, sha256) for sha256, source in exposed.items())
+        written += sum(
             chroot.write_object(
                 source,
                 entry.sha256,
@@ -444,6 +482,16 @@ def _diff(
     removed = tuple(sorted(before.keys() - after.keys()))
     modified = tuple(sorted(path for path in after.keys() & before.keys() if after[path] != before[path]))
     return added, modified, removed
+
+
+def _mode_changes(old: list[Listed], entries: list[FileEntry]) -> tuple[str, ...]:
+    """'path 0644 -> 0600' for each file of both releases whose mode differs."""
+    before = {path: mode for path, mode, _, _ in old}
+    return tuple(
+        f"{entry.path} {before[entry.path]:04o} -> {entry.mode:04o}"
+        for entry in entries
+        if before.get(entry.path, entry.mode) != entry.mode
+    )
 
 
 def _shared(plans: list[_Plan]) -> set[str]:

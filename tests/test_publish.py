@@ -80,13 +80,15 @@ def test_shared_content_is_one_file_linked_into_each_chroot_and_own_content_is_n
     assert not (state / "objects" / own).exists()
 
 
-def test_modes_are_kept(fleet: Fleet, state: Path):
+def test_files_are_private_unless_declared_and_the_configuration_keeps_its_mode(fleet: Fleet, state: Path):
     secret = fleet.root / "hosts" / "beta" / "files" / "etc" / "wifi.psk"
     secret.write_text("hunter2\n")
-    secret.chmod(0o600)
+    secret.chmod(0o644)  # as a git clone leaves a file the sysadmin made 0600 (tests/test_file_modes.py)
     publish(fleet.root, state)
-    entry = next(e for e in manifest(state, "beta").content.files if e.path == "files/etc/wifi.psk")
-    assert entry.mode == 0o600
+    modes = {entry.path: entry.mode for entry in manifest(state, "beta").content.files}
+    assert modes["files/etc/wifi.psk"] == 0o600
+    assert modes["files/etc/motd"] == 0o644  # the example fleet declares it
+    assert modes["configuration.nix"] == 0o644
 
 
 def test_nothing_changes_nothing_is_written(fleet: Fleet, state: Path):
