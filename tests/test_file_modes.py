@@ -9,10 +9,12 @@ import os
 import pwd
 import re
 import subprocess
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import Agent, Fleet, Serve, current_generation, herald, make_agent, need, start_serve
+from helpers import REPO, Agent, Fleet, Serve, current_generation, herald, make_agent, need, start_serve
 
 from protocol.errors import ConfigError
 from protocol.release import Current, Manifest, decode_manifest, decode_public_key, split_release
@@ -389,3 +391,19 @@ def test_a_bad_declaration_is_refused_at_load_naming_it(files: dict[str, object]
         convert({"files": files, "hosts": {"alpha": {"ssh_key": key}}}, FleetConfig, source="fleet.toml")
     assert f"fleet.toml: {message}" in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_the_readme_example_of_declarations_is_a_valid_fleet_toml():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Modes of files/", 1)[1]
+    block = textwrap.dedent(section.split("```toml\n", 1)[1].split("```", 1)[0])
+    data = tomllib.loads(block)
+    data["hosts"]["alpha"]["ssh_key"] = (
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHK34Bzn9gNgVOrZLidf7fD8kMH9PVjKWq3OgDqFGd0Q root@alpha"
+    )
+    modes = fleet_modes(convert(data, FleetConfig, source="README.md"))["alpha"]
+    sources = [
+        S("files/etc/ssl/certs/internal.pem", "/a", 0o644, 1, 0, 1),
+        S("files/etc/motd", "/b", 0o644, 1, 0, 2),
+    ]
+    assert decide(sources, modes)[0] == [0o640, 0o644]
