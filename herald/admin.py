@@ -2,20 +2,26 @@
 
 import argparse
 import asyncio
+import os
+import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from herald.fleet import FleetView, as_json, collect, follow, table
-from herald.output import console, errors
+from herald.output import console, errors, warn
 from herald.rollout import Answer, trigger
 from herald.runner import run
 from protocol.credentials import Secret, read_secret
 from protocol.errors import ConfigError
+from protocol.hosttext import safe
 from protocol.layout import StateDir
 from protocol.messages import Action
 from protocol.mqtt import BrokerURL
@@ -118,7 +124,8 @@ def trigger_command(args: argparse.Namespace) -> int:
     styles = {Answer.OK: "green", Answer.SENT: "green", Answer.FAILED: "bold red", Answer.ROLLED_BACK: "red"}
     for host in hosts:
         answer = outcome.answers.get(host, Answer.NOT_SENT)
-        grid.add_row(host, f"[{styles.get(answer, 'yellow')}]{answer}[/]", outcome.messages.get(host, ""))
+        message = safe(outcome.messages.get(host, ""))  # the host's own words
+        grid.add_row(Text(host), Text(answer, style=styles.get(answer, "yellow")), Text(message))
     console.print(grid)
     return 0 if outcome.ok else 1
 
@@ -126,34 +133,124 @@ def trigger_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- logs
 
 
-def _log_files(state: Path, host: str) -> list[Path]:
-    directory = StateDir(state).chroot(host) / LOGS
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: no such host chroot (is {host} in fleet.toml, and published?)")
-    return sorted(
-        (path for path in directory.iterdir() if path.is_file()), key=lambda p: p.name, reverse=True
-    )
+_SHOWN: Final = 4 << 20  # bytes of one log printed at most: its end, where a rebuild says what failed
+_OPEN: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class _Log:
+    name: str  # as on disk (undecodable bytes as surrogates)
+    size: int
+
+
+def _not_a_log(info: os.stat_result) -> str | None:
+    """Why an entry of a host's logs/ is neither listed nor read; None for a log."""
+    mode = info.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (the host may have made it; links are never followed)"
+    if stat.S_ISREG(mode):
+        if info.st_nlink != 1:
+            return f"a hard link ({info.st_nlink} names: its contents may be any other file's)"
+        return None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a device or other special file")
+
+
+class _Logs:
+    """STATE/chroot/<host>/logs/, which the host writes (with OpenSSH it can make links there).
+
+    `herald logs` runs as root: every entry is lstat'ed, and only regular files with one link are
+    listed or read, opened with O_NOFOLLOW (and O_NONBLOCK, so a FIFO swapped in cannot block)
+    and checked again on the descriptor. Anything else is named once, in a warning, and never
+    opened. Names and contents are printed through protocol.hosttext.safe."""
+
+    def __init__(self, state: Path, host: str) -> None:
+        self.host = host
+        self.path = StateDir(state).chroot(host) / LOGS
+        self._warned: set[str] = set()
+
+    def _directory(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise ConfigError(
+                f"{self.path}: no such host chroot (is {self.host} in fleet.toml, and published?)"
+            ) from None
+
+    def _skip(self, name: str, why: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warn(f"skipped {LOGS}/{safe(name)}: {why}")
+
+    def listed(self) -> list[_Log]:
+        """The logs, newest first (their names sort by time)."""
+        directory = self._directory()
+        found = []
+        try:
+            for name in os.listdir(directory):
+                try:
+                    info = os.lstat(name, dir_fd=directory)
+                except FileNotFoundError:
+                    continue
+                why = _not_a_log(info)
+                if why is None:
+                    found.append(_Log(name, info.st_size))
+                else:
+                    self._skip(name, why)
+        finally:
+            os.close(directory)
+        return sorted(found, key=lambda log: log.name, reverse=True)
+
+    def read(self, log: _Log) -> bytes | None:
+        """Up to the last _SHOWN bytes of `log`, or None if it is no longer a log."""
+        directory = self._directory()
+        try:
+            fd = os.open(log.name, _OPEN, dir_fd=directory)
+        except OSError as exc:
+            self._skip(log.name, f"cannot be opened as a plain file ({exc.strerror})")
+            return None
+        finally:
+            os.close(directory)
+        try:
+            info = os.fstat(fd)
+            why = _not_a_log(info)
+            if why is not None:
+                self._skip(log.name, why)
+                return None
+            start = max(0, info.st_size - _SHOWN)
+            chunks, offset = [], start
+            while chunk := os.pread(fd, min(1 << 20, info.st_size - offset), offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        return f"[the first {start} bytes are not shown]\n".encode() + data if start else data
+
+    def show(self, log: _Log) -> None:
+        data = self.read(log)
+        if data is None:
+            return
+        console.rule(Text(safe(log.name)))
+        text = safe(data.decode("utf-8", errors="replace"), lines=True)
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        sys.stdout.flush()
 
 
 def logs(args: argparse.Namespace) -> int:
-    files = _log_files(args.state, args.host)
+    found = _Logs(args.state, args.host)
+    listed = found.listed()
     if args.last is None and not args.follow:
-        for path in files:  # newest first: the names sort by time
-            console.print(f"{path.name}  {path.stat().st_size} bytes", markup=False, highlight=False)
+        for log in listed:
+            console.print(Text(f"{safe(log.name)}  {log.size} bytes"), soft_wrap=True)
         return 0
-    for path in reversed(files[: args.last or 0]):  # the N newest, oldest of them first
-        _show(path)
-    seen = {path.name for path in files}
+    for log in reversed(listed[: args.last or 0]):  # the N newest, oldest of them first
+        found.show(log)
+    seen = {log.name for log in listed}
     while args.follow:  # until interrupted
         time.sleep(1)
-        for path in reversed(_log_files(args.state, args.host)):
-            if path.name not in seen:
-                seen.add(path.name)
-                _show(path)
+        for log in reversed(found.listed()):
+            if log.name not in seen:
+                seen.add(log.name)
+                found.show(log)
     return 0
-
-
-def _show(path: Path) -> None:
-    console.rule(path.name)
-    sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
-    sys.stdout.flush()

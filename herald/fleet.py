@@ -11,15 +11,18 @@ import aiomqtt
 import msgspec
 from loguru import logger
 from rich.table import Table
+from rich.text import Text
 
 from protocol.credentials import Secret
 from protocol.errors import PayloadError, UnreachableError
+from protocol.hosttext import safe, safe_json
 from protocol.messages import Desired, Online, Phase, State, decode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import ADMIN_USER, Kind, Topics
 
 HEARTBEAT: Final = timedelta(seconds=60)
 _RECONNECT: Final = 5.0
+MESSAGE_WIDTH: Final = 60  # characters of a host's message that the table and the page show
 
 
 class Status(StrEnum):
@@ -106,7 +109,7 @@ class FleetView:
             elif kind is Kind.ONLINE:
                 view.online = decode(payload, Online) if payload else None
         except PayloadError as exc:
-            logger.bind(host=host).warning("ignored {}: {}", topic, exc)
+            logger.bind(host=host).warning("ignored {}: {}", topic, safe(str(exc)))  # quotes the payload
             return False
         return True
 
@@ -169,7 +172,8 @@ async def follow(
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One host as every view shows it: the terminal table, --json, the web page, metrics."""
+    """One host as every view shows it: the terminal table, the web page, metrics. What the host
+    wrote (message, log name) is made safe here, once, for all of them."""
 
     host: str
     desired: int | None
@@ -190,8 +194,8 @@ class Row:
             view.status(at),
             state.needs_reboot if state else False,
             view.last_seen(),
-            state.message if state else "",
-            (state.log or "") if state else "",
+            safe(state.message[:MESSAGE_WIDTH]) if state else "",
+            safe(state.log or "") if state else "",
         )
 
 
@@ -222,7 +226,7 @@ def cells(row: Row) -> tuple[str, ...]:
         row.status.value,
         "needed" if row.needs_reboot else "",
         ago(row.last_seen),
-        row.message[:60],
+        row.message,
         row.log,
     )
 
@@ -232,13 +236,15 @@ def table(view: FleetView) -> Table:
     for column in COLUMNS:
         grid.add_column(column)
     for row in rows(view):
-        text = list(cells(row))
-        text[3] = f"[{_STYLE[row.status]}]{text[3]}[/]"
+        text = [Text(cell) for cell in cells(row)]  # Text: never read as markup
+        text[3].stylize(_STYLE[row.status])
         grid.add_row(*text)
     return grid
 
 
 def as_json(view: FleetView) -> bytes:
+    """Every host's retained messages as they are: a script reads the host's text exactly, and
+    the bytes hold no raw control or bidi character (those are JSON escapes)."""
     at = now()
     hosts = [
         {
@@ -250,4 +256,4 @@ def as_json(view: FleetView) -> bytes:
         }
         for row in view.rows()
     ]
-    return msgspec.json.format(msgspec.json.encode(hosts), indent=2)
+    return safe_json(msgspec.json.format(msgspec.json.encode(hosts), indent=2))

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from publisher.publish import Report, Status
 
@@ -22,6 +23,11 @@ def fail(message: str) -> None:
     errors.print(f"[bold red]herald:[/] {message}", soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr; `message` is never read as markup (it may quote a host)."""
+    errors.print(Text.assemble(("herald: ", "yellow"), message), soft_wrap=True)
+
+
 def print_report(report: Report) -> None:
     """The publish summary: one row per host, then the counts."""
     grid = Table(box=None, pad_edge=False, header_style="bold")
@@ -30,12 +36,12 @@ def print_report(report: Report) -> None:
     for result in report.hosts:
         changed = result.status is Status.CHANGED
         label = "would change" if report.dry_run and changed else str(result.status)
-        grid.add_row(
+        grid.add_row(  # Text: a check's output or a path may hold brackets, never markup
             result.host,
-            f"[{_STYLE[result.status]}]{label}[/]",
+            Text(label, style=_STYLE[result.status]),
             str(result.generation or "-"),
             f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}" if changed else "",
-            result.message.splitlines()[0] if result.message else "",
+            Text(result.message.splitlines()[0] if result.message else ""),
         )
     console.print(grid)
     for result in report.of(Status.FAILED):
@@ -45,7 +51,7 @@ def print_report(report: Report) -> None:
         for result in report.of(Status.CHANGED):
             for mark, paths in (("+", result.added), ("~", result.modified), ("-", result.removed)):
                 for path in paths:
-                    console.print(f"  {result.host}: {mark} {path}")
+                    console.print(Text(f"  {result.host}: {mark} {path}"), soft_wrap=True)
     counts = ", ".join(f"{len(report.of(status))} {status}" for status in Status)
     console.print(f"{'dry run: ' if report.dry_run else ''}{counts} in {report.seconds:.2f}s", style="bold")
 
