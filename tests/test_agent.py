@@ -45,13 +45,19 @@ def test_once_fetches_verifies_applies_and_exits_0(alpha: Agent, fleet: Fleet):
     assert len(alpha.rebuilds()) == 1
 
 
+def declare_motd(fleet: Fleet, mode: str) -> None:
+    """Give etc/motd another mode, as a sysadmin does: in fleet.toml (git keeps no mode but x)."""
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(toml.read_text().replace('"etc/motd" = "0644"', f'"etc/motd" = "{mode}"', 1))
+
+
 def test_unchanged_files_are_linked_from_the_last_tree_after_their_hash_is_checked(
     alpha: Agent, fleet: Fleet, state: Path
 ):
     assert alpha.once().returncode == 0
     old = Path(alpha.rebuilds()[0]["args"][1]).resolve()
     fleet.edit("alpha", "configuration.nix", "{ ... }: { changed = true; }\n")
-    (fleet.root / "hosts/alpha/files/etc/motd").chmod(0o640)  # same content, another mode
+    declare_motd(fleet, "0640")  # same content, another mode
     (old / "common/users.nix").write_text("# damaged in the agent's store\n")
     assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
     assert alpha.once().returncode == 0
@@ -84,7 +90,7 @@ def test_installed_files_as_released_are_left_alone_and_drifted_ones_restored(
     motd.write_text("edited on the host\n")
     update("{ ... }: { third = true; }\n")
     assert motd.read_bytes() == released
-    (fleet.root / "hosts/alpha/files/etc/motd").chmod(0o600)
+    declare_motd(fleet, "0600")
     update("{ ... }: { fourth = true; }\n")
     assert motd.stat().st_mode & 0o777 == 0o600
 
