@@ -6,8 +6,11 @@ the prefix and writes every host's `command`. Each service user also reads and w
 confirmation topic (protocol.mqtt.confirm_routed). Anything else is denied, anonymous included.
 """
 
+import re
+from collections.abc import Container
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 
@@ -79,6 +82,27 @@ def covers(allowed: str, requested: str) -> bool:
 
 def _expand(rule: Rule, user: str) -> str:
     return rule.pattern.replace("%u", user)
+
+
+_ASSIGNED: Final = re.compile(r"amqtt/[A-Za-z0-9]{16}")  # what amqtt assigns to an empty client id
+_LEGACY: Final = "herald-agent-"  # agents of herald 0.1: herald-agent-<host> and herald-agent-<host>-probe
+
+
+def owns_client_id(user: str, client_id: str, users: Container[str]) -> bool:
+    """May `user` connect with `client_id`? Its own ids are `user` and `user.<anything>`
+    (protocol.mqtt.client_id); host names hold no '.', so no user owns another's. An id the
+    broker assigned (the client sent none) is random and belongs to nobody else.
+
+    Agents of herald 0.1 used `herald-agent-<host>` and `herald-agent-<host>-probe`, and must
+    keep connecting while they upgrade: those are `<host>`'s too. `herald-agent-a-probe` could
+    also be the main id of a host named `a-probe`; where that user exists it is its own.
+    """
+    if client_id == user or client_id.startswith(f"{user}.") or _ASSIGNED.fullmatch(client_id):
+        return True
+    legacy = client_id.removeprefix(_LEGACY)
+    if legacy == client_id:
+        return False
+    return legacy == user or (legacy == f"{user}-probe" and legacy not in users)
 
 
 def may_publish(user: str, topic: str, topics: Topics) -> bool:

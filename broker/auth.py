@@ -11,14 +11,17 @@ from pathlib import Path
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
+from loguru import logger
 
-from broker.acl import may_publish, may_receive, may_subscribe
+from broker.acl import may_publish, may_receive, may_subscribe, owns_client_id
 from protocol.credentials import parse_passwd, verify_secret
 from protocol.topics import DEFAULT_PREFIX, Topics
 
 
 class PasswordPlugin(BaseAuthPlugin):
-    """Admit a client only if its user name is in the password file and its secret matches."""
+    """Admit a client only if its user name is in the password file, its secret matches, and
+    its client id is one of that user's (broker.acl.owns_client_id): no login, however valid,
+    can take over another user's session."""
 
     @dataclass
     class Config:
@@ -43,8 +46,14 @@ class PasswordPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool:
         self._reload()
-        hashed = self._users.get(session.username or "")
-        return hashed is not None and verify_secret(session.password or "", hashed)
+        user = session.username or ""
+        hashed = self._users.get(user)
+        if hashed is None or not verify_secret(session.password or "", hashed):
+            return False
+        if not owns_client_id(user, session.client_id or "", self._users):
+            logger.warning("user {} refused: client id {!r} is not one of its own", user, session.client_id)
+            return False
+        return True
 
 
 class AclPlugin(BaseTopicPlugin):

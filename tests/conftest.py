@@ -2,6 +2,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import Broker, start_broker
 from helpers import Agent, Fleet, Serve, Watcher, make_agent, start_serve
 from hypothesis import HealthCheck, settings
 from openssh import remove_host_users, start_sshd
@@ -63,6 +64,14 @@ def sftp_server(request, fleet: Fleet, state: Path, logs: Path, tmp_path: Path) 
     sshd = start_sshd(fleet, state, tmp_path, logs)
     yield sshd.serve()
     sshd.stop()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker(request, fleet: Fleet, state: Path, logs: Path, tmp_path: Path) -> Iterator[Broker]:
+    """The same tests against the embedded broker and a real Mosquitto from `herald broker export`."""
+    made = start_broker(request.param, fleet, state, logs, tmp_path)
+    yield made
+    made.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

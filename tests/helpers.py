@@ -317,7 +317,7 @@ class Watcher:
         self.messages: list[tuple[float, str, bytes, bool]] = []
         self._cond = threading.Condition()
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{os.getpid()}-{id(self)}"
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{ADMIN_USER}.watcher-{os.getpid()}-{id(self)}"
         )
         secret = (state / "broker" / f"{ADMIN_USER}.secret").read_text().strip()
         self.client.username_pw_set(ADMIN_USER, secret)

@@ -106,7 +106,7 @@ def command_payload(command_id: str, action: str) -> bytes:
 
 def admin_client(serve: Serve, state: Path) -> mqtt.Client:
     host, port = serve.mqtt.removeprefix("mqtt://").rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"admin-{time.monotonic_ns()}")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"herald-admin.{time.monotonic_ns()}")
     client.username_pw_set(ADMIN_USER, (state / "broker" / f"{ADMIN_USER}.secret").read_text().strip())
     client.connect(host, int(port))
     client.loop_start()
@@ -270,7 +270,7 @@ def test_hostile_desired_and_command_payloads_never_stop_the_agent(
     host, port = serve.mqtt.removeprefix("mqtt://").rsplit(":", 1)
     clients = {}
     for user in (PUBLISHER_USER, ADMIN_USER):
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.monotonic_ns()}")
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}.{time.monotonic_ns()}")
         client.username_pw_set(user, (state / "broker" / f"{user}.secret").read_text().strip())
         client.connect(host, int(port))
         client.loop_start()

@@ -6,6 +6,7 @@ so, instead of the fix silently turning into dead code.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -93,7 +94,7 @@ def _free_port() -> int:
 
 def client(url: BrokerURL, state: Path, user: str, **kwargs) -> aiomqtt.Client:
     return connect(
-        url, username=user, password=secret(state, user), identifier=f"{user}-{time.monotonic_ns()}", **kwargs
+        url, username=user, password=secret(state, user), identifier=f"{user}.{time.monotonic_ns()}", **kwargs
     )
 
 
@@ -241,7 +242,7 @@ def test_stock_amqtt_still_leaks_retained_messages_so_the_fix_is_still_needed(st
 
 def silent_client(url: BrokerURL, state: Path, host: str, keepalive: int) -> mqtt.Client:
     """A paho client that connects with a will and then never reads or writes again."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"silent-{host}")
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{host}.silent")
     c.username_pw_set(host, secret(state, host).reveal())
     c.will_set(T.online(host), encode(Online(online=False, at=now())), qos=1, retain=True)
     c.connect(url.host, url.port, keepalive=keepalive)
@@ -302,6 +303,79 @@ def test_stock_amqtt_still_ignores_keepalive_so_the_fix_is_still_needed(state: P
     assert inspect.getsource(handler.handle_read_timeout).rstrip().endswith("pass")
 
 
+# ---------------------------------------------------------------- CONNECT checks and QoS
+# herald's broker is attacked in tests/test_attacks_broker.py; these show stock amqtt still has
+# each defect broker/fixes.py works around.
+
+
+async def will_scenario(server) -> list[str]:
+    """alpha connects with a retained will on beta's command and drops its connection: what
+    does an admin subscribed to every command receive?"""
+    async with server as url:
+        state = will_scenario.state  # type: ignore[attr-defined]
+        async with client(url, state, ADMIN_USER) as admin:
+            await admin.subscribe(T.every(Kind.COMMAND), qos=1)
+            forger = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="alpha.forger")
+            forger.username_pw_set("alpha", secret(state, "alpha").reveal())
+            forger.will_set(T.command("beta"), b"rollback", qos=1, retain=True)
+            await asyncio.to_thread(forger.connect, url.host, url.port, 30)
+            for _ in range(20):
+                await asyncio.to_thread(forger.loop, 0.05)
+            sock = forger.socket()
+            if sock is not None:  # refused: herald's broker closed it already
+                sock.close()  # no DISCONNECT: the will fires
+            return [topic for topic, _ in await drain(admin, 1.5)]
+
+
+def test_stock_amqtt_still_publishes_unauthorised_wills_so_the_fix_is_still_needed(state: Path):
+    will_scenario.state = state  # type: ignore[attr-defined]
+    assert run(will_scenario(embedded(state))) == []
+    received = run(will_scenario(stock(state)))
+    assert T.command("beta") in received, "amqtt now checks wills: review broker/fixes.py's CONNECT checks"
+
+
+async def kick_scenario(server) -> bool:
+    """beta subscribes; a CONNECT with beta's client id and no password is refused. Does a
+    message on beta's desired still reach beta?"""
+    async with server as url:
+        state = kick_scenario.state  # type: ignore[attr-defined]
+        async with connect(
+            url, username="beta", password=secret(state, "beta"), identifier="beta.agent"
+        ) as beta:
+            await beta.subscribe(T.desired("beta"), qos=1)
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with aiomqtt.Client(url.host, url.port, identifier="beta.agent"):
+                    pass
+            await publish_desired(url, state, ["beta"])
+            return any(topic == T.desired("beta") for topic, _ in await drain(beta, 1.0))
+
+
+def test_stock_amqtt_still_lets_a_refused_login_kick_a_session_so_the_fix_is_still_needed(state: Path):
+    kick_scenario.state = state  # type: ignore[attr-defined]
+    assert run(kick_scenario(embedded(state)))
+    assert not run(kick_scenario(stock(state))), "amqtt now authenticates first: review broker/fixes.py"
+
+
+async def qos_scenario(server) -> int:
+    """The admin subscribes at QoS 2; alpha publishes its state at QoS 0: at which QoS is it delivered?"""
+    async with server as url:
+        state = qos_scenario.state  # type: ignore[attr-defined]
+        async with client(url, state, ADMIN_USER) as admin:
+            await admin.subscribe(T.state("alpha"), qos=2)
+            async with client(url, state, "alpha") as alpha:
+                await alpha.publish(T.state("alpha"), b"zero", qos=0)
+            async with asyncio.timeout(5):
+                async for message in admin.messages:
+                    return message.qos
+    return -1
+
+
+def test_stock_amqtt_still_upgrades_qos_so_the_fix_is_still_needed(state: Path):
+    qos_scenario.state = state  # type: ignore[attr-defined]
+    assert run(qos_scenario(embedded(state))) == 0
+    assert run(qos_scenario(stock(state))) == 2, "amqtt now delivers at the lower QoS: review broker/fixes.py"
+
+
 # sha256 (first 16 hex digits) of the source of every amqtt 0.12.1 method that broker/fixes.py
 # overrides, copies or relies on. A change means: read the new code, then update broker/fixes.py
 # and this table together.
@@ -318,6 +392,14 @@ REVIEWED = {
     "Broker.retain_message": "6233eff2618baede",  # wrapped: watchers told after it
     "PluginManager.map_plugin_topic": "5e3f458992d50b21",  # what amqtt's version called
     "BrokerProtocolHandler.handle_read_timeout": "ffd79f12457f41e1",  # does nothing: _Silence
+    "Broker._initialize_client_session": "5dd89158bbe46266",  # copied: CONNECT checked first
+    "Broker._handle_message_delivery": "89727723da550bed",  # wrapped: calls _broadcast_message, no QoS
+    "Broker._broadcast_message": "78ad4edb7efb3b72",  # wrapped: the PUBLISH's QoS passed on
+    "Broker._handle_disconnect": "8c3b8702f3567055",  # publishes wills unchecked: checked at CONNECT
+    "Broker._authenticate": "4d7db8cc6fe2c3f6",  # ignores its listener argument
+    "Broker._client_connected": "432b724bc4fb7946",  # an AMQTTError from _initialize_client_session ends it
+    "BrokerProtocolHandler.mqtt_connack_authorize": "4e64256ea1f5c73c",  # the refusal's CONNACK
+    "BrokerProtocolHandler.init_from_connect": "036dc04c1133a18f",  # the session's fields from CONNECT
     "ProtocolHandler._init_session": "d8f6979793e163e9",  # keep_alive 0: no keepalive timeout at all
     "ProtocolHandler._reader_loop": "93f3b8e4483040d0",  # waits for a packet with the keepalive as timeout
     "ProtocolHandler._send_packet": "9f0ae4e325319652",  # a timer per packet sent, only with a keepalive
@@ -338,6 +420,10 @@ def test_the_amqtt_internals_herald_patches_are_the_ones_reviewed(name: str):
 
 def test_the_overridden_amqtt_methods_keep_their_signatures():
     for name in (
+        "_initialize_client_session",
+        "_handle_message_delivery",
+        "_broadcast_message",
+        "_client_message_loop",
         "_handle_client_session",
         "_del_all_subscriptions",
         "_del_subscription",
