@@ -7,8 +7,9 @@ follows links out of the chroot and allows every write. This server
   path: no symlink is ever followed, whoever made it;
 - refuses `symlink`, `link` and `readlink`;
 - allows writes, `setstat`, `remove`, `rename`, `mkdir` and `rmdir` only strictly below `logs/`
-  (and `backups/` for hosts that have one), each within its size cap, and opens files with
-  O_NOFOLLOW;
+  (and `backups/` for hosts that have one), and opens only regular files, with O_NOFOLLOW;
+- keeps each host within its caps of bytes, entries and open files, counted per host across
+  all its sessions from what is on disk (publisher/quota.py);
 - authenticates a host by the key published for it (STATE/ssh/authorized_keys/<host>), so a
   publish that adds or changes a key takes effect without a restart;
 - offers nothing but the sftp subsystem: no shell, exec, scp, forwarding or agent.
@@ -30,6 +31,7 @@ from protocol.layout import Access, StateDir
 from protocol.settings import authorized_key, check_ssh_public_key
 from protocol.ssh import CIPHERS
 from protocol.topics import is_host_name
+from publisher.quota import Account, Inode, Quota, inode
 
 _DEFAULT_LOGS_CAP: Final = 64 << 20
 _WRITE_FLAGS: Final = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
@@ -43,38 +45,23 @@ def load_access(state: StateDir, host: str) -> Access | None:
     return table.get(host)
 
 
-@dataclass
-class _Area:
-    """A writable directory of the chroot and its size cap; usage counted from disk once."""
+@dataclass(frozen=True, slots=True)
+class _Handle:
+    """An open file of one session: its inode, and the account it counts in (files of logs/
+    and backups/, read or written)."""
 
-    name: str
-    prefix: bytes  # the directory's local path with a trailing '/'
-    cap: int
-    used: int | None = None
-
-    def usage(self) -> int:
-        if self.used is None:
-            self.used = sum(
-                os.lstat(os.path.join(top, name)).st_size  # noqa: PTH118
-                for top, _, names in os.walk(self.prefix)
-                for name in names
-            )
-        return self.used
-
-    def grow(self, by: int) -> None:
-        if by > 0 and self.usage() + by > self.cap:
-            raise asyncssh.SFTPFailure(f"{self.name}/ is full (its cap is {self.cap >> 20} MiB)")
-        self.used = self.usage() + by
+    key: Inode
+    account: Account | None
+    writable: bool
+    append: bool
 
 
 class ChrootSFTPServer(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], root: Path, access: Access) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], root: Path, quota: Quota) -> None:
         super().__init__(chan)
         self._root = os.fsencode(os.path.realpath(root))
-        self._areas = [
-            _Area(name, self._root + b"/" + name.encode() + b"/", cap) for name, cap in access.areas.items()
-        ]
-        self._writable_files: dict[int, _Area] = {}
+        self._quota = quota  # shared by every session of this host
+        self._handles: dict[int, _Handle] = {}
         self._log = logger.bind(host=chan.get_extra_info("username"))
 
     # ---------------------------------------------------------------- paths
@@ -107,65 +94,100 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
             return path[len(self._root) :]
         raise asyncssh.SFTPNoSuchFile("not found")
 
-    def _writable(self, path: bytes) -> tuple[bytes, _Area]:
+    def _writable(self, path: bytes) -> tuple[bytes, Account]:
         local = self.map_path(path)
-        for area in self._areas:
-            if local.startswith(area.prefix):
-                return local, area
-        self._log.warning("refused a write to {!r}: only logs/ (and backups/) are writable", path)
-        raise SFTPPermissionDenied("only logs/ (and backups/, where enabled) are writable")
+        account = self._quota.account_of(local)
+        if account is None:
+            self._log.warning("refused a write to {!r}: only logs/ (and backups/) are writable", path)
+            raise SFTPPermissionDenied("only logs/ (and backups/, where enabled) are writable")
+        return local, account
 
     # ---------------------------------------------------------------- files
 
     def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> object:
-        if pflags & _WRITE_FLAGS:
-            local, area = self._writable(path)
-            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else 0
-            flags |= os.O_CREAT if pflags & asyncssh.FXF_CREAT else 0
-            flags |= os.O_APPEND if pflags & asyncssh.FXF_APPEND else 0
-            flags |= os.O_EXCL if pflags & asyncssh.FXF_EXCL else 0
-            if flags & os.O_RDWR:
-                flags &= ~os.O_WRONLY
-            before = _size(local)
-            fd = os.open(local, flags, 0o640)
-            if pflags & asyncssh.FXF_TRUNC:
-                os.ftruncate(fd, 0)
-                area.grow(-before)
-            self._writable_files[fd] = area
-            return fd
-        return os.open(self.map_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._quota.may_open()
+        if not pflags & _WRITE_FLAGS:
+            local = self.map_path(path)
+            return self._opened(os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), local, pflags)
+        local, account = self._writable(path)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags |= os.O_RDWR if pflags & asyncssh.FXF_READ else 0
+        flags |= os.O_CREAT if pflags & asyncssh.FXF_CREAT else 0
+        flags |= os.O_APPEND if pflags & asyncssh.FXF_APPEND else 0
+        flags |= os.O_EXCL if pflags & asyncssh.FXF_EXCL else 0
+        if flags & os.O_RDWR:
+            flags &= ~os.O_WRONLY
+        new = not os.path.lexists(local)
+        if new and flags & os.O_CREAT:
+            account.new_entry()
+        fd = self._opened(os.open(local, flags, 0o640), local, pflags)
+        if new:
+            account.added()
+        if pflags & asyncssh.FXF_TRUNC:
+            size = os.fstat(fd).st_size
+            os.ftruncate(fd, 0)
+            account.grew(-size)
+        return fd
+
+    def _opened(self, fd: int, local: bytes, pflags: int) -> int:
+        """Record a new descriptor; refuse (and close) anything but a regular file."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise SFTPPermissionDenied("only regular files can be opened")
+        account = self._quota.account_of(local)
+        if account is not None:
+            account.opened(inode(info))
+        writable = bool(pflags & _WRITE_FLAGS)
+        self._handles[fd] = _Handle(inode(info), account, writable, bool(pflags & asyncssh.FXF_APPEND))
+        self._quota.handles += 1
+        return fd
 
     def open56(self, path: bytes, desired_access: int, flags: int, attrs: SFTPAttrs) -> object:
         raise SFTPOpUnsupported("SFTP v5+ open is not supported")
 
     def close(self, file_obj: object) -> None:
         fd = _fd(file_obj)
-        self._writable_files.pop(fd, None)
+        handle = self._handles.pop(fd, None)
+        if handle is not None:
+            self._quota.handles -= 1
+            if handle.account is not None:
+                handle.account.closing(handle.key, os.fstat(fd))
         os.close(fd)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return os.pread(_fd(file_obj), size, offset)
 
+    def _for_writing(self, fd: int) -> Account:
+        handle = self._handles.get(fd)
+        if handle is None or not handle.writable or handle.account is None:
+            raise SFTPPermissionDenied("only files opened for writing in logs/ or backups/ can change")
+        return handle.account
+
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         fd = _fd(file_obj)
-        area = self._writable_files.get(fd)
-        if area is None:
-            raise SFTPPermissionDenied("file not open for writing")
-        area.grow(offset + len(data) - os.fstat(fd).st_size)
-        return os.pwrite(fd, data, offset)
+        account = self._for_writing(fd)
+        before = os.fstat(fd).st_size
+        end = before + len(data) if self._handles[fd].append else offset + len(data)
+        account.room(end - before)  # with O_APPEND the kernel appends, whatever the offset
+        try:
+            return os.pwrite(fd, data, offset)
+        finally:
+            account.grew(os.fstat(fd).st_size - before)
 
     def fstat(self, file_obj: object) -> os.stat_result:
         return os.fstat(_fd(file_obj))
 
     def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         fd = _fd(file_obj)
-        area = self._writable_files.get(fd)
-        if area is None:
-            raise SFTPPermissionDenied("only files opened for writing in logs/ or backups/ can change")
+        account = self._for_writing(fd)
+        before = os.fstat(fd).st_size
         if attrs.size is not None:
-            area.grow(attrs.size - os.fstat(fd).st_size)
-        _apply(fd, attrs)
+            account.room(attrs.size - before)
+        try:
+            _apply(fd, attrs)
+        finally:
+            account.grew(os.fstat(fd).st_size - before)
 
     def fsync(self, file_obj: object) -> None:
         os.fsync(_fd(file_obj))
@@ -182,41 +204,59 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
         self.lsetstat(path, attrs)
 
     def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        local, area = self._writable(path)
+        local, account = self._writable(path)
+        before = _size(local)
         if attrs.size is not None:
-            area.grow(attrs.size - _size(local))
-        _apply(local, attrs)
+            account.room(attrs.size - before)
+        try:
+            _apply(local, attrs)
+        finally:
+            account.grew(_size(local) - before)
 
     def remove(self, path: bytes) -> None:
-        local, area = self._writable(path)
-        size = _size(local)
+        local, account = self._writable(path)
+        account.count()
+        info = os.lstat(local)
         os.remove(local)  # noqa: PTH107
-        area.grow(-size)
+        account.gone(info)
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        os.mkdir(self._writable(path)[0], 0o750)  # noqa: PTH102
+        local, account = self._writable(path)
+        account.new_entry()
+        os.mkdir(local, 0o750)  # noqa: PTH102
+        account.added()
 
     def rmdir(self, path: bytes) -> None:
-        os.rmdir(self._writable(path)[0])  # noqa: PTH106
+        local, account = self._writable(path)
+        account.count()
+        info = os.lstat(local)
+        os.rmdir(local)  # noqa: PTH106
+        account.gone(info)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = self._same_area(oldpath, newpath)
+        old, new, _ = self._same_area(oldpath, newpath)
         if os.path.lexists(new):
             raise asyncssh.SFTPFileAlreadyExists("target exists")
         os.rename(old, new)  # noqa: PTH104
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = self._same_area(oldpath, newpath)
-        _, area = self._writable(newpath)
-        replaced = _size(new)
+        old, new, account = self._same_area(oldpath, newpath)
+        account.count()
+        try:
+            replaced: os.stat_result | None = os.lstat(new)
+        except FileNotFoundError:
+            replaced = None
+        if replaced is not None and inode(replaced) == inode(os.lstat(old)):
+            return  # two names of one file: rename(2) does nothing
         os.replace(old, new)  # noqa: PTH105
-        area.grow(-replaced)
+        if replaced is not None:
+            account.gone(replaced)
 
-    def _same_area(self, oldpath: bytes, newpath: bytes) -> tuple[bytes, bytes]:
+    def _same_area(self, oldpath: bytes, newpath: bytes) -> tuple[bytes, bytes, Account]:
         (old, area), (new, target) = self._writable(oldpath), self._writable(newpath)
         if area is not target:
             raise SFTPPermissionDenied("files cannot move between logs/ and backups/")
-        return old, new
+        return old, new, area
 
     def readlink(self, path: bytes) -> bytes:
         raise SFTPPermissionDenied("links are not served")
@@ -307,6 +347,7 @@ class SFTPService:
         self.port = port
         self.host_key = load_host_key(self._state.sftp_host_key)
         self._server: asyncssh.SSHAcceptor | None = None
+        self._quotas: dict[str, Quota] = {}  # per host, shared by all its sessions
 
     @property
     def public_host_key(self) -> str:
@@ -315,7 +356,12 @@ class SFTPService:
     def _session(self, chan: asyncssh.SSHServerChannel[bytes]) -> ChrootSFTPServer:
         host = chan.get_extra_info("username")
         access = load_access(self._state, host) or Access(areas={"logs": _DEFAULT_LOGS_CAP})
-        return ChrootSFTPServer(chan, self._state.chroot(host), access)
+        root = self._state.chroot(host)
+        quota = self._quotas.get(host)
+        if quota is None:
+            quota = self._quotas[host] = Quota(os.fsencode(os.path.realpath(root)))
+        quota.configure(access.areas)  # caps change with fleet.toml: read at each session
+        return ChrootSFTPServer(chan, root, quota)
 
     async def start(self) -> None:
         self._server = await asyncssh.create_server(
