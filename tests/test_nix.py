@@ -44,10 +44,12 @@ def test_every_nix_file_parses():
         assert done.returncode == 0, f"{path}: {done.stderr}"
 
 
-def test_the_sshd_block_is_the_same_from_nix_and_from_provision():
+def test_the_sshd_block_is_the_same_from_nix_from_provision_and_in_deploy():
     hosts = [host.name for host in load_inventory(EXAMPLE_FLEET).hosts]
     from_nix = nix_eval(with_lib('lib.sshdFragment { inherit fleet; state = "/var/lib/herald"; }'))
     assert from_nix == sshd_fragment(hosts, Path("/var/lib/herald"))
+    deployed = (REPO / "deploy" / "openssh" / "sshd_config.herald").read_text()
+    assert deployed.rstrip("\n") == from_nix.rstrip("\n")
 
 
 def test_the_chroot_layout_is_the_same_from_nix_and_from_a_provision_dry_run(fleet, tmp_path: Path):

@@ -1,10 +1,14 @@
 """`herald server provision`: users, chroot ownership and the sshd fragment, idempotent, with a dry run."""
 
 import pwd
+import re
+import subprocess
 from pathlib import Path
 
 from helpers import Fleet, herald, need, need_root
 from openssh import provision
+
+from publisher.provision import sshd_fragment
 
 
 def users_exist(*names: str) -> list[bool]:
@@ -57,7 +61,7 @@ def test_provisioning_twice_changes_nothing_the_second_time(fleet: Fleet, state:
     fragment = (state / "ssh" / "sshd_config").read_text()
     assert "Match User alpha,beta,gamma\n" in fragment
     assert "    ChrootDirectory /mnt/herald/state/chroot/%u\n" in fragment
-    assert "    ForceCommand internal-sftp\n" in fragment
+    assert "    ForceCommand internal-sftp -P symlink,hardlink -u 0027\n" in fragment
     assert "    AllowTcpForwarding no\n" in fragment
 
 
@@ -82,3 +86,26 @@ def test_a_state_directory_under_tmp_is_refused_with_the_reason(fleet: Fleet, st
     (line,) = done.stderr.strip().splitlines()
     assert "OpenSSH chroots need every directory above them owned by root" in line
     assert "outside /tmp" in line
+
+
+def test_the_requests_the_fragment_refuses_are_named_as_this_openssh_names_them():
+    """`internal-sftp -P` takes request names as `sftp-server -Q requests` lists them (9.2:
+    'symlink', 'hardlink'); a name it does not know would refuse nothing."""
+    server = next(
+        (
+            path
+            for path in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server")
+            if Path(path).exists()
+        ),
+        None,
+    ) or need("sftp-server")
+    known = subprocess.run(
+        [server, "-Q", "requests"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    match = re.search(
+        r"ForceCommand internal-sftp -P (\S+)", sshd_fragment(["alpha"], Path("/var/lib/herald"))
+    )
+    assert match is not None
+    refused = match.group(1).split(",")
+    assert refused == ["symlink", "hardlink"]
+    assert set(refused) <= set(known)
