@@ -9,6 +9,32 @@ rec {
   # builtins.attrNames sorts, as fleet.toml's hosts are sorted everywhere in herald.
   hostNames = fleet: builtins.attrNames fleet.hosts;
 
+  # Host names that are system users or groups on NixOS or Debian: protocol/reserved-names.txt,
+  # the list herald's fleet.toml loader refuses too. Words separated by spaces or newlines, a
+  # trailing * marks a prefix, lines starting with # are comments.
+  reserved =
+    let
+      lines = builtins.filter (l: builtins.isString l && builtins.substring 0 1 l != "#")
+        (builtins.split "\n" (builtins.readFile ../protocol/reserved-names.txt));
+      words = builtins.concatMap
+        (l: builtins.filter (w: builtins.isString w && w != "") (builtins.split "[[:space:]]+" l))
+        lines;
+      isPrefix = w: builtins.substring (builtins.stringLength w - 1) 1 w == "*";
+    in
+    {
+      names = builtins.filter (w: !isPrefix w) words;
+      prefixes = map (w: builtins.substring 0 (builtins.stringLength w - 1) w) (builtins.filter isPrefix words);
+    };
+
+  isReserved = name:
+    builtins.elem name reserved.names
+    || builtins.any (p: builtins.substring 0 (builtins.stringLength p) name == p) reserved.prefixes;
+
+  # The hosts of fleet.toml whose user and group would merge with the system's: reserved names,
+  # and `taken` ones (the server module passes every name of NixOS's ids.uids and ids.gids).
+  reservedHosts = { fleet, taken ? [ ] }:
+    builtins.filter (name: isReserved name || builtins.elem name taken) (hostNames fleet);
+
   # "ssh-ed25519 AAAA..." from an ssh_key value that may carry a comment.
   keyOf = sshKey:
     let words = builtins.filter (w: builtins.isString w && w != "") (builtins.split " " sshKey);

@@ -10,6 +10,11 @@ let
 
   fleet = herald.readFleet cfg.fleetToml;
   hosts = herald.hostNames fleet;
+  # Hosts named like a system user or group: their user and group would merge with it.
+  reserved = herald.reservedHosts {
+    inherit fleet;
+    taken = builtins.attrNames config.ids.uids ++ builtins.attrNames config.ids.gids;
+  };
   layout = herald.chrootLayout { inherit fleet; state = cfg.stateDir; };
 
   # server.toml, from the options below (nix/lib.nix); `settings` is merged over them.
@@ -87,6 +92,10 @@ in
         {
           assertion = hosts != [ ];
           message = "services.herald.server.fleetToml: fleet.toml names no [hosts.<name>]";
+        }
+        {
+          assertion = reserved == [ ];
+          message = "services.herald.server.fleetToml: ${lib.concatStringsSep ", " reserved}: system user or group names on NixOS or Debian; each host's own user and group would merge with it: rename the host";
         }
         {
           assertion = cfg.mqtt.listen != "off" || (cfg.mqtt.tls == null && cfg.mqtt.websocket == null);

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 
 from protocol.errors import ConfigError
+from protocol.reserved import is_reserved
 from protocol.topics import DEFAULT_PREFIX, is_host_name
 
 _DURATION = r"^[1-9][0-9]*(s|m|h|d)$"
@@ -428,6 +429,11 @@ def load_fleet(path: Path) -> FleetConfig:
             raise ConfigError(
                 f"{path}: hosts.{name}: invalid host name (lower-case letters, digits and '-', "
                 "starting with a letter, at most 32 characters, not starting with 'herald-')"
+            )
+        if is_reserved(name):
+            raise ConfigError(
+                f"{path}: hosts.{name}: {name!r} is a system user or group on NixOS or Debian, and "
+                "the host's own user and group would merge with it; rename the host"
             )
         hosts[name] = convert(entry, HostEntry, source=str(path), at=f"hosts.{name}")
     return convert(data, FleetConfig, source=str(path))

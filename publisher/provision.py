@@ -4,7 +4,9 @@ What OpenSSH needs, from fleet.toml:
 
 - one system user per host (its group of the same name): no login shell, no home, password
   field '*' so that it can log in with a key under `UsePAM no`; marked "herald host" so that an
-  existing account of the same name is never taken over;
+  existing account of the same name is never taken over, nor an existing group (a group of the
+  host's name must be the one made with its user, and have no other members: they would read
+  the host's credentials);
 - every component of STATE/chroot/<host>, from /, owned by root and writable by nobody else;
   inside, logs/ (and backups/, where enabled) owned by the host, credentials/ and private
   objects readable by the host's group only;
@@ -80,9 +82,14 @@ class _Planner:
         self.changes.append(Change(what, apply))
 
     def user(self, host: str) -> None:
+        group = _group(host)
         try:
             account = pwd.getpwnam(host)
         except KeyError:
+            if group is not None:
+                raise ConfigError(
+                    f"group {host} exists (gid {group.gr_gid}) and herald did not create it; rename the host"
+                ) from None
             self.add(
                 f"create system user {host} (group {host}, no login shell, key login only)",
                 lambda: _create_user(host),
@@ -91,6 +98,16 @@ class _Planner:
         if account.pw_gecos != MARK:
             raise ConfigError(
                 f"user {host} exists and is not a herald host ({account.pw_gecos!r}); rename the host"
+            )
+        if group is None or group.gr_gid != account.pw_gid:
+            raise ConfigError(
+                f"group {host} is not the group herald created with user {host} (its primary group, "
+                f"gid {account.pw_gid}); rename the host"
+            )
+        if group.gr_mem:
+            raise ConfigError(
+                f"group {host} has members ({', '.join(group.gr_mem)}), who could read {host}'s "
+                f"credentials; remove them (gpasswd -d USER {host})"
             )
         if _password_field(host) != "*":
             self.add(
@@ -111,6 +128,13 @@ class _Planner:
             self.add(f"write {label}", lambda: _write(path, content, owner, group, mode))
         elif path.is_file() and not _has(path, owner, group, mode):
             self.add(f"set {label}", lambda: _own(path, owner, group, mode))
+
+
+def _group(name: str) -> grp.struct_group | None:
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        return None
 
 
 def _create_user(host: str) -> None:

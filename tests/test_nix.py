@@ -146,3 +146,75 @@ def test_the_flake_exposes_the_modules_and_package():
         assert needle in text
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["herald"] == "herald.cli:main"
+
+
+def test_the_reserved_names_are_the_same_for_nix_and_for_fleet_toml():
+    from protocol.reserved import NAMES, PREFIXES  # noqa: PLC0415
+
+    found = nix_eval("(import ./nix/lib.nix).reserved")
+    assert isinstance(found, dict)
+    assert set(found["names"]) == NAMES
+    assert tuple(found["prefixes"]) == PREFIXES
+
+
+RESERVED_FLEET = """
+[hosts.alpha]
+ssh_key = "k"
+[hosts.wheel]
+ssh_key = "k"
+[hosts.nixbld7]
+ssh_key = "k"
+[hosts.systemd-oom]
+ssh_key = "k"
+[hosts.users]
+ssh_key = "k"
+[hosts.later]
+ssh_key = "k"
+"""
+
+# Just enough of nixpkgs' lib and pkgs for nix/server.nix to produce its config (no nixpkgs
+# here): mkIf and mkMerge keep what they wrap, so the test can read the assertions.
+STUB = """
+  lib = {
+    mkEnableOption = _: null; mkOption = _: null; mkIf = cond: content: { inherit cond content; };
+    mkMerge = parts: { inherit parts; }; recursiveUpdate = a: b: a // b;
+    concatStringsSep = builtins.concatStringsSep; genAttrs = names: f: { };
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+    toInt = builtins.fromJSON; last = l: builtins.elemAt l (builtins.length l - 1);
+    splitString = sep: s: builtins.filter builtins.isString (builtins.split sep s);
+    optional = c: x: if c then [ x ] else [ ]; getExe = _: "herald";
+    types = { package = null; str = null; path = null; bool = null; enum = _: null;
+      nullOr = _: null; submodule = _: null; };
+  };
+  pkgs = { callPackage = _: _: null; formats.toml = _: { type = null; generate = _: _: "server.toml"; }; };
+"""
+
+
+def server_assertions(fleet_toml: Path, ids: str) -> list[str]:
+    """The messages of the assertions that fail in nix/server.nix for `fleet_toml`."""
+    cfg = f"""{{
+      enable = true; fleetToml = {fleet_toml}; fleet = "/srv/fleet"; stateDir = "/var/lib/herald";
+      sftp = "openssh"; embeddedSftpListen = "0.0.0.0:2222"; http = "127.0.0.1:8080"; settings = {{ }};
+      mqtt = {{ listen = "0.0.0.0:1883"; tls = null; websocket = null; }};
+    }}"""
+    found = nix_eval(
+        f"let {STUB} module = import ./nix/server.nix {{ inherit lib pkgs; "
+        f"config = {{ services.herald.server = {cfg}; ids = {ids}; }}; }}; "
+        "checks = (builtins.head module.config.content.parts).assertions; "
+        "in map (a: a.message) (builtins.filter (a: !a.assertion) checks)"
+    )
+    assert isinstance(found, list)
+    return found
+
+
+def test_the_server_module_refuses_hosts_named_as_system_users_or_groups(tmp_path: Path):
+    """nix/server.nix, evaluated: its assertion names every host whose user and group would
+    merge with the system's, from the shared list and from NixOS's own ids (`later` stands for
+    an id nixpkgs adds after herald's list was written)."""
+    toml = tmp_path / "fleet.toml"
+    toml.write_text(RESERVED_FLEET)
+    (message,) = server_assertions(toml, "{ uids = { later = 400; }; gids = { root = 0; }; }")
+    assert message.startswith("services.herald.server.fleetToml: later, nixbld7, systemd-oom, users, wheel:")
+    assert "rename the host" in message
+    toml.write_text('[hosts.alpha]\nssh_key = "k"\n')
+    assert server_assertions(toml, "{ uids = { }; gids = { }; }") == []

@@ -3,8 +3,11 @@
 import pwd
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from helpers import Fleet, herald, need, need_root
 from openssh import provision
 
@@ -65,18 +68,87 @@ def test_provisioning_twice_changes_nothing_the_second_time(fleet: Fleet, state:
     assert "    AllowTcpForwarding no\n" in fragment
 
 
+def add_host(fleet: Fleet, name: str) -> None:
+    """A host `name` in fleet.toml and hosts/, with alpha's key (enough for provisioning)."""
+    (fleet.root / "hosts" / name).mkdir()
+    (fleet.root / "hosts" / name / "configuration.nix").write_text("{ ... }: { }\n")
+    toml = fleet.root / "fleet.toml"
+    key = toml.read_text().split('ssh_key = "')[1].split('"')[0]
+    toml.write_text(toml.read_text() + f'\n[hosts.{name}]\nssh_key = "{key}"\n')
+
+
+@contextmanager
+def system(*create: list[str], remove: list[list[str]]) -> Iterator[None]:
+    """Run the `create` commands (useradd, groupadd...), and the `remove` ones afterwards."""
+    try:
+        for argv in create:
+            subprocess.run(argv, check=True, capture_output=True)
+        yield
+    finally:
+        for argv in remove:
+            subprocess.run(argv, check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("name", ["root", "wheel", "users", "nogroup", "sshd", "systemd-network", "nixbld7"])
+def test_a_host_named_as_a_system_user_or_group_is_refused_at_load(fleet: Fleet, state: Path, name: str):
+    """A host named `wheel` (or root, users, nixbld7...) would have its user join, or be, the
+    system's: on NixOS `users.groups = genAttrs hosts` merges it into the real group. fleet.toml
+    is refused when read, with one line naming the host and why, and nothing is published."""
+    add_host(fleet, name)
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert f"hosts.{name}: '{name}' is a system user or group on NixOS or Debian" in line
+    assert "rename the host" in line
+    assert not (state / "chroot").exists()
+
+
 def test_an_existing_account_of_the_same_name_is_never_taken_over(fleet: Fleet, state: Path, tmp_path: Path):
     need_root()
     tmp_path.chmod(0o755)
-    (fleet.root / "hosts" / "daemon").mkdir()
-    (fleet.root / "hosts" / "daemon" / "configuration.nix").write_text("{ ... }: { }\n")
-    toml = fleet.root / "fleet.toml"
-    key = toml.read_text().split('ssh_key = "')[1].split('"')[0]
-    toml.write_text(toml.read_text() + f'\n[hosts.daemon]\nssh_key = "{key}"\n')
-    done = provision(fleet, state, tmp_path)
+    add_host(fleet, "h16taken")
+    create = ["useradd", "--system", "--no-create-home", "--comment", "someone else", "h16taken"]
+    with system(create, remove=[["userdel", "h16taken"]]):
+        done = provision(fleet, state, tmp_path)
     assert done.returncode == 2
-    assert "herald: user daemon exists and is not a herald host" in done.stderr
+    assert "herald: user h16taken exists and is not a herald host" in done.stderr
     assert not (state / "ssh" / "sshd_config").exists()
+
+
+def test_an_existing_group_of_the_same_name_is_never_taken_over(fleet: Fleet, state: Path, tmp_path: Path):
+    """A group of the host's name that herald did not create (only a user was checked before:
+    useradd then failed half-way through the plan): refused in the plan, a dry run included,
+    before anything changes."""
+    need_root()
+    tmp_path.chmod(0o755)
+    add_host(fleet, "h16group")
+    with system(["groupadd", "--system", "h16group"], remove=[["groupdel", "h16group"]]):
+        dry = provision(fleet, state, tmp_path, dry_run=True)
+        done = provision(fleet, state, tmp_path)
+    for run in (dry, done):
+        assert run.returncode == 2, run.stdout + run.stderr
+        (line,) = run.stderr.strip().splitlines()
+        assert "herald: group h16group exists" in line
+        assert "herald did not create it; rename the host" in line
+    assert users_exist("h16group") == [False]
+    assert not (state / "chroot").exists()
+
+
+def test_a_hosts_group_with_other_members_is_refused(fleet: Fleet, state: Path, tmp_path: Path):
+    """Someone added a user to a host's group (root:<host> 0750 credentials/): that user reads
+    the host's broker secret. Provisioning again refuses, naming the member."""
+    need_root()
+    tmp_path.chmod(0o755)
+    add_host(fleet, "h16member")
+    cleanup = [["gpasswd", "-d", "daemon", "h16member"], ["userdel", "h16member"], ["groupdel", "h16member"]]
+    with system(remove=cleanup):
+        first = provision(fleet, state, tmp_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        subprocess.run(["gpasswd", "-a", "daemon", "h16member"], check=True, capture_output=True)
+        again = provision(fleet, state, tmp_path)
+    assert again.returncode == 2
+    (line,) = again.stderr.strip().splitlines()
+    assert "herald: group h16member has members (daemon), who could read h16member's credentials" in line
 
 
 def test_a_state_directory_under_tmp_is_refused_with_the_reason(fleet: Fleet, state: Path):
