@@ -10,6 +10,7 @@ Generated from broker.acl and STATE/broker/passwd, so the two brokers cannot dri
 from pathlib import Path
 
 from broker.acl import Access, host_rules, rules
+from broker.fixes import MAX_PACKET
 from protocol.credentials import parse_passwd
 from protocol.errors import ConfigError
 from protocol.files import write_atomic
@@ -47,6 +48,8 @@ allow_anonymous false
 password_file {outdir / "password_file"}
 acl_file {outdir / "acl_file"}
 max_keepalive 120
+# the largest packet accepted, as herald's embedded broker (broker/fixes.py MAX_PACKET)
+max_packet_size {MAX_PACKET}
 """
 
 

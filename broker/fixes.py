@@ -29,7 +29,10 @@
    naming the user, and no session is looked at. A client that takes over its own session
    (same user, same id) now really disconnects the old connection (amqtt left it open with its
    subscriptions gone), and the old connection's will is published before the new one goes on.
-5. QoS of delivery. amqtt delivered every message at the subscription's QoS, a QoS 0 publish at
+5. Packet size. amqtt reads a packet of any length (up to MQTT's 256 MiB) into memory, and a
+   host could retain one on its own topics. Here a packet whose payload is larger than
+   MAX_PACKET ends the connection (Mosquitto: `max_packet_size` in the export).
+6. QoS of delivery. amqtt delivered every message at the subscription's QoS, a QoS 0 publish at
    QoS 2 included; MQTT 3.1.1 (3.8.4) asks for the lower of the publish's and the subscription's.
 
 This depends on amqtt's private methods. tests/test_broker.py pins the source of each method
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 REFUSED = 0x80  # SUBACK return code for a refused subscription
+MAX_PACKET: Final = 256 * 1024  # bytes: far above any herald payload (protocol.messages.MAX_PAYLOAD)
 _TAKEOVER_WAIT: Final = 5.0  # seconds a takeover waits for the old connection's end (its will)
 
 # The QoS of the PUBLISH being routed, set around amqtt's _handle_message_delivery for the
@@ -214,6 +218,32 @@ class HeraldBroker(Broker):
             )
 
     # ---------------------------------------------------------------- CONNECT
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        """amqtt's, reading through a guard: a payload of more than MAX_PACKET bytes is refused
+        before it is read (amqtt reads a PUBLISH's payload with one read of its whole length;
+        every other field of a packet is a string of at most 64 KiB)."""
+        read = reader.read
+        refused = False
+
+        async def bounded(n: int = -1) -> bytes:
+            nonlocal refused
+            if n > MAX_PACKET and not refused:
+                refused = True
+                where = writer.get_peer_info()
+                logger.warning(
+                    "dropping the client at {}: a packet of more than {} KiB", where, MAX_PACKET >> 10
+                )
+                await writer.close()
+            if refused:  # and every read after: the rest of that packet is not read as packets
+                raise ConnectionResetError("packet too large")  # amqtt reads this as the connection's end
+            data: bytes = await read(n)
+            return data
+
+        reader.read = bounded
+        await super()._client_connected(listener_name, reader, writer)
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int

@@ -368,3 +368,21 @@ def test_the_publisher_user_cannot_command_hosts_nor_the_admin_publish_releases(
     admin.close()
     watcher.marker()
     assert [t for _, t, _, _ in watcher.messages[seen:] if "/_confirm/" not in t] == []
+
+
+def test_a_host_cannot_make_the_broker_hold_a_huge_message(broker: Broker, watcher: Watcher):
+    """Actor: a compromised host (alpha). It publishes a retained 1 MiB state, which a broker
+    would keep in memory and send to every admin and to the fleet view; herald's payloads are
+    at most 64 KiB. The broker drops the connection and keeps nothing."""
+    seen = len(watcher.messages)
+    alpha = session(broker, "alpha")
+    alpha.client.publish(T.state("alpha"), b"x" * (1 << 20), qos=1, retain=True)
+    wait_until(lambda: alpha.closed, "the broker dropped alpha")  # it read the packet's header
+    alpha.close()
+    watcher.marker()
+    assert [t for _, t, _, _ in watcher.messages[seen:] if "/_confirm/" not in t] == []
+    assert T.state("alpha") not in retained(broker, (T.state("alpha"),))
+    small = session(broker, "alpha")  # and a normal message still goes through
+    small.client.publish(T.state("alpha"), b"y" * 60_000, qos=1).wait_for_publish(10)
+    small.close()
+    watcher.wait_for(lambda: any(p == b"y" * 60_000 for _, _, p, _ in watcher.messages), "a 60 kB message")

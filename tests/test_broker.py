@@ -397,7 +397,7 @@ REVIEWED = {
     "Broker._broadcast_message": "78ad4edb7efb3b72",  # wrapped: the PUBLISH's QoS passed on
     "Broker._handle_disconnect": "8c3b8702f3567055",  # publishes wills unchecked: checked at CONNECT
     "Broker._authenticate": "4d7db8cc6fe2c3f6",  # ignores its listener argument
-    "Broker._client_connected": "432b724bc4fb7946",  # an AMQTTError from _initialize_client_session ends it
+    "Broker._client_connected": "432b724bc4fb7946",  # wrapped: its reader guarded; ends on AMQTTError
     "BrokerProtocolHandler.mqtt_connack_authorize": "4e64256ea1f5c73c",  # the refusal's CONNACK
     "BrokerProtocolHandler.init_from_connect": "036dc04c1133a18f",  # the session's fields from CONNECT
     "ProtocolHandler._init_session": "d8f6979793e163e9",  # keep_alive 0: no keepalive timeout at all
@@ -420,6 +420,7 @@ def test_the_amqtt_internals_herald_patches_are_the_ones_reviewed(name: str):
 
 def test_the_overridden_amqtt_methods_keep_their_signatures():
     for name in (
+        "_client_connected",
         "_initialize_client_session",
         "_handle_message_delivery",
         "_broadcast_message",
