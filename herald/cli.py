@@ -186,10 +186,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return logs(args)
 
 
-def cmd_demo(_args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from herald.demo import demo
 
-    return _run(demo())
+    return _run(demo(args.keep))
 
 
 # ---------------------------------------------------------------- parser
@@ -331,7 +331,13 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd.add_argument("--follow", action="store_true", help="then print new logs as they arrive")
     cmd.add_argument("host", metavar="HOST")
 
-    commands.add("demo", cmd_demo, "run a small fleet on loopback and show a change propagating")
+    cmd = commands.add("demo", cmd_demo, "run a small fleet on loopback: the three stories herald is for")
+    cmd.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="run in DIR (new or empty) and keep it, with the logs, afterwards",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
