@@ -262,6 +262,8 @@ def test_the_publisher_key_is_private_and_generations_survive_a_wiped_chroot(fle
     publish(fleet.root, state)
     assert (state / "publisher" / "signing.key").stat().st_mode & 0o777 == 0o600
     assert (state / "broker" / "passwd").stat().st_mode & 0o777 == 0o600
+    for secret in (state / "broker").glob("*.secret"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
     for path in (state / "chroot" / "alpha").rglob("*"):
         if path.is_file():
             path.unlink()
