@@ -3,14 +3,20 @@
 Nothing here trusts the server beyond the pinned keys: the MANIFEST must carry a valid
 signature, name this host and the generation `current` names, and hold only safe relative
 paths; every file must hash to the MANIFEST's sha256. Files the agent already holds (by hash)
-are copied locally; the others are downloaded, several at a time. Any violation rejects the
-whole release, and the staging tree is removed.
+are copied locally; the others are downloaded, a few at a time. Any violation rejects the
+whole release (ReleaseError), and the staging tree is removed.
+
+Only what the release itself says wrong is a ReleaseError. Every SFTP status from the server
+(a file missing while the publisher replaces a release, "Too many open files", a failure) and
+every lost connection is an UnreachableError: the server is away or busy, the generation is not
+marked failed, and the agent tries again with backoff.
 """
 
 import asyncio
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
@@ -35,9 +41,14 @@ from protocol.release import (
     verify_signature,
 )
 
-PARALLEL: Final = 16
-# The connection went away (the server stopped, the network changed): try again later. An SFTP
-# status from a live server (no such file, permission denied) is about the release instead.
+# Files open at once on the server per agent, downloading. Each costs the server a descriptor
+# (the embedded server holds every host's in one process): with the connection's own socket, an
+# agent fetching holds at most PARALLEL + 1, so a server with LimitNOFILE=65536 (deploy/systemd,
+# nix/server.nix) serves about 7,000 agents fetching at once (16 made it 3,800, and a fleet of 64
+# changing at once exhausted the default 1,024). Reads within a file still go out together (a
+# window of requests per file), so a few files in flight keep a link busy.
+PARALLEL: Final = 8
+# The connection went away (the server stopped, the network changed): try again later.
 _LOST = (
     asyncssh.SFTPConnectionLost,
     asyncssh.SFTPNoConnection,
@@ -79,9 +90,9 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     except _LOST as exc:
         raise UnreachableError(f"connection lost while reading {path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
-        raise ReleaseError(f"{path} is missing on the server") from exc
+        raise UnreachableError(f"{path} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
-        raise ReleaseError(f"{path}: {exc.reason}") from exc
+        raise UnreachableError(f"server: {path}: {exc.reason}") from exc
     if len(data) > limit:
         raise ReleaseError(f"{path} is larger than {limit} bytes")
     return data
@@ -190,9 +201,23 @@ async def _assemble(
 
 
 def _first(group: BaseExceptionGroup[HeraldError]) -> HeraldError:
-    for exc in group.exceptions:
-        return _first(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    """What rejects the fetch: a verification failure if there is one (the release is wrong,
+    whatever else happened), else the first error (the server or the connection)."""
+    leaves = list(_leaves(group))
+    for exc in leaves:
+        if isinstance(exc, ReleaseError):
+            return exc
+    if leaves:
+        return leaves[0]
     raise group
+
+
+def _leaves(group: BaseExceptionGroup[HeraldError]) -> Iterator[HeraldError]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _reuse(source: Path, target: Path, entry: FileEntry) -> bool:
@@ -243,9 +268,9 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
     except _LOST as exc:
         raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
-        raise ReleaseError(f"{entry.path}: object {entry.sha256[:12]} is missing on the server") from exc
+        raise UnreachableError(f"{entry.path}: object {entry.sha256[:12]} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
-        raise ReleaseError(f"{entry.path}: {exc.reason}") from exc
+        raise UnreachableError(f"server: {entry.path}: {exc.reason}") from exc
     finally:
         out.close()
     if size != entry.size or digest.hexdigest() != entry.sha256:

@@ -120,6 +120,10 @@ in
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "on-failure";
           RestartSec = 5;
+          # A descriptor per connected host, and up to 8 more while it fetches (client/fetch.py
+          # PARALLEL): 65536 serves ~7,000 hosts fetching at once; systemd's default soft 1024
+          # ran out with ~64 hosts fetching a fleet-wide change.
+          LimitNOFILE = 65536;
           ReadWritePaths = [ cfg.stateDir ];
           ProtectSystem = "strict";
           ProtectHome = "read-only";
