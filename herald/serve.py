@@ -1,14 +1,22 @@
 """`herald serve`: the broker, the SFTP server and the publisher in one process.
 
-On start it publishes, then announces every host's current release: the broker keeps no state
-that matters, so a restart loses nothing. With an external broker (`broker = "mqtts://..."`),
-herald stays connected to it as the publisher and announces every host again each time that
-connection is made, so a restarted Mosquitto or EMQX is repopulated without anyone acting.
+On start it opens its listeners first (SFTP, the broker, the page), announces the releases
+already on disk, and only then publishes (which may run checks and builds for a while): an agent
+confirming a switch, or fetching, reaches the server a moment after it starts, so a restart of
+the server rolls nothing back. The broker keeps no state that matters, so a restart loses
+nothing. With an external broker (`broker = "mqtts://..."`), herald stays connected to it as the
+publisher and announces every host again each time that connection is made, so a restarted
+Mosquitto or EMQX is repopulated without anyone acting.
+
+Every connected host costs the process a descriptor, and one more per file it is fetching (at
+most 8 at once, client.fetch.PARALLEL); the units set LimitNOFILE=65536 and `serve` raises its
+soft limit to the hard one, since Python leaves it at the 1,024 that systemd starts with.
 """
 
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +36,7 @@ from protocol.layout import StateDir
 from protocol.messages import Desired
 from protocol.mqtt import BrokerURL, connect
 from protocol.settings import ServerConfig, parse_endpoint
-from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
+from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics, is_host_name
 from publisher.announce import announce, desired_of
 from publisher.inventory import load_inventory
 from publisher.publish import Report, Status, publish
@@ -88,7 +96,8 @@ class Server:
         return self.external
 
     async def start(self) -> Report:
-        report = await self.publish(announce_changes=False)
+        # Listeners first, serving the releases already on disk: publishing may take long (checks,
+        # builds), and agents inside their confirmation window must reach the server meanwhile.
         if self.config.sftp != "off":
             host, port = parse_endpoint(self.config.sftp)
             self.sftp = SFTPService(self.state.root, host=host, port=port)
@@ -97,16 +106,26 @@ class Server:
             await self.broker.start()
         if self.web is not None:
             await self.web.start(*parse_endpoint(self.config.http))
+        on_disk = self._hosts_on_disk()
+        self.view.add_hosts(on_disk)
         self._follow()
         if self.external is not None:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
         else:
-            await self._announce(desired_of(self.state.root, [result.host for result in report.hosts]))
+            await self._announce(desired_of(self.state.root, on_disk))
+        report = await self.publish()  # announces the hosts whose release changed
         # Written last, as the sign that the server is ready: a client that waits for it finds every
         # `desired` retained, instead of subscribing while the announcement is being routed (amqtt
         # then sends such a message twice: once as retained, once as it passes).
         self._write_run_info()
         return report
+
+    def _hosts_on_disk(self) -> list[str]:
+        try:
+            names = os.listdir(self.state.chroots)
+        except OSError:
+            return []
+        return sorted(name for name in names if is_host_name(name))
 
     def _write_run_info(self) -> None:
         ports = self.broker.ports if self.broker else {}
@@ -136,7 +155,7 @@ class Server:
         return report
 
     async def _announce(self, desired: Mapping[str, Desired]) -> None:
-        if self.url is None:
+        if self.url is None or not desired:
             return
         password = read_secret(self.state.service_secret(PUBLISHER_USER))
         await announce(desired, url=self.url, password=password, topics=self.topics)
@@ -183,8 +202,20 @@ class Server:
         (self.state.root / "run" / "serve.json").unlink(missing_ok=True)
 
 
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM."""
+    limit = raise_descriptor_limit()
+    if limit < 4096:
+        logger.warning("open files limited to {}: each host fetching holds up to 9 (LimitNOFILE)", limit)
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
