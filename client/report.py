@@ -8,9 +8,10 @@ logged and dropped.
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import aiomqtt
+import msgspec
 from loguru import logger
 
 import protocol
@@ -25,13 +26,22 @@ from protocol.release import BROKER_SECRET
 from protocol.settings import AgentConfig
 from protocol.topics import Kind, Topics
 
-if TYPE_CHECKING:
-    from client.agent import Agent
-
 _REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised
 _FLUSH_TIMEOUT: Final = 5.0
 _HEARTBEAT: Final = 60.0
 _SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK, Phase.POSTPONED)  # where cycles end
+_GOODBYE_TIMEOUT: Final = 2.0
+
+
+class Requests(Protocol):
+    """What messages from the broker turn into: the agent's requests (client.agent.Agent).
+    Passed in, so that this module needs nothing of the agent's."""
+
+    def request(self, reason: str, *, force: bool = False, urgent: bool = False) -> None: ...
+
+    def request_rollback(self, reason: str) -> None: ...
+
+    def secret_refused(self) -> None: ...
 
 
 class Reporter:
@@ -54,6 +64,7 @@ class Reporter:
             needs_reboot=reboot_needed(self.root),
         )
         self.last_settled = Phase.IDLE  # where the last finished cycle left the host
+        self.restarting = ""  # why the agent restarts itself: it says so instead of going offline
         self._client: aiomqtt.Client | None = None
         self._secret: Secret | None = None
         self._secret_ready = asyncio.Event()
@@ -164,7 +175,7 @@ class Reporter:
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             raise UnreachableError(f"broker {self.url}: {exc or exc.__class__.__name__}") from exc
 
-    async def listen(self, agent: "Agent") -> None:
+    async def listen(self, agent: Requests) -> None:
         """Stay connected to the broker (backing off between tries) and hand messages to `agent`."""
         if self.url is None:
             return
@@ -193,7 +204,7 @@ class Reporter:
                 self._client = None
             await asyncio.sleep(backoff.next())
 
-    async def _session(self, client: aiomqtt.Client, agent: "Agent") -> None:
+    async def _session(self, client: aiomqtt.Client, agent: Requests) -> None:
         await client.subscribe(self.topics.desired(self.host), qos=1)
         await client.subscribe(self.topics.command(self.host), qos=1)
         self._client = client
@@ -203,8 +214,34 @@ class Reporter:
         try:
             async for message in client.messages:
                 self._on_message(agent, str(message.topic), message.payload)
+        except asyncio.CancelledError:  # the agent stops: say so before the clean DISCONNECT
+            heartbeat.cancel()
+            await self._goodbye(client)
+            raise
         finally:
             heartbeat.cancel()
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """On a clean stop, the last states and a retained online=false, acknowledged before the
+        DISCONNECT (which makes the broker discard the will): a host stopped by `systemctl stop`
+        shows as stopped at once, not when its heartbeat ages. One restarting says that instead."""
+        try:
+            async with asyncio.timeout(_GOODBYE_TIMEOUT):
+                if self._sending:  # the states queued before, in their order
+                    await asyncio.gather(*self._sending, return_exceptions=True)
+                if self.restarting:
+                    last = msgspec.structs.replace(self.state, message=self.restarting[:2000], since=now())
+                else:
+                    last = msgspec.structs.replace(
+                        self.state, phase=Phase.STOPPED, message="agent stopped", since=now()
+                    )
+                self.state = last
+                await client.publish(self.topics.state(self.host), encode(last), qos=1, retain=True)
+                if not self.restarting:
+                    offline = encode(Online(online=False, at=now()))
+                    await client.publish(self.topics.online(self.host), offline, qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            self.log.warning("stop not reported to the broker: {}", exc)
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         while True:
@@ -217,7 +254,7 @@ class Reporter:
 
     # ---------------------------------------------------------------- messages
 
-    def _on_message(self, agent: "Agent", topic: str, payload: object) -> None:
+    def _on_message(self, agent: Requests, topic: str, payload: object) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None or parsed[0] != self.host or not isinstance(payload, bytes | bytearray):
             self.log.warning("ignored a message on {}", topic)
@@ -230,7 +267,7 @@ class Reporter:
         except PayloadError as exc:
             self.log.warning("dropped a message on {}: {}", topic, exc)
 
-    def _on_desired(self, agent: "Agent", desired: Desired) -> None:
+    def _on_desired(self, agent: Requests, desired: Desired) -> None:
         deployed = self.store.deployed()
         if deployed is None or (desired.generation, desired.version) != (
             deployed.generation,
@@ -238,7 +275,7 @@ class Reporter:
         ):
             agent.request(f"desired generation {desired.generation}")
 
-    def _on_command(self, agent: "Agent", command: Command) -> None:
+    def _on_command(self, agent: Requests, command: Command) -> None:
         if self.store.command_done(command.id):
             return
         self.store.mark_command(command.id)

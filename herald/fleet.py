@@ -33,6 +33,7 @@ class Status(StrEnum):
     FAILED = "failed"
     ROLLED_BACK = "rolled back"
     OFFLINE = "offline"
+    STOPPED = "stopped"  # offline, and it said so: its agent stopped cleanly
     NEVER_SEEN = "never seen"
 
 
@@ -44,6 +45,7 @@ _STYLE: Final = {
     Status.FAILED: "bold red",
     Status.ROLLED_BACK: "red",
     Status.OFFLINE: "dim",
+    Status.STOPPED: "dim",
     Status.NEVER_SEEN: "dim",
 }
 
@@ -69,7 +71,7 @@ class HostView:
         if self.state is None:
             return Status.NEVER_SEEN
         if not self.is_online(at or now()):
-            return Status.OFFLINE
+            return Status.STOPPED if self.state.phase is Phase.STOPPED else Status.OFFLINE
         if self.state.phase not in (Phase.IDLE, Phase.CHECKING):
             return _BUSY.get(self.state.phase, Status.APPLYING)
         if self.desired is not None and self.state.deployed_generation < self.desired.generation:

@@ -34,6 +34,7 @@ class Phase(StrEnum):
     POSTPONED = "postponed"  # a new generation waits: on battery or a metered link (message says)
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    STOPPED = "stopped"  # the agent stopped cleanly (its last state before online=false)
 
 
 class Action(StrEnum):
