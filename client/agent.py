@@ -9,6 +9,10 @@ A failed generation is not retried in a loop: only a new generation or a forced 
 (a `rebuild` command) retries it. The SFTP check is the truth; MQTT only makes it sooner.
 A postponed generation (battery, metered link) is looked at again every `postpone.recheck`,
 locally; a needed reboot runs only inside `reboot.window`, between runs.
+
+Before anything else runs, a step a previous run left unfinished (client.transition) is finished
+or undone. After a deployment that changed agent.toml or the herald package, the agent restarts
+itself (client.restart).
 """
 
 import asyncio
@@ -25,6 +29,7 @@ from client.deploy import Deployer
 from client.link import ServerLink
 from client.page import HISTORY, LocalPage
 from client.report import Reporter
+from client.restart import changes, identity
 from client.schedule import Backoff, until_next_poll
 from client.store import Store, read_log, runs
 from client.workstation import SuspendWatch, postpone_reason, until_window
@@ -56,9 +61,16 @@ def wait_for_children_in_loop() -> None:
     asyncio.set_child_watcher(watcher)
 
 
+class _Restart(Exception):  # noqa: N818 - not an error: the agent's way out of its TaskGroup
+    pass
+
+
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.identity = identity(config_path, Path(config.root))  # what this process runs as
+        self.restart_requested = False  # the caller executes the agent again (client.restart)
         self.host = config.host
         self.log = logger.bind(host=config.host)
         self.store = Store(Path(config.state_dir))
@@ -112,6 +124,7 @@ class Agent:
         wait_for_children_in_loop()
         self.store.prepare()
         self.log.info("agent {} starting; state in {}", protocol.__version__, self.store.root)
+        await self.deployer.recover()
         page = None
         if self.config.trigger != "off":
             try:
@@ -136,6 +149,8 @@ class Agent:
                     group.create_task(self.reporter.listen(self), name="mqtt")
                 if self.config.reboot.window is not None:
                     group.create_task(self._reboot_in_window(self.config.reboot.window), name="reboot")
+        except* _Restart:
+            self.restart_requested = True
         finally:
             if page is not None:
                 page.stop()
@@ -150,6 +165,7 @@ class Agent:
         """
         wait_for_children_in_loop()
         self.store.prepare()
+        await self.deployer.recover()
         async with self.link:
             try:
                 state = await self.deployer.cycle(force=False, urgent=urgent)
@@ -174,10 +190,12 @@ class Agent:
                         state = await self.deployer.rollback(rollback)
                     else:
                         state = await self.deployer.cycle(force=force, urgent=urgent)
-            except (UnreachableError, StorageError, OSError) as exc:
-                # The server or this machine's disk is not there yet: nothing about the release
-                # is known, so nothing is marked failed; try again later.
-                await self._retry_later(str(exc))
+            except UnreachableError as exc:
+                # The server is away or busy (down, out of descriptors, a broken connection):
+                # nothing about the release is known, so nothing is marked failed.
+                await self._retry_later(f"server unreachable or busy: {exc}")
+            except (StorageError, OSError) as exc:  # this machine's disk: likewise
+                await self._retry_later(f"local storage: {exc}")
             except Exception:
                 self.log.exception("unexpected error; the agent carries on")
                 await self._retry_later("unexpected error (see the agent's log)")
@@ -185,6 +203,40 @@ class Agent:
                 self._backoff.reset()
                 postponed = state.phase is Phase.POSTPONED
                 self._schedule(self.recheck if postponed else until_next_poll(self.host, self.poll))
+                if self.deployer.changed_host:
+                    await self._restart_if_changed()
+
+    async def _restart_if_changed(self) -> None:
+        """After a deployment: restart if it changed agent.toml or the herald package."""
+        now_running = identity(self.config_path, Path(self.config.root))
+        found = changes(self.identity, now_running)
+        if not found:
+            return
+        why = f"restarting: {', '.join(found)}"
+        self.log.info("{}", why)
+        self.reporter.restarting = why
+        self.identity = now_running
+        argv = self.config.restart.command
+        if argv is not None and await self._run(argv, "restart command"):
+            return  # the service manager stops this process and starts the new one
+        raise _Restart(why)
+
+    async def _run(self, argv: list[str], what: str, timeout: float = 60) -> bool:
+        """Run `argv` to its end (killed after `timeout` s); True if it exited 0."""
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            self.log.error("{} {} not run: {}", what, argv[0], exc.strerror)
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                code = await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            code = await proc.wait()
+        if code != 0:
+            self.log.error("{} {} exited with {}", what, argv[0], code)
+        return code == 0
 
     async def _retry_later(self, why: str) -> None:
         delay = self._backoff.next()
@@ -268,16 +320,4 @@ class Agent:
         await self.deployer.notifier.send(
             "Restarting to finish the system update", "herald restarts this machine now.", "critical"
         )
-        try:
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
-        except OSError as exc:
-            self.log.error("reboot command {} not run: {}", argv[0], exc.strerror)
-            return
-        try:
-            async with asyncio.timeout(60):
-                code = await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            code = await proc.wait()
-        if code != 0:
-            self.log.error("reboot command {} exited with {}", argv[0], code)
+        await self._run(argv, "reboot command")

@@ -17,18 +17,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from loguru import logger
 
 import protocol
-from client.apply import FILES, install_files, operation_of, rebuild_argv, rollback_argv, run_rebuild
+from client.apply import operation_of, rebuild_argv
 from client.confirm import confirm
 from client.fetch import check, fetch, read_small
+from client.install import Converged
 from client.link import ServerLink
 from client.report import Reporter
-from client.store import Applied, Store, log_name
+from client.store import Applied, Journal, Store, log_name
+from client.system import current_system
+from client.transition import Transitions
 from client.workstation import Notifier, postpone_reason
 from protocol.credentials import Secret
-from protocol.errors import RebuildError, ReleaseError, UnreachableError
+from protocol.errors import RebuildError, ReleaseError, StorageError, UnreachableError
 from protocol.files import write_atomic
 from protocol.messages import Phase, State, now
-from protocol.release import BROKER_SECRET, CREDENTIALS, LOGS, PUBLISHER_KEY, Current, decode_public_key
+from protocol.release import (
+    BROKER_SECRET,
+    CREDENTIALS,
+    LOGS,
+    PUBLISHER_KEY,
+    Current,
+    Manifest,
+    decode_public_key,
+)
 from protocol.settings import AgentConfig, Operation, seconds
 
 KEEP_LOGS: Final = 20
@@ -50,7 +61,7 @@ def decide(
         and failed is not None
         and (failed.generation, failed.version) == (current.generation, current.version)
     ):
-        return Phase.FAILED, failed.message
+        return failed.phase or Phase.FAILED, failed.message
     return None
 
 
@@ -61,6 +72,10 @@ class Outcome:
     started: datetime
     phase: Phase  # IDLE (applied), FAILED or ROLLED_BACK
     message: str
+    # Records the outcome (in a thread), given its record; None: failed.json only.
+    settle: Callable[[Applied], None] | None = None
+    operation: Operation | None = None
+    system: str | None = None
 
 
 class RunLog:
@@ -85,6 +100,23 @@ class Deployer:
         self.secret_stale = True
         self.logs_listed = False  # the server's logs/ listed once since start
         self.notifier = Notifier(config.notify, config.host)
+        self.transitions = Transitions(config, store)
+        self.root = Path(config.root)
+        self.changed_host = False  # the last run applied or rolled back something
+
+    async def recover(self) -> None:
+        """Finish or undo what an earlier run left in the journal (client.transition); before
+        anything else. A disk that refuses is retried at the next run."""
+        if self.store.journal() is None:
+            return
+        try:
+            with (self.store.root / "recovery.log").open("a", encoding="utf-8") as stream:
+                done = await self.transitions.recover(RunLog(stream), stream)
+        except OSError as exc:
+            raise StorageError(f"cannot finish or undo the interrupted step: {exc}") from exc
+        if done:
+            self.log.warning("{}", done)
+            await self.reporter.report(self.reporter.state.phase, message=done)
 
     async def cycle(self, *, force: bool, urgent: bool = False) -> State:
         """Check; fetch, verify and apply a new generation; report. Returns the state reported.
@@ -92,6 +124,8 @@ class Deployer:
         `force` applies again what is deployed or failed (the sysadmin's `rebuild`); `force` and
         `urgent` (the person's "Update now") apply even when the postpone policy says wait.
         """
+        self.changed_host = False
+        await self.recover()  # left by a run that failed to finish or undo it
         await self.reporter.report(Phase.CHECKING, message="checking")
         sftp = await self.link.sftp()
         key = await self._credentials(sftp)
@@ -110,22 +144,33 @@ class Deployer:
         return await self._logged(current.generation, lambda note: self._apply(sftp, key, current, note))
 
     async def rollback(self, reason: str) -> State:
-        """Return to the deployment before the current one (the `rollback` command)."""
+        """Return to the deployment before the current one (the `rollback` command): its exact
+        system, and its files."""
+        self.changed_host = False
+        await self.recover()
         deployed, previous = self.store.deployed(), self.store.previous()
         if deployed is None or previous is None:
             message = "rollback refused: no earlier deployment to return to"
             return await self.reporter.report(self.reporter.state.phase, message=message)
+        manifest = self.store.manifest(previous.generation)
+        if manifest is None or not self.store.tree(previous.generation).is_dir():
+            message = f"rollback refused: generation {previous.generation}'s files are no longer held here"
+            return await self.reporter.report(self.reporter.state.phase, message=message)
 
         async def run(note: RunLog) -> Outcome:
             note(f"rollback from generation {deployed.generation} to {previous.generation}: {reason}")
-            failure = await self._roll_back(note)
+            journal = self.transitions.rollback_journal(deployed, previous, manifest)
+            record, failure = await self.transitions.restore(journal, note, note.stream)
+
+            def settle(_: Applied) -> None:
+                self.transitions.settle_restore(journal, record, failure)
+
             if failure:
-                return Outcome(deployed.generation, deployed.version, now(), Phase.FAILED, failure)
-            self.store.rolled_back()
-            if self.store.tree(previous.generation).is_dir():
-                self.store.point_release(previous.generation)
-            message = f"rolled back from generation {deployed.generation} to {previous.generation}"
-            return Outcome(deployed.generation, deployed.version, now(), Phase.ROLLED_BACK, message)
+                return Outcome(deployed.generation, deployed.version, now(), Phase.FAILED, failure, settle)
+            self.store.point_release(previous.generation)
+            message = journal.outcome.message if journal.outcome else "rolled back"
+            note(message)
+            return Outcome(deployed.generation, deployed.version, now(), Phase.ROLLED_BACK, message, settle)
 
         return await self._logged(deployed.generation, run)
 
@@ -146,18 +191,15 @@ class Deployer:
         report = self.reporter.report
         generation, version, started = current.generation, current.version, now()
 
-        def outcome(phase: Phase, message: str) -> Outcome:
-            note(message)
-            return Outcome(generation, version, started, phase, message)
-
         note(f"herald agent {protocol.__version__} on {self.host}: generation {generation} ({version[:12]})")
         await report(Phase.FETCHING, target=generation, message=f"fetching generation {generation}")
         try:
             fetched = await fetch(sftp, current, host=self.host, key=key, store=self.store)
-        except ReleaseError as exc:
+        except ReleaseError as exc:  # only what the release itself says wrong refuses it
             self.log.error("release generation {} refused: {}", generation, exc)
-            return outcome(Phase.FAILED, f"release refused: {exc}")
-        except UnreachableError as exc:
+            note(f"release refused: {exc}")
+            return Outcome(generation, version, started, Phase.FAILED, f"release refused: {exc}")
+        except (UnreachableError, StorageError) as exc:  # the server or this disk: tried again later
             note(f"fetch interrupted: {exc}")
             raise
         manifest = fetched.manifest
@@ -168,81 +210,123 @@ class Deployer:
         self.store.point_release(generation)
         await report(Phase.APPLYING, target=generation, message=f"applying generation {generation}")
         broker_was_up = self.reporter.connected
-        try:
-            installed = install_files(manifest, fetched.tree, Path(self.config.root))
-            kept = sum(1 for entry in manifest.content.files if entry.path.startswith(FILES)) - len(installed)
-            listed = f": {' '.join(installed)}" if installed else ""
-            note(f"installed {len(installed)} file(s) into {self.config.root}{listed}; {kept} unchanged")
-            argv = rebuild_argv(self.config, manifest, fetched.tree)
-            note(f"running: {' '.join(argv)}")
-            self.log.info("generation {}: running {}", generation, argv[0])
-            result = await run_rebuild(argv, timeout=seconds(self.config.rebuild.timeout), log=note.stream)
-        except (RebuildError, OSError) as exc:
-            return outcome(Phase.FAILED, f"apply failed: {exc}")
-        if result.returncode is None:
-            return outcome(
-                Phase.FAILED, f"rebuild killed after {self.config.rebuild.timeout} (rebuild.timeout)"
-            )
-        if not result.ok:
-            return outcome(Phase.FAILED, f"rebuild failed with exit code {result.returncode}")
-        applied = f"applied generation {generation} in {result.seconds:.1f}s"
-        if operation_of(self.config, manifest) is not Operation.SWITCH or self.store.deployed() is None:
-            return outcome(Phase.IDLE, applied)  # nothing running changed, or nothing to return to
-        phase, message = await self._confirm_or_roll_back(generation, broker_was_up, note)
-        return outcome(phase, message or applied)
+        operation = operation_of(self.config, manifest)
+        journal, done = await asyncio.to_thread(self.transitions.install, manifest, fetched.tree, operation)
+        self._note_install(done, note)
+        failed, seconds_taken = await self._rebuild(manifest, fetched.tree, note)
+        if failed:
+            return await self._restore(journal, failed, note, started, rolled_back=False)
+        applied = f"applied generation {generation} in {seconds_taken:.1f}s"
+        if done.left_local:
+            applied += f"; left in place, changed locally: {' '.join('/' + p for p in done.left_local)}"
+        if operation is Operation.SWITCH and self.store.deployed() is not None:
+            problem = await self._confirm(generation, broker_was_up, note)
+            if problem:
+                self.log.error("generation {} not confirmed ({}); rolling back", generation, problem)
+                return await self._restore(
+                    journal, f"rolled back: {problem}", note, started, rolled_back=True
+                )
+        # nothing running changed (boot, test), nothing to return to (the first), or confirmed
+        keep = {generation} | ({deployed.generation} if (deployed := self.store.deployed()) else set())
+        installed = done.record
 
-    async def _confirm_or_roll_back(
-        self, generation: int, broker_was_up: bool, note: RunLog
-    ) -> tuple[Phase, str]:
-        """(IDLE, "") when the switched system still reaches its server; else the rollback's result."""
+        def settle(record: Applied) -> None:
+            self.store.settle(installed, deployed=record, keep=keep)
+
+        note(applied)
+        system = current_system(self.root, operation)
+        return Outcome(generation, version, started, Phase.IDLE, applied, settle, operation, system)
+
+    def _note_install(self, done: Converged, note: RunLog) -> None:
+        note(f"installed into {self.config.root}: {done.summary()}")
+        for label, paths in (
+            ("written", done.written),
+            ("removed (no longer released)", done.removed),
+            ("replaced, changed locally since herald installed it", done.replaced_local),
+            ("replaced, there before herald installed it", done.replaced_other),
+            ("left in place, changed locally since herald installed it", done.left_local),
+            ("not installed, no good copy held", done.unavailable),
+        ):
+            if paths:
+                note(f"{label}: {' '.join('/' + path for path in paths)}")
+        if done.left_local:
+            self.log.warning("left in place, changed locally: {}", " ".join("/" + p for p in done.left_local))
+
+    async def _rebuild(self, manifest: Manifest, tree: Path, note: RunLog) -> tuple[str, float]:
+        """Run the rebuild command: ('', seconds) when it succeeded, else (what failed, seconds)."""
+        try:
+            argv = rebuild_argv(self.config, manifest, tree)
+            note(f"running: {' '.join(argv)}")
+            self.log.info("generation {}: running {}", manifest.generation, argv[0])
+            result = await self.transitions.rebuild(argv, note.stream)
+        except (RebuildError, OSError) as exc:
+            return f"apply failed: {exc}", 0.0
+        if result.returncode is None:
+            return f"rebuild killed after {self.config.rebuild.timeout} (rebuild.timeout)", result.seconds
+        if not result.ok:
+            return f"rebuild failed with exit code {result.returncode}", result.seconds
+        return "", result.seconds
+
+    async def _confirm(self, generation: int, broker_was_up: bool, note: RunLog) -> str | None:
+        """None when the switched system still reaches its server; else what failed."""
         await self.reporter.report(
             Phase.CONFIRMING, target=generation, message=f"confirming generation {generation}"
         )
-        problem = await confirm(
+        return await confirm(
             self.link,
             self.reporter.probe if broker_was_up else None,
             self.config.confirm.health,
             seconds(self.config.confirm.window),
             note,
         )
-        if problem is None:
-            return Phase.IDLE, ""
-        self.log.error("generation {} not confirmed ({}); rolling back", generation, problem)
-        failure = await self._roll_back(note)
-        return (Phase.FAILED, failure) if failure else (Phase.ROLLED_BACK, f"rolled back: {problem}")
 
-    async def _roll_back(self, note: RunLog) -> str:
-        """Run the rollback command; '' on success, else what went wrong."""
-        try:
-            argv = rollback_argv(self.config)
-            note(f"running: {' '.join(argv)}")
-            result = await run_rebuild(argv, timeout=seconds(self.config.rebuild.timeout), log=note.stream)
-        except (RebuildError, OSError) as exc:
-            return f"rollback failed: {exc}"
-        if not result.ok:
-            return f"rollback failed with exit code {result.returncode}"
-        return ""
+    async def _restore(
+        self, journal: Journal, message: str, note: RunLog, started: datetime, *, rolled_back: bool
+    ) -> Outcome:
+        """The apply of `journal` failed: back to the files and, if the switch happened or the
+        system moved, the exact system from before it."""
+        moved = journal.system is not None and current_system(self.root, journal.operation) != journal.system
+        phase = Phase.ROLLED_BACK if rolled_back else Phase.FAILED
+        record = Applied(
+            generation=journal.generation,
+            version=journal.version,
+            at=now(),
+            message=message,
+            phase=phase if rolled_back else None,
+        )
+        restore = self.transitions.restore_journal(journal, record, switch_back=rolled_back or moved)
+        if restore.switch_back and not rolled_back:
+            note(f"the system moved; returning to {journal.system}")
+        installed, failure = await self.transitions.restore(restore, note, note.stream)
+        if failure:
+            phase, message = Phase.FAILED, f"{message}; {failure}"
+
+        def settle(_: Applied) -> None:
+            self.transitions.settle_restore(restore, installed, failure)
+
+        note(message)
+        return Outcome(journal.generation, journal.version, started, phase, message, settle)
 
     async def _finish(self, outcome: Outcome, running_log: Path) -> State:
         result = {Phase.IDLE: "applied", Phase.ROLLED_BACK: "rolled-back"}.get(outcome.phase, "failed")
         log_path = running_log.with_name(log_name(outcome.started, outcome.generation, result))
         running_log.replace(log_path)
         record = Applied(
-            generation=outcome.generation, version=outcome.version, at=now(), message=outcome.message
+            generation=outcome.generation,
+            version=outcome.version,
+            at=now(),
+            message=outcome.message,
+            operation=outcome.operation,
+            system=outcome.system,
+            phase=Phase.ROLLED_BACK if outcome.phase is Phase.ROLLED_BACK else None,
         )
-        deployed = self.store.deployed()
         # The records are fsynced in a thread: the loop keeps answering the broker and the page.
+        # A failed generation is not applied again until a new generation or a forced request.
+        await asyncio.to_thread(outcome.settle or self.store.set_failed, record)
+        self.changed_host = outcome.phase in (Phase.IDLE, Phase.ROLLED_BACK)
         if outcome.phase is Phase.IDLE:
-            keep = {outcome.generation} | ({deployed.generation} if deployed else set())
-
-            def settle() -> None:
-                self.store.set_deployed(record)
-                self.store.prune(keep)
-
-            await asyncio.to_thread(settle)
             self.log.info("{}", outcome.message)
-        else:  # not applied again until a new generation or a forced request
-            await asyncio.to_thread(self.store.set_failed, record)
+        else:
             self.log.error("generation {}: {}", outcome.generation, outcome.message)
         await self._upload_log(log_path)
         target = max(outcome.generation, self.reporter.state.target_generation)

@@ -6,6 +6,10 @@
 <state>/deployed.json                 the last generation applied successfully
 <state>/previous.json                 the one deployed before it (what a rollback returns to)
 <state>/failed.json                   the last generation that failed (not retried in a loop)
+<state>/installed.json                what herald's files in the root are: the install record
+<state>/journal.json                  an install, restore or rollback in progress (written before
+                                      the root is touched; finished or undone at the next start)
+<state>/rebuild.pid                   the rebuild command running for it (pid and start time)
 <state>/commands.json                 ids of commands already executed
 <state>/publisher.pub                 the publisher key, pinned on first use
 <state>/broker.secret                 the broker secret read from the server (0600)
@@ -16,14 +20,17 @@ import os
 import re
 import shutil
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
 import msgspec
 
-from protocol.files import write_atomic
-from protocol.messages import Timestamp, Version
+from client.install import InstallRecord, empty, record_of
+from protocol.files import fsync_dir, write_atomic
+from protocol.messages import Phase, Timestamp, Version
 from protocol.release import Manifest
+from protocol.settings import Operation
 
 _KEEP_COMMANDS: Final = 200
 
@@ -33,6 +40,37 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
     version: Version
     at: Timestamp
     message: str = ""
+    operation: Operation | None = None
+    system: str | None = None  # the store path the operation left (for a rollback to return to)
+    phase: Phase | None = None  # of a failed record: FAILED (None) or ROLLED_BACK
+
+
+class Step(StrEnum):
+    APPLY = "apply"  # installing a new generation and rebuilding: undone if interrupted
+    RESTORE = "restore"  # returning to the generation before (failure, rollback): finished if interrupted
+
+
+class Journal(msgspec.Struct, frozen=True, kw_only=True):
+    """The transition in progress, written (durably) before the root is touched."""
+
+    step: Step
+    generation: int  # the generation applied, failed or rolled back from
+    version: Version
+    operation: Operation
+    before: InstallRecord  # the files when the step began
+    target: InstallRecord  # the files the step installs
+    new_dirs: list[str] = []  # directories below the root the step may create
+    system: str | None = None  # APPLY: the system before the rebuild; RESTORE: the one to return to
+    switch_back: bool = False  # RESTORE: the system is still to be returned to `system`
+    outcome: Applied | None = None  # RESTORE: the record of the generation that failed
+    rolled_back: bool = False  # RESTORE for the rollback command: `previous` becomes deployed
+
+
+class Rebuilding(msgspec.Struct, frozen=True):
+    """The rebuild (or rollback) command running for the journal's step."""
+
+    pid: int
+    started: int  # its start time in clock ticks after boot (/proc/PID/stat), against pid reuse
 
 
 class _Commands(msgspec.Struct):
@@ -98,6 +136,82 @@ class Store:
 
     def set_failed(self, record: Applied) -> None:
         write_atomic(self.root / "failed.json", msgspec.json.encode(record), mode=0o600)
+
+    def settle(
+        self,
+        installed: InstallRecord | None,
+        *,
+        deployed: Applied | None = None,
+        keep: set[int] | None = None,
+        rolled_back: bool = False,
+        failed: Applied | None = None,
+    ) -> None:
+        """End a step: its outcome's records first, then what the root holds, then the journal
+        (a step interrupted in between is recognised by its outcome being recorded)."""
+        if deployed is not None:
+            self.set_deployed(deployed)
+            if keep is not None:
+                self.prune(keep)
+        if rolled_back:
+            self.rolled_back()
+        if failed is not None:
+            self.set_failed(failed)
+        if installed is not None:
+            self.set_installed(installed)
+        self.end()
+
+    # ---------------------------------------------------------------- install records
+
+    def installed(self, root: Path) -> InstallRecord:
+        """What herald's files in `root` are. An agent that kept no record yet (an earlier
+        version) installed all of its deployed generation's files/: that is the record."""
+        try:
+            record = msgspec.json.decode((self.root / "installed.json").read_bytes(), type=InstallRecord)
+        except FileNotFoundError:
+            deployed = self.deployed()
+            manifest = self.manifest(deployed.generation) if deployed is not None else None
+            return record_of(manifest, root) if manifest is not None else empty(root)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return empty(root)  # damaged: herald forgets its files rather than remove one it guessed
+        return record if record.root == str(root) else empty(root)
+
+    def set_installed(self, record: InstallRecord) -> None:
+        write_atomic(self.root / "installed.json", msgspec.json.encode(record), mode=0o600)
+
+    def journal(self) -> Journal | None:
+        try:
+            return msgspec.json.decode((self.root / "journal.json").read_bytes(), type=Journal)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None  # torn before it was complete: nothing was touched yet
+
+    def begin(self, journal: Journal) -> None:
+        """Record the step durably before anything of it happens."""
+        write_atomic(self.root / "journal.json", msgspec.json.encode(journal), mode=0o600)
+
+    def end(self) -> None:
+        (self.root / "rebuild.pid").unlink(missing_ok=True)
+        try:
+            (self.root / "journal.json").unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.root)
+
+    def rebuilding(self) -> Rebuilding | None:
+        try:
+            return msgspec.json.decode((self.root / "rebuild.pid").read_bytes(), type=Rebuilding)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    def set_rebuilding(self, running: Rebuilding | None) -> None:
+        """Not fsynced: after a power loss the command is gone anyway."""
+        if running is None:
+            (self.root / "rebuild.pid").unlink(missing_ok=True)
+        else:
+            write_atomic(self.root / "rebuild.pid", msgspec.json.encode(running), mode=0o600, durable=False)
+
+    # ---------------------------------------------------------------- commands
 
     def command_done(self, command_id: str) -> bool:
         return command_id in self._commands().done

@@ -110,7 +110,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from client.agent import Agent
     from protocol.messages import Phase
 
-    agent = Agent(load(args.config, AgentConfig))
+    agent = Agent(load(args.config, AgentConfig), args.config)
     if args.once:
         state = _run(agent.once(urgent=args.now))
         deployed = state.deployed_generation
@@ -124,6 +124,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _run(agent.run())
     except asyncio.CancelledError:
         logger.info("agent stopped")
+    if agent.restart_requested:  # a deployment changed agent.toml or the herald package
+        from client.restart import execute_again
+
+        execute_again()
     return 0
 
 

@@ -2,17 +2,21 @@
 
     python -m herald.standin --record FILE [--control DIR] [--root ROOT] OPERATION ARG...
 
-Appends one JSON line to FILE: the time it started and its arguments. If DIR/sleep exists, it
-then sleeps that many seconds; if DIR/fail exists it exits 1; if DIR/hang exists it sleeps
-until killed. If DIR/system names a directory (a system with kernel, initrd and
-kernel-modules links), it points ROOT/nix/var/nix/profiles/system at it for `switch` and
-`boot`, and ROOT/run/current-system for `switch` and `test`, as nixos-rebuild does. It never
-touches the system.
+Appends one JSON line to FILE: the time it started, its arguments and the system it switches
+to ("system", when DIR/system names one and it will not fail). If DIR/sleep exists, it then
+sleeps that many seconds; if DIR/fail exists it exits 1; if DIR/hang exists it sleeps until
+killed. If DIR/system names a directory (a system with kernel, initrd and kernel-modules
+links), it points ROOT/nix/var/nix/profiles/system at it for `switch` and `boot`, and
+ROOT/run/current-system for `switch` and `test`, as nixos-rebuild does. If that system is a
+real store path with bin/switch-to-configuration, it does what nixos-rebuild does with it:
+`nix-env --profile ROOT/nix/var/nix/profiles/system --set SYSTEM` (switch, boot), then
+`SYSTEM/bin/switch-to-configuration OPERATION`. It never touches the machine's own system.
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +36,16 @@ def activate(root: Path, system: str, operation: str) -> None:
         temporary.replace(path)
 
 
+def activate_store_path(root: Path, system: str, operation: str) -> int:
+    """As nixos-rebuild with a built system: set the profile (a new generation only if the path
+    differs, as Nix does), then run the system's own switch-to-configuration."""
+    if operation in ("switch", "boot"):
+        profile = root / "nix/var/nix/profiles/system"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["nix-env", "--profile", str(profile), "--set", system], check=True)  # noqa: S607
+    return subprocess.run([f"{system}/bin/switch-to-configuration", operation], check=False).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="herald.standin")
     parser.add_argument("--record", type=Path, required=True)
@@ -39,11 +53,16 @@ def main() -> int:
     parser.add_argument("--root", type=Path)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
+    control = options.control
     entry = {"t": time.time(), "pid": os.getpid(), "args": options.args}
+    system = None
+    if control is not None and options.root is not None and (control / "system").exists():
+        system = (control / "system").read_text().strip()
+        if not (control / "fail").exists():
+            entry["system"] = system
     with options.record.open("a", encoding="utf-8") as record:
         record.write(json.dumps(entry) + "\n")
     print(f"stand-in rebuild: {' '.join(options.args)}")
-    control = options.control
     if control is not None and (control / "sleep").exists():
         time.sleep(float((control / "sleep").read_text()))
     if control is not None and (control / "hang").exists():
@@ -52,8 +71,13 @@ def main() -> int:
     if control is not None and (control / "fail").exists():
         print("failing on purpose", file=sys.stderr)
         return 1
-    if control is not None and options.root is not None and (control / "system").exists():
-        activate(options.root, (control / "system").read_text().strip(), options.args[0])
+    if system is not None and options.root is not None:
+        if Path(system, "bin", "switch-to-configuration").exists():
+            code = activate_store_path(options.root, system, options.args[0])
+            if code != 0:
+                return code
+        else:
+            activate(options.root, system, options.args[0])
     print("done")
     return 0
 

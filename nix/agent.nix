@@ -7,8 +7,11 @@ let
   format = pkgs.formats.toml { };
   schema = builtins.fromJSON (builtins.readFile ./schema/agent.json);
 
-  # agent.toml, from the options below (nix/lib.nix); `settings` is merged over them.
-  settings = lib.recursiveUpdate (herald.agentSettings cfg) cfg.settings;
+  # agent.toml, from the options below (nix/lib.nix); `settings` is merged over them. After a
+  # deployment that changed agent.toml or the package, the agent asks systemd to restart it, so
+  # that the unit's new ExecStart (the new package) runs: the switch itself does not restart it.
+  restart = { restart.command = [ "${config.systemd.package}/bin/systemctl" "--no-block" "restart" "herald-agent.service" ]; };
+  settings = lib.recursiveUpdate (lib.recursiveUpdate (herald.agentSettings cfg) restart) cfg.settings;
   unknown = herald.unknownKeys schema settings;
   knownHosts = pkgs.writeText "herald-known-hosts"
     "[${cfg.server.address}]:${toString cfg.server.port} ${cfg.server.hostKey}\n";
@@ -130,7 +133,8 @@ in
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" ];
       wants = [ "network-online.target" ];
-      # The agent runs the switch that would restart it: it must survive it.
+      # The agent runs the switch that would restart it: it must survive it. It restarts itself
+      # afterwards, once the switch is confirmed, if agent.toml or the package changed.
       restartIfChanged = false;
       path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git ]
         ++ lib.optional cfg.notify.enable pkgs.libnotify;

@@ -284,18 +284,22 @@ class AgentRebuild(_Settings, frozen=True, kw_only=True):
     Placeholders: {operation} {dir} {host} {flake}. Without `command`, herald runs
     `nixos-rebuild {operation} --flake {dir}#{flake}` for a release with flake.nix and
     `nixos-rebuild {operation} -I nixos-config={dir}/configuration.nix` otherwise.
-    `rollback` returns to the system deployed before (after a failed confirmation, or on a
-    `rollback` command).
+
+    A rollback (a switch not confirmed, a rebuild that failed after the system moved, the
+    `rollback` command) returns to the exact store path recorded before: without `rollback`,
+    `nix-env --profile /nix/var/nix/profiles/system --set {system}` and
+    `{system}/bin/switch-to-configuration {operation}`; with it, that argv (placeholders
+    {system} {operation} {host}) instead.
     """
 
     command: list[str] | None = None
     operation: Operation | None = None
     timeout: Duration = "1h"
-    rollback: list[str] = msgspec.field(default_factory=lambda: ["nixos-rebuild", "switch", "--rollback"])
+    rollback: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_placeholders("command", self.command or [], {"operation", "dir", "host", "flake"})
-        check_placeholders("rollback", self.rollback, {"host"})
+        check_placeholders("rollback", self.rollback or [], {"host", "system", "operation"})
 
 
 class AgentConfirm(_Settings, frozen=True, kw_only=True):
@@ -355,6 +359,15 @@ class AgentNotify(_Settings, frozen=True, kw_only=True):
         check_placeholders("command", self.command or [], {"summary", "body", "urgency"})
 
 
+class AgentRestart(_Settings, frozen=True, kw_only=True):
+    """After a confirmed deployment that changed agent.toml or the herald package, the agent
+    restarts itself: it runs `command` (e.g. `systemctl --no-block restart herald-agent.service`,
+    which the NixOS module sets, so that systemd starts the new package), else it executes itself
+    again with the same arguments."""
+
+    command: list[str] | None = None
+
+
 class AgentConfig(_Settings, frozen=True, kw_only=True):
     host: str
     ssh_key: str
@@ -369,6 +382,7 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     postpone: AgentPostpone = AgentPostpone()
     reboot: AgentReboot = AgentReboot()
     notify: AgentNotify = AgentNotify()
+    restart: AgentRestart = AgentRestart()
     trigger: Loopback = "127.0.0.1:9999"  # the local page with an "Update now" button; or "off"
 
     def __post_init__(self) -> None:

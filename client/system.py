@@ -1,0 +1,57 @@
+"""The running NixOS system: which store path it is, and returning to exactly one.
+
+Before a rebuild the agent records the system that runs (`/run/current-system`, or for `boot`
+the system profile); a rollback switches to exactly that path:
+
+    nix-env -p /nix/var/nix/profiles/system --set PATH     (switch and boot)
+    PATH/bin/switch-to-configuration switch|boot|test
+
+never "one profile generation back": Nix makes no new generation when a profile is set to the
+path it has (a release that changes only files/, a forced rebuild), so `--rollback` can go back
+two systems (FINDINGS.md). Paths are read under the agent's `root`, as every path it installs.
+"""
+
+from pathlib import Path
+from typing import Final
+
+from protocol.settings import Operation
+
+PROFILE: Final = "nix/var/nix/profiles/system"
+CURRENT: Final = "run/current-system"
+STORE: Final = "/nix/store/"
+_MAX_LINKS: Final = 40
+
+
+def system_link(operation: Operation) -> str:
+    """Which link says what the operation changed: the profile for boot, else the running system."""
+    return PROFILE if operation is Operation.BOOT else CURRENT
+
+
+def current_system(root: Path, operation: Operation) -> str | None:
+    """The store path (as seen on the machine) that `operation` would replace, or None."""
+    return store_path(root, system_link(operation))
+
+
+def store_path(root: Path, link: str) -> str | None:
+    """Follow `link` (a path below `root`) through links until a /nix/store path; None if it
+    is not a link to one (not NixOS, or no system yet)."""
+    here = root / link
+    for _ in range(_MAX_LINKS):
+        try:
+            target = str(here.readlink())
+        except OSError:
+            return None
+        if target.startswith(STORE):
+            name = target.removeprefix(STORE).split("/", 1)[0]
+            return STORE + name if name else None
+        here = root / target.lstrip("/") if target.startswith("/") else here.parent / target
+    return None
+
+
+def rollback_commands(root: Path, system: str, operation: Operation) -> list[list[str]]:
+    """The commands that make `system` the one running (switch, test) or booting next (boot)."""
+    commands = []
+    if operation is not Operation.TEST:
+        commands.append(["nix-env", "--profile", str(root / PROFILE), "--set", system])
+    commands.append([f"{system}/bin/switch-to-configuration", operation.value])
+    return commands

@@ -1,0 +1,644 @@
+"""One host over many generations, as a real host lives them: every step must leave the root
+holding exactly what the deployed generation released, the system it recorded, and a status
+that tells the truth.
+
+Real servers and processes throughout (herald serve, or OpenSSH with herald serve as the broker;
+the agent; real Nix profiles and store paths built here). The one stand-in is the rebuild
+command (herald.standin), which sets the Nix profile and runs the built system's own
+switch-to-configuration as nixos-rebuild would; each built system's switch-to-configuration
+records what it was asked to do.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import stat
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import (
+    HERALD,
+    Agent,
+    Fleet,
+    Proc,
+    Serve,
+    Watcher,
+    current_generation,
+    herald,
+    make_agent,
+    need,
+    need_root,
+    read_release,
+    start_serve,
+    wait_until,
+)
+from openssh import OpenSSH, start_sshd
+from test_agent_loop import free_port
+
+from protocol.messages import Phase, State
+
+NIX_OPTIONS = ["--option", "sandbox", "false", "--option", "build-users-group", ""]
+NIX_OPTIONS += ["--option", "substituters", ""]
+
+# Systems built by Nix without nixpkgs: a store path whose bin/switch-to-configuration records its
+# operation and, for switch and test, points ROOT/run/current-system at itself.
+SYSTEMS_NIX = r"""
+{ root, names }:
+map (name: derivation {
+  inherit name root;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  args = [ "-c" ''
+    mkdir -p $out/bin
+    cat > $out/bin/switch-to-configuration <<EOF
+    #!/bin/sh
+    set -e
+    echo "\$1 $out" >> $root/switched
+    case "\$1" in
+      switch|test)
+        mkdir -p $root/run
+        ln -sfn $out $root/run/.current-system.new
+        mv -T $root/run/.current-system.new $root/run/current-system;;
+    esac
+    EOF
+    chmod +x $out/bin/switch-to-configuration
+  '' ];
+}) names
+"""
+
+HOST = "alpha"
+CONFIG = "etc/herald/agent.toml"  # where the agent's own settings live, installed by herald
+SITE = "usr/lib/herald-site"  # on the agent's PYTHONPATH: a newer herald package lands here
+STEP = 40.0
+
+
+def build_systems(where: Path, root: Path, count: int) -> list[str]:
+    """`count` distinct systems (real store paths), built with nix-build as root."""
+    need_root()
+    need("nix-build")
+    need("nix-env")
+    expression = where / "systems.nix"
+    expression.write_text(SYSTEMS_NIX)
+    names = "[ " + " ".join(f'"system-{index}"' for index in range(count)) + " ]"
+    built = subprocess.run(
+        [
+            "nix-build",
+            str(expression),
+            "--no-out-link",
+            "--argstr",
+            "root",
+            str(root),
+            "--arg",
+            "names",
+            names,
+            *NIX_OPTIONS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    paths = built.stdout.split()
+    assert len(paths) == count, built.stdout
+    return paths
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def released(state: Path, generation: int) -> dict[str, tuple[int, str]]:
+    """What generation `generation` releases into the root: path -> (mode, sha256)."""
+    manifest = json.loads(read_release(state, HOST, generation)[0])
+    return {
+        path.removeprefix("files/"): (mode, sha256)
+        for path, mode, _size, sha256 in manifest["content"]["files"]
+        if path.startswith("files/")
+    }
+
+
+def managed(root: Path, others: set[str]) -> dict[str, tuple[int, str]]:
+    """Every file in the root but the system's links (run/, nix/) and the files known not to be
+    herald's: path -> (mode, sha256). A leftover temporary file shows up here too."""
+    found: dict[str, tuple[int, str]] = {}
+    for directory, dirs, files in os.walk(root):
+        relative_dir = Path(directory).relative_to(root)
+        if relative_dir == Path():
+            dirs[:] = [d for d in dirs if d not in ("run", "nix")]
+        for name in files + [d for d in dirs if (Path(directory) / d).is_symlink()]:
+            path = Path(directory) / name
+            relative = str(relative_dir / name) if relative_dir != Path() else name
+            if relative in others or name == "switched":
+                continue
+            info = path.lstat()
+            assert stat.S_ISREG(info.st_mode), f"/{relative} is not a regular file"
+            found[relative] = (stat.S_IMODE(info.st_mode), digest(path))
+    return found
+
+
+@dataclass
+class Host:
+    """Alpha's agent, its root, its server, and what the test knows of them."""
+
+    fleet: Fleet
+    state: Path
+    tmp: Path
+    logs: Path
+    serve: Serve  # what agents are pointed at (for OpenSSH: sshd's port and key, serve's broker)
+    broker: Serve  # the herald serve process (embedded SFTP, or the broker beside OpenSSH)
+    openssh: bool
+    agent: Agent
+    systems: list[str]
+    watcher: Watcher
+    page: str
+    slow: Path
+    sshd: OpenSSH | None  # while it exists, every publish's check takes longer than the confirm window
+    others: set[str] = field(default_factory=set)  # files in the root that are not herald's
+    proc: Proc | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.agent.home / "root"
+
+    @property
+    def control(self) -> Path:
+        return self.agent.control
+
+    # ------------------------------------------------------------ acting
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root / SITE), env.get("PYTHONPATH")]))
+        argv = [*HERALD, "agent", "--config", str(self.root / CONFIG)]
+        self.proc = Proc("agent-alpha", argv, self.agent.home / "agent.log", env)
+        self.agent.proc = self.proc
+
+    def publish(self, system: int, *, announce: bool = True) -> int:
+        """Publish the fleet as edited, the rebuild stand-in set to switch to `systems[system]`."""
+        (self.control / "system").write_text(self.systems[system])
+        broker = ["--broker", self.broker.mqtt] if announce else []
+        done = herald("publish", "--fleet", str(self.fleet.root), "--state", str(self.state), *broker)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return current_generation(self.state, HOST)
+
+    def edit(self, path: str, text: str, mode: int | None = None) -> None:
+        self.fleet.edit(HOST, f"files/{path}", text)
+        if mode is not None:
+            (self.fleet.root / "hosts" / HOST / "files" / path).chmod(mode)
+
+    def remove(self, path: str) -> None:
+        (self.fleet.root / "hosts" / HOST / "files" / path).unlink()
+
+    def configure(self, text: str) -> None:
+        self.fleet.edit(HOST, "configuration.nix", f"{{ ... }}: {{ {text} }}\n")
+
+    def trigger(self, action: str = "check") -> None:
+        done = herald(
+            "trigger", "--broker", self.broker.mqtt, "--state", str(self.state), "--action", action, HOST
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def press_update_now(self) -> None:
+        """The local page's button: a check without any new connection to the server."""
+        with urllib.request.urlopen(self.page, timeout=10) as response:  # noqa: S310 - loopback
+            token = re.search(r'name="token" value="([^"]+)"', response.read().decode())
+        assert token is not None
+        request = urllib.request.Request(self.page + "check", data=f"token={token[1]}".encode())  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            assert response.status == 200
+
+    # ------------------------------------------------------------ looking
+
+    def wait(self, what: str, check, timeout: float = STEP) -> State:
+        return self.watcher.wait_state(HOST, check, what, timeout)
+
+    def seen(self, since: int, check, what: str, timeout: float = STEP) -> State:
+        """The first state reported after the first `since` that passes `check`."""
+
+        def found() -> State | None:
+            return next((s for s in self.watcher.states(HOST)[since:] if check(s)), None)
+
+        result: State = self.watcher.wait_for(found, f"{HOST}: {what}", timeout)
+        return result
+
+    def settled(self, generation: int, phase: Phase, deployed: int, timeout: float = STEP) -> State:
+        return self.wait(
+            f"{phase} at generation {generation} (deployed {deployed})",
+            lambda s: (
+                s.phase is phase and s.target_generation == generation and s.deployed_generation == deployed
+            ),
+            timeout,
+        )
+
+    def record(self, name: str) -> dict:
+        path = self.agent.home / "state" / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def system(self, link: str) -> str:
+        """The store path a system link in the root points to, through the profile's links."""
+        path = self.root / link
+        while True:
+            target = str(path.readlink())
+            if target.startswith("/nix/store/"):
+                return target
+            path = path.parent / target
+
+    def status(self) -> str:
+        done = herald("status", "--broker", self.broker.mqtt, "--state", str(self.state), "--json")
+        (host,) = [row for row in json.loads(done.stdout) if row["host"] == HOST]
+        return host["status"]
+
+    def check(self, deployed: int, system: int, status: str) -> None:
+        """The root holds exactly what `deployed` released; the system is `systems[system]`
+        (running and recorded); `herald status` says `status`."""
+        assert self.record("deployed.json")["generation"] == deployed
+        assert managed(self.root, self.others) == released(self.state, deployed)
+        assert not (self.agent.home / "state" / "journal.json").exists()
+        assert self.system("run/current-system") == self.systems[system]
+        assert self.system("nix/var/nix/profiles/system") == self.systems[system]
+        assert self.record("deployed.json")["system"] == self.systems[system]
+        assert wait_until(lambda: self.status() == status, f"herald status says {status}", 15)
+
+    def switches(self) -> list[str]:
+        path = self.root / "switched"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+def serve_beside_openssh(fleet: Fleet, state: Path, logs: Path, mqtt: str = "127.0.0.1:0") -> Serve:
+    return start_serve(fleet, state, logs, mqtt=mqtt, sftp="off")
+
+
+@pytest.fixture(params=["embedded", "openssh"])
+def host(request, fleet: Fleet, state: Path, logs: Path, tmp_path: Path):
+    systems = build_systems(tmp_path, tmp_path / "agents" / HOST / "root", 8)
+    slow = tmp_path / "slow-check"
+    # A check that takes longer than the confirmation window when `slow` exists: a server that
+    # publishes before it listens keeps agents from confirming while it runs.
+    with (fleet.root / "fleet.toml").open("a") as toml:
+        toml.write(f'\n[publish]\ncheck = ["sh", "-c", "test -e {slow} && sleep 12; exit 0"]\n')
+    openssh = request.param == "openssh"
+    sshd = None
+    if openssh:
+        sshd = start_sshd(fleet, state, tmp_path, logs)
+        broker = serve_beside_openssh(fleet, state, logs)
+        serve = Serve(broker.proc, state, broker.mqtt, sshd.port, sshd.host_key)
+    else:
+        broker = serve = start_serve(fleet, state, logs)
+    page_port = free_port()
+    agent = make_agent(fleet, HOST, serve, tmp_path, confirm="10s", trigger=f"127.0.0.1:{page_port}")
+    text = agent.config.read_text()
+    text = re.sub(r"\nrollback = .*\n", "\n", text)  # herald's own exact rollback, not a stand-in
+    text = text.replace(
+        'window = "10s"', f'window = "10s"\nhealth = ["sh", "-c", "test ! -e {agent.control}/unhealthy"]'
+    )
+    root = agent.home / "root"
+    (root / "etc" / "herald").mkdir(parents=True)
+    (root / CONFIG).write_text(text)  # as the machine had it before herald managed it
+    (root / "etc" / "local.conf").write_text("the host's own file, never herald's\n")
+    fleet.edit(HOST, f"files/{CONFIG}", text)  # the fleet manages the agent's settings too
+    watcher = Watcher(broker.mqtt, state)
+    page = f"http://127.0.0.1:{page_port}/"
+    made = Host(
+        fleet, state, tmp_path, logs, serve, broker, openssh, agent, systems, watcher, page, slow, sshd
+    )
+    made.others = {"etc/local.conf"}
+    yield made
+    if made.proc is not None:
+        made.proc.stop()
+    watcher.close()
+    made.broker.stop()
+    if sshd is not None:
+        sshd.stop()
+
+
+# ---------------------------------------------------------------- the walk
+
+
+@pytest.mark.timeout(900)
+def test_one_host_through_many_generations(host: Host):
+    walk: dict = {}
+    for step in STEPS:
+        step(host, walk)
+
+
+def first_deployment(host: Host, walk: dict) -> None:
+    """The first deployment (never rolled back), over a root that already had files."""
+    generation = host.publish(0)
+    host.start()
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 0, "up to date")
+    assert (host.root / "etc" / "local.conf").exists()
+
+    walk["generation"] = generation
+
+
+def files_added(host: Host, walk: dict) -> None:
+    """Two files added."""
+    host.edit("etc/added", "added\n")
+    host.edit("etc/tweaked", "tweaked\n")
+    host.configure("step = 2;")
+    generation = host.publish(1)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 1, "up to date")
+
+    walk["generation"] = generation
+
+
+def mode_changed(host: Host, walk: dict) -> None:
+    """A mode changed, and nothing else: the same system again (Nix adds no profile generation)."""
+    host.edit("etc/added", "added\n", mode=0o600)
+    generation = host.publish(1)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 1, "up to date")
+    assert (host.root / "etc" / "added").stat().st_mode & 0o777 == 0o600
+
+    walk["generation"] = generation
+
+
+def files_deleted(host: Host, walk: dict) -> None:
+    """Both deleted; one was changed on the host meanwhile: left in place, reported, not herald's."""
+    (host.root / "etc" / "tweaked").write_text("changed on the host\n")
+    host.remove("etc/added")
+    host.remove("etc/tweaked")
+    host.configure("step = 4;")
+    generation = host.publish(2)
+    state = host.settled(generation, Phase.IDLE, generation)
+    assert "left in place, changed locally: /etc/tweaked" in state.message
+    assert not (host.root / "etc" / "added").exists()
+    assert (host.root / "etc" / "tweaked").read_text() == "changed on the host\n"
+    host.others.add("etc/tweaked")
+    host.check(generation, 2, "up to date")
+
+    walk["generation"] = generation
+
+
+def file_renamed(host: Host, walk: dict) -> None:
+    """A file renamed, into a directory herald creates."""
+    walk["motd"] = motd = (host.fleet.root / "hosts" / HOST / "files" / "etc" / "motd").read_text()
+    host.remove("etc/motd")
+    host.edit("etc/motd.d/welcome", motd)
+    host.configure("step = 5;")
+    generation = host.publish(3)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 3, "up to date")
+    walk["before"] = generation
+
+    walk["generation"] = generation
+
+
+def only_files_changed(host: Host, walk: dict) -> None:
+    """Only files/ changed: the same system set again, so the profile gets no new generation."""
+    motd = walk["motd"]
+    host.edit("etc/motd.d/welcome", motd + "only files changed\n")
+    generation = host.publish(3)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 3, "up to date")
+    profiles = host.root / "nix" / "var" / "nix" / "profiles"
+    links = sorted(p.name for p in profiles.iterdir() if p.name.startswith("system-"))
+    assert links == ["system-1-link", "system-2-link", "system-3-link", "system-4-link"]
+
+    walk["generation"] = generation
+
+
+def rollback_command(host: Host, walk: dict) -> None:
+    """The rollback command: back to generation 5's files and its exact system (system 3), where "one
+    profile generation back" would have gone to system 2."""
+    generation = walk["generation"]
+    profiles = host.root / "nix" / "var" / "nix" / "profiles"
+    assert str((profiles / "system-3-link").readlink()) == host.systems[2]
+    host.trigger("rollback")
+    state = host.settled(generation, Phase.ROLLED_BACK, walk["before"])
+    assert state.message == f"rolled back from generation {generation} to {walk['before']}"
+    assert host.switches()[-1] == f"switch {host.systems[3]}"
+    host.check(walk["before"], 3, "rolled back")
+    since = len(host.watcher.states(HOST))
+    host.trigger("check")  # a rolled-back generation is not applied again by itself
+    host.seen(since, lambda s: s.phase is Phase.CHECKING, "the check")
+    host.seen(since, lambda s: s.phase is Phase.ROLLED_BACK, "still rolled back")
+    host.check(walk["before"], 3, "rolled back")
+
+
+def after_the_rollback(host: Host, walk: dict) -> None:
+    """A new generation after it."""
+    host.configure("step = 8;")
+    generation = host.publish(4)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 4, "up to date")
+    walk["good"] = generation
+
+    walk["generation"] = generation
+
+
+def failed_rebuild(host: Host, walk: dict) -> None:
+    """A failed rebuild: its new file does not stay behind."""
+    host.edit("etc/failing", "from a generation that fails\n")
+    (host.control / "fail").touch()
+    generation = host.publish(5)
+    state = host.settled(generation, Phase.FAILED, walk["good"])
+    assert "rebuild failed with exit code 1" in state.message
+    host.check(walk["good"], 4, "failed")
+    (host.control / "fail").unlink()
+    host.remove("etc/failing")
+
+    walk["generation"] = generation
+
+
+def not_confirmed(host: Host, walk: dict) -> None:
+    """A switch that is not confirmed: back to the exact system and the files before it."""
+    host.edit("etc/unconfirmed", "from a switch that is not confirmed\n")
+    host.configure("step = 10;")
+    (host.control / "unhealthy").touch()
+    generation = host.publish(6)
+    state = host.settled(generation, Phase.ROLLED_BACK, walk["good"], timeout=STEP + 10)
+    assert "rolled back: health command sh exited with 1" in state.message
+    assert host.switches()[-2:] == [f"switch {host.systems[6]}", f"switch {host.systems[4]}"]
+    host.check(walk["good"], 4, "rolled back")
+    (host.control / "unhealthy").unlink()
+    host.remove("etc/unconfirmed")
+
+    walk["generation"] = generation
+
+
+def server_restart(host: Host, walk: dict) -> None:
+    """The server restarts inside the confirmation window, with a long publish to run."""
+    host.configure("step = 11;")
+    (host.control / "sleep").write_text("2")
+    generation = host.publish(7)
+    wait_until(
+        lambda: len(host.agent.rebuilds()) and host.agent.rebuilds()[-1].get("system") == host.systems[7],
+        "the switch started",
+    )
+    host.broker.stop()
+    host.slow.touch()
+    host.fleet.edit("gamma", "configuration.nix", "{ ... }: { slow = true; }\n")
+    mqtt = host.broker.mqtt.removeprefix("mqtt://")
+    if host.openssh:
+        host.broker = serve_beside_openssh(host.fleet, host.state, host.logs, mqtt)
+    else:
+        sftp = f"127.0.0.1:{host.serve.sftp_port}"
+        host.broker = host.serve = start_serve(host.fleet, host.state, host.logs, mqtt=mqtt, sftp=sftp)
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 7, "up to date")
+    host.slow.unlink()
+    (host.control / "sleep").unlink()
+
+    walk["generation"] = generation
+
+
+def descriptors_exhausted(host: Host, walk: dict) -> None:
+    """The server runs out of file descriptors in the middle of a fetch: the host reports the server busy
+    and tries again, and applies the generation once the server recovers."""
+    for index in range(6):
+        host.edit(f"srv/data/{index}", os.urandom(8).hex() + "\n")
+    host.press_update_now()  # nothing new yet: the connection is there to be measured
+    host.seen(len(host.watcher.states(HOST)) - 1, lambda s: s.message == "up to date", "checked")
+    generation = host.publish(7, announce=False)
+    seen = len(host.watcher.states(HOST))
+    limited = starve_descriptors(host)
+    try:
+        host.press_update_now()
+        busy = host.seen(seen, lambda s: s.message.startswith("server unreachable or busy"), "busy")
+    finally:
+        restore_descriptors(limited)
+    assert "Too many open files" in busy.message or host.openssh, busy.message
+    host.settled(generation, Phase.IDLE, generation)
+    states = host.watcher.states(HOST)[seen:]
+    assert not [s for s in states if s.phase is Phase.FAILED], [s.message for s in states]
+    assert not (host.agent.home / "state" / "failed.json").exists()
+    host.check(generation, 7, "up to date")
+
+    walk["generation"] = generation
+
+
+def killed_during_install(host: Host, walk: dict) -> None:
+    """kill -9 in the middle of an install: finished or undone at the next start."""
+    for index in range(80):
+        host.edit(f"srv/many/{index:03d}", f"{index} {random.random()}\n")
+    generation = host.publish(7)
+    journal = host.agent.home / "state" / "journal.json"
+    poll_fast(journal.exists, "the install began")
+    time.sleep(random.uniform(0, 0.05))
+    assert host.proc is not None
+    host.proc.stop(sig=signal.SIGKILL)
+    host.start()
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 7, "up to date")
+
+    walk["generation"] = generation
+
+
+def agent_toml_changed(host: Host, walk: dict) -> None:
+    """A generation that changes agent.toml: the agent restarts itself with it."""
+    assert host.proc is not None
+    pid = host.proc.pid
+    config = (host.root / CONFIG).read_text().replace('poll = "1h"', 'poll = "2h"')
+    host.edit(CONFIG, config)
+    generation = host.publish(7)
+    host.wait("restarting", lambda s: s.message == "restarting: agent.toml changed")
+    wait_until(lambda: host.proc.output().count("starting; state in") == 2, "the agent started again")
+    assert host.proc.pid == pid  # executed itself again: the same process
+    assert host.proc.alive()
+    host.settled(generation, Phase.IDLE, generation)
+    host.check(generation, 7, "up to date")
+
+    walk["generation"] = generation
+
+
+def package_changed(host: Host, walk: dict) -> None:
+    """A generation that brings a newer herald package: restarted, it reports the new version."""
+    host.edit(
+        f"{SITE}/herald-9.9.9.dist-info/METADATA", "Metadata-Version: 2.1\nName: herald\nVersion: 9.9.9\n"
+    )
+    generation = host.publish(7)
+    state = host.wait("the new version", lambda s: s.agent_version == "9.9.9" and s.phase is Phase.IDLE, STEP)
+    assert state.deployed_generation == generation
+    host.check(generation, 7, "up to date")
+
+    walk["generation"] = generation
+
+
+def clean_stop(host: Host, walk: dict) -> None:
+    """A clean stop: shown stopped within a second, not online for three minutes."""
+    host.watcher.marker()
+    stopped = time.monotonic()
+    os.kill(host.proc.pid, signal.SIGTERM)
+    host.watcher.wait_for(
+        lambda: host.watcher.online(HOST) and not host.watcher.online(HOST)[-1].online, "online=false", 1.0
+    )
+    took = time.monotonic() - stopped
+    assert host.proc.popen.wait(15) == 0
+    assert took <= 1.0
+    host.check(walk["generation"], 7, "stopped")
+
+
+STEPS = (
+    first_deployment,
+    files_added,
+    mode_changed,
+    files_deleted,
+    file_renamed,
+    only_files_changed,
+    rollback_command,
+    after_the_rollback,
+    failed_rebuild,
+    not_confirmed,
+    server_restart,
+    descriptors_exhausted,
+    killed_during_install,
+    agent_toml_changed,
+    package_changed,
+    clean_stop,
+)
+
+
+def poll_fast(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.002)
+
+
+def starve_descriptors(host: Host) -> list[tuple[int, int]]:
+    """Leave the SFTP server one descriptor to spare: it can open a file, not two at once.
+    Returns (pid, soft limit before) for each process limited.
+
+    The embedded server is one process. OpenSSH serves each connection from a process of its
+    own, running as the host's user (which root here may not limit: no CAP_SYS_RESOURCE): the
+    listener is limited instead, which every new session inherits, and alpha's session ended,
+    so that the agent's next connection is a new one."""
+    if not host.openssh:
+        pid = host.serve.proc.pid
+        return [(pid, _limit(pid, len(os.listdir(f"/proc/{pid}/fd")) + 1))]
+    assert host.sshd is not None
+    sessions = subprocess.run(["pgrep", "-u", HOST, "sshd"], capture_output=True, text=True, check=False)
+    pids = [int(pid) for pid in sessions.stdout.split()]
+    counts = [len(os.listdir(f"/proc/{pid}/fd")) for pid in pids]
+    assert counts, "no sshd process serving alpha's session"
+    listener = host.sshd.proc.pid
+    # A new session needs a few more than a settled one while it starts; then two files at once.
+    limited = [(listener, _limit(listener, max(counts) + 3))]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    return limited
+
+
+def _limit(pid: int, soft: int) -> int:
+    """Set the soft limit on open files of `pid`; the soft limit it had."""
+    before = int(re.search(r"Max open files\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())[1])
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=True)
+    return before
+
+
+def restore_descriptors(limited: list[tuple[int, int]]) -> None:
+    for pid, soft in limited:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=False)
