@@ -8,7 +8,14 @@ from typing import Any
 from loguru import logger
 
 from broker.fixes import HeraldBroker
+from protocol.listen import check_bindable
 from protocol.topics import DEFAULT_PREFIX
+
+_LISTENERS = {  # what each listener is, and the setting that names its address
+    "default": ("the MQTT broker", "--mqtt, or mqtt in server.toml"),
+    "tls": ("the MQTT broker's TLS listener", "tls.listen in server.toml"),
+    "ws": ("the MQTT broker's WebSocket listener", "websocket in server.toml"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,9 @@ class EmbeddedBroker:
         self._retained_watchers.append(watcher)
 
     async def start(self) -> None:
+        for name, listener in self.listeners.items():  # amqtt buries a bind error in two of its own
+            what, setting = _LISTENERS[name]
+            check_bindable(what, listener.host, listener.port, setting)
         self._broker = HeraldBroker(self._config)
         self._broker.retained_watchers.extend(self._retained_watchers)
         await self._broker.start()

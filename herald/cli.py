@@ -5,8 +5,8 @@ and a host running `herald agent` has no amqtt installed.
 """
 
 import argparse
-import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +16,14 @@ import msgspec
 from loguru import logger
 
 from herald.output import console, fail
-from herald.runner import run
+from herald.runner import Terminated, run
 from protocol import __version__, log
 from protocol.errors import ConfigError, HeraldError, UnreachableError
-from protocol.settings import AgentConfig, ServerConfig, convert, load
+from protocol.settings import AgentConfig, ServerConfig, convert, load, parse_endpoint
 
 T = TypeVar("T")
 DEFAULT_STATE = "/var/lib/herald"
+SERVER_TOML = Path("/etc/herald/server.toml")
 
 
 _run = run
@@ -31,13 +32,31 @@ _run = run
 # ---------------------------------------------------------------- subcommands
 
 
+def _state_to_write(state: Path, *, init: bool) -> None:
+    """A publish writes into an existing state directory, or a new one only when asked: a
+    mistyped --state would otherwise start a whole new state (signing key, broker secrets) that
+    no agent trusts."""
+    if state.exists() and not state.is_dir():
+        raise ConfigError(f"--state {state}: not a directory")
+    if not state.exists() and not init:
+        raise ConfigError(
+            f"--state {state}: no such directory; to start a new herald state there (a new signing "
+            "key and broker secrets, which no agent knows yet), pass --init"
+        )
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
-    from herald.output import print_report, progress_bar
+    from herald.output import print_report, progress_bar, report_json
     from publisher.publish import Status, publish
 
+    if not args.dry_run:
+        _state_to_write(args.state, init=args.init)
     with progress_bar() as progress:
-        report = publish(args.fleet, args.state, dry_run=args.dry_run, progress=progress)
-    print_report(report)
+        report = publish(args.fleet, args.state, dry_run=args.dry_run, progress=progress, keep=args.keep)
+    if args.json:
+        sys.stdout.buffer.write(report_json(report) + b"\n")
+    else:
+        print_report(report, every_host=args.every_host)
     changed = [result.host for result in report.of(Status.CHANGED)]
     if args.broker and changed and not args.dry_run:
         from herald.announcing import announce_hosts
@@ -76,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
     else:
         config = convert(flags, ServerConfig, source="command line")
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(Terminated):
         _run(serve(config))
     return 0
 
@@ -122,7 +141,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return 0 if state.phase in (Phase.IDLE, Phase.POSTPONED) else 1
     try:
         _run(agent.run())
-    except asyncio.CancelledError:
+    except Terminated:
         logger.info("agent stopped")
     if agent.restart_requested:  # a deployment changed agent.toml or the herald package
         from client.restart import execute_again
@@ -133,14 +152,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_enrol(args: argparse.Namespace) -> int:
     from client.agent import Agent
-    from client.enrol import agent_toml, ensure_ssh_key, fingerprint, server_host_key
+    from client.enrol import agent_toml, described, ensure_ssh_key, server_host_key
     from protocol.messages import Phase
     from protocol.settings import parse_endpoint
 
     address, port = parse_endpoint(args.server if ":" in args.server else f"{args.server}:22")
     host_key = args.host_key or run(server_host_key(address, port))
     if not args.host_key:
-        console.print(f"server {address}:{port} host key: {fingerprint(host_key)}")
+        console.print(f"server {address}:{port} host key: {described(host_key)}", markup=False)
         if not sys.stdin.isatty():
             raise ConfigError("compare that fingerprint with the server's, then pass it with --host-key")
         if input("trust it? [y/N] ").strip().lower() not in ("y", "yes"):
@@ -172,22 +191,60 @@ def cmd_enrol(args: argparse.Namespace) -> int:
     return 0 if state.phase is Phase.IDLE else 1
 
 
+def _on_this_server() -> ServerConfig | None:
+    """/etc/herald/server.toml (or $HERALD_CONFIG), when this is the server."""
+    path = Path(os.environ.get("HERALD_CONFIG", SERVER_TOML))
+    return load(path, ServerConfig) if path.is_file() else None
+
+
+def _admin_defaults(args: argparse.Namespace, *, broker: bool = True) -> argparse.Namespace:
+    """--state and --broker, when not given: $HERALD_STATE and $HERALD_BROKER, else what the
+    server's own server.toml says, else /var/lib/herald (and no broker: an error)."""
+    server = _on_this_server() if args.state is None or (broker and args.broker is None) else None
+    if args.state is None:
+        args.state = Path(os.environ.get("HERALD_STATE") or (server.state if server else DEFAULT_STATE))
+    if broker and args.broker is None:
+        args.broker = os.environ.get("HERALD_BROKER") or (_local_broker(server) if server else None)
+        if args.broker is None:
+            raise ConfigError(
+                "which broker? pass --broker mqtt://HOST:PORT, set HERALD_BROKER, or run this on the "
+                f"server, where {SERVER_TOML} says"
+            )
+    if not (args.state / "chroot").is_dir():
+        raise ConfigError(
+            f"--state {args.state}: not a herald state directory (no chroot/ there); name the server's "
+            "with --state or HERALD_STATE"
+        )
+    return args
+
+
+def _local_broker(server: ServerConfig) -> str | None:
+    """The URL of the server's own broker: its external one, or its embedded listener."""
+    if server.broker is not None:
+        return server.broker
+    if server.mqtt == "off":
+        return None
+    host, port = parse_endpoint(server.mqtt)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 - a bind address read
+    return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from herald.admin import status
 
-    return status(args)
+    return status(_admin_defaults(args))
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
     from herald.admin import trigger_command
 
-    return trigger_command(args)
+    return trigger_command(_admin_defaults(args))
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from herald.admin import logs
 
-    return logs(args)
+    return logs(_admin_defaults(args, broker=False))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -224,18 +281,30 @@ def _paths(cmd: argparse.ArgumentParser, *, fleet: bool = True) -> None:
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
 
 
-def _broker(cmd: argparse.ArgumentParser, *, required: bool) -> None:
-    cmd.add_argument(
-        "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
-    )
+def _broker(cmd: argparse.ArgumentParser, *, what: str = "mqtt://HOST:PORT or mqtts://HOST:PORT") -> None:
+    cmd.add_argument("--broker", metavar="URL", help=what)
     cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
 
 
+_STATE_DEFAULT = (
+    f"the server's state directory (default: $HERALD_STATE, else {SERVER_TOML}'s, else {DEFAULT_STATE})"
+)
+
+
 def _admin(cmd: argparse.ArgumentParser) -> None:
-    _broker(cmd, required=True)
-    cmd.add_argument(
-        "--state", type=Path, default=Path(DEFAULT_STATE), metavar="DIR", help="for the admin secret"
+    _broker(
+        cmd, what=f"mqtt://HOST:PORT or mqtts://HOST:PORT (default: $HERALD_BROKER, else {SERVER_TOML}'s)"
     )
+    cmd.add_argument("--state", type=Path, metavar="DIR", help=_STATE_DEFAULT)
+
+
+def _keep(text: str) -> int:
+    keep = int(text)
+    if not 2 <= keep <= 100:
+        raise argparse.ArgumentTypeError(
+            "keep at least 2 releases (agents may be fetching the one before), at most 100"
+        )
+    return keep
 
 
 def _server_commands(commands: _Commands) -> None:
@@ -244,13 +313,30 @@ def _server_commands(commands: _Commands) -> None:
     cmd.add_argument(
         "--dry-run", action="store_true", help="say which hosts and files would change; write nothing"
     )
-    _broker(cmd, required=False)
+    cmd.add_argument("--init", action="store_true", help="start a new state directory if --state has none")
+    cmd.add_argument(
+        "--keep",
+        type=_keep,
+        metavar="N",
+        help="releases kept per host (default: fleet.toml's [publish] keep, 3)",
+    )
+    cmd.add_argument(
+        "--verbose", dest="every_host", action="store_true", help="list every host, unchanged ones too"
+    )
+    cmd.add_argument("--json", action="store_true", help="every host's result as JSON on stdout")
+    _broker(cmd, what="announce the changed hosts on this broker (mqtt:// or mqtts://)")
 
     cmd = commands.add("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")
     cmd.add_argument("--config", type=Path, metavar="FILE", help="server.toml (flags override it)")
-    cmd.add_argument("--fleet", type=Path, metavar="DIR")
-    cmd.add_argument("--state", type=Path, metavar="DIR")
-    cmd.add_argument("--mqtt", metavar="HOST:PORT", help="broker listener (default: 127.0.0.1:1883)")
+    cmd.add_argument(
+        "--fleet", type=Path, metavar="DIR", help="the fleet repository (or fleet in server.toml)"
+    )
+    cmd.add_argument(
+        "--state", type=Path, metavar="DIR", help="the server's state directory (or state in server.toml)"
+    )
+    cmd.add_argument(
+        "--mqtt", metavar="HOST:PORT", help="the embedded broker's listener (default: 127.0.0.1:1883), or off"
+    )
     cmd.add_argument("--sftp", metavar="HOST:PORT", help="SFTP listener (default: 127.0.0.1:2222)")
     cmd.add_argument(
         "--broker", metavar="URL", help="announce on this external broker instead (e.g. Mosquitto)"
@@ -325,6 +411,9 @@ def _fleet_commands(commands: _Commands) -> None:
         "--stop-on-failure", action="store_true", help="with --batch: stop after a failing batch"
     )
     cmd.add_argument("--timeout", default="30m", metavar="DURATION", help="how long to wait per batch (30m)")
+    cmd.add_argument(
+        "--expires", default="24h", metavar="DURATION", help="a host back later ignores it (24h), or never"
+    )
     cmd.add_argument("hosts", nargs="*", metavar="HOST")
 
     cmd = commands.add("logs", cmd_logs, "the logs a host uploaded, newest first (on the server)")
@@ -334,6 +423,7 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd.add_argument("--last", type=int, metavar="N", help="print the N newest logs")
     cmd.add_argument("--follow", action="store_true", help="then print new logs as they arrive")
     cmd.add_argument("host", metavar="HOST")
+    cmd.add_argument("name", nargs="?", metavar="NAME", help="print this log (status' log column)")
 
     cmd = commands.add("demo", cmd_demo, "run a small fleet on loopback: the three stories herald is for")
     cmd.add_argument(
@@ -366,4 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Terminated:  # SIGTERM: stopped as asked, no traceback
+        return 143
     return code

@@ -4,8 +4,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import msgspec
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -19,8 +19,9 @@ _STYLE = {Status.CHANGED: "green", Status.UNCHANGED: "dim", Status.FAILED: "bold
 
 
 def fail(message: str) -> None:
-    """The one line a user sees for an error they can act on."""
-    errors.print(f"[bold red]herald:[/] {message}", soft_wrap=True)
+    """The one line a user sees for an error they can act on; `message` is never read as
+    markup (it names files and TOML tables: `[hosts.alpha]`)."""
+    errors.print(Text.assemble(("herald: ", "bold red"), message), soft_wrap=True)
 
 
 def warn(message: str) -> None:
@@ -28,22 +29,25 @@ def warn(message: str) -> None:
     errors.print(Text.assemble(("herald: ", "yellow"), message), soft_wrap=True)
 
 
-def print_report(report: Report) -> None:
-    """The publish summary: one row per host, then the counts."""
-    grid = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("host", "result", "generation", "files", "note"):
-        grid.add_column(column)
-    for result in report.hosts:
-        changed = result.status is Status.CHANGED
-        label = "would change" if report.dry_run and changed else str(result.status)
-        grid.add_row(  # Text: a check's output or a path may hold brackets, never markup
-            result.host,
-            Text(label, style=_STYLE[result.status]),
-            str(result.generation or "-"),
-            f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}" if changed else "",
-            Text(result.message.splitlines()[0] if result.message else ""),
-        )
-    console.print(grid)
+def print_report(report: Report, *, every_host: bool = False) -> None:
+    """The publish summary: a row per host that changed or failed (`every_host`: every host),
+    then the counts. A fleet of a thousand hosts that did not change prints one line."""
+    shown = report.hosts if every_host else [r for r in report.hosts if r.status is not Status.UNCHANGED]
+    if shown:
+        grid = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("host", "result", "generation", "files", "note"):
+            grid.add_column(column)
+        for result in shown:
+            changed = result.status is Status.CHANGED
+            label = "would change" if report.dry_run and changed else str(result.status)
+            grid.add_row(  # Text: a check's output or a path may hold brackets, never markup
+                result.host,
+                Text(label, style=_STYLE[result.status]),
+                str(result.generation or "-"),
+                f"+{len(result.added)} ~{len(result.modified)} -{len(result.removed)}" if changed else "",
+                Text(result.message.splitlines()[0] if result.message else ""),
+            )
+        console.print(grid)
     for result in report.of(Status.FAILED):
         for line in result.message.splitlines()[1:]:
             console.print(f"  {result.host}: {line}", markup=False, soft_wrap=True)
@@ -56,12 +60,46 @@ def print_report(report: Report) -> None:
     console.print(f"{'dry run: ' if report.dry_run else ''}{counts} in {report.seconds:.2f}s", style="bold")
 
 
+def report_json(report: Report) -> bytes:
+    """`herald publish --json`: every host's result, for scripts."""
+    hosts = [
+        {
+            "host": result.host,
+            "result": result.status.value,
+            "generation": result.generation or None,
+            "version": result.version or None,
+            "added": list(result.added),
+            "modified": list(result.modified),
+            "removed": list(result.removed),
+            "message": result.message,
+        }
+        for result in report.hosts
+    ]
+    summary = {status.value: len(report.of(status)) for status in Status}
+    document = {
+        "dry_run": report.dry_run,
+        "seconds": round(report.seconds, 3),
+        "counts": summary,
+        "hosts": hosts,
+    }
+    return msgspec.json.encode(document)
+
+
 @contextmanager
 def progress_bar() -> Iterator[Callable[[str, int, int], None] | None]:
     """A progress callback drawing a bar on a terminal; None (no output) otherwise."""
     if not errors.is_terminal:
         yield None
         return
+    from rich.progress import (  # noqa: PLC0415 - only on a terminal: the git hook's publish has none
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     bar = Progress(
         TextColumn("{task.description:>9}"),
         BarColumn(),

@@ -49,6 +49,8 @@ def new_secret() -> Secret:
 def read_secret(path: Path) -> Secret:
     try:
         value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read secret: {exc.__class__.__name__}") from exc
     if not value:

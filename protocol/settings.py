@@ -406,6 +406,8 @@ def _where(exc: msgspec.ValidationError, prefix: str) -> str:
             message = hint
     path = location.rstrip("`").removeprefix("$").lstrip(".")
     path = ".".join(part for part in (prefix, path) if part)
+    if message.startswith("Invalid enum value") and path.rsplit(".", 1)[-1] == "operation":
+        message += f" (one of: {', '.join(operation.value for operation in Operation)})"
     return f"{path}: {message}" if path else message
 
 
@@ -450,4 +452,13 @@ def load_fleet(path: Path) -> FleetConfig:
                 "the host's own user and group would merge with it; rename the host"
             )
         hosts[name] = convert(entry, HostEntry, source=str(path), at=f"hosts.{name}")
+    keys: dict[str, str] = {}
+    for name, entry in hosts.items():  # a key is how the server tells hosts apart
+        key = check_ssh_public_key(entry.ssh_key)
+        if key in keys:
+            raise ConfigError(
+                f"{path}: hosts.{name}: ssh_key is hosts.{keys[key]}'s too; each host needs a key of its "
+                f"own (whoever holds it could log in as either host)"
+            )
+        keys[key] = name
     return convert(data, FleetConfig, source=str(path))

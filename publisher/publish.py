@@ -150,7 +150,10 @@ Progress = Callable[[str, int, int], None]
 class Publisher:
     """One publish run: plan every host, check the changed ones, write, then switch `current`."""
 
-    def __init__(self, fleet: Path, state: Path, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self, fleet: Path, state: Path, *, progress: Progress | None = None, keep: int | None = None
+    ) -> None:
+        self.keep = keep  # releases kept per host; None: fleet.toml's [publish] keep
         self.fleet = fleet
         self.state = StateDir(state)
         self._progress = progress or (lambda _stage, _done, _total: None)
@@ -256,8 +259,7 @@ class Publisher:
             )
         declared.check()  # before anything is said about the plans: an error is one line
         for plan in plans:
-            if plan.modes:
-                logger.bind(host=plan.host.name).info("modes: {}", ", ".join(plan.modes))
+            _notes(plan)
         if warning := declared.warning():
             logger.warning(warning)
         return results, plans
@@ -290,7 +292,7 @@ class Publisher:
         signer = Signer.load_or_create(self.state.signing_key)
         pool = Pool(self.state.objects, self._flusher)
         switches: list[tuple[_Plan, Manifest]] = []
-        keep = inventory.config.publish.keep
+        keep = self.keep or inventory.config.publish.keep
         # Creating, renaming and removing files is most of a publish that changes many hosts,
         # and it waits on the filesystem rather than on the interpreter: hosts are written a
         # few at a time (their chroots are separate directories; the pool takes a lock).
@@ -465,6 +467,19 @@ class Publisher:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
 
+def _notes(plan: _Plan) -> None:
+    """What to say about a host that changes (said when it changes, not on every run)."""
+    log = logger.bind(host=plan.host.name)
+    if plan.modes:
+        log.info("modes: {}", ", ".join(plan.modes))
+    if plan.host.flake is not None and os.path.lexists(f"{plan.host.directory}/configuration.nix"):
+        log.warning(
+            "has flake.nix and configuration.nix: the agent builds the flake (nixosConfigurations.{}); "
+            "configuration.nix applies only if the flake imports it",
+            plan.host.flake,
+        )
+
+
 def _listed(chroot: Chroot, generation: int) -> tuple[int, list[Listed]] | None:
     try:
         return generation, chroot.listed(generation)
@@ -534,5 +549,12 @@ def _files(plan: _Plan) -> list[tuple[Source, str]]:
     return [(source, entry.sha256) for source, entry in zip(plan.sources, plan.entries, strict=True)]
 
 
-def publish(fleet: Path, state: Path, *, dry_run: bool = False, progress: Progress | None = None) -> Report:
-    return Publisher(fleet, state, progress=progress).run(dry_run=dry_run)
+def publish(
+    fleet: Path,
+    state: Path,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    keep: int | None = None,
+) -> Report:
+    return Publisher(fleet, state, progress=progress, keep=keep).run(dry_run=dry_run)

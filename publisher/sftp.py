@@ -28,6 +28,7 @@ from asyncssh import SFTPAttrs, SFTPOpUnsupported, SFTPPermissionDenied
 from loguru import logger
 
 from protocol.layout import Access, StateDir
+from protocol.listen import cannot_listen
 from protocol.settings import authorized_key, check_ssh_public_key
 from protocol.ssh import CIPHERS
 from protocol.topics import is_host_name
@@ -364,7 +365,17 @@ class SFTPService:
         return ChrootSFTPServer(chan, root, quota)
 
     async def start(self) -> None:
-        self._server = await asyncssh.create_server(
+        try:
+            self._server = await self._listen()
+        except OSError as exc:
+            raise cannot_listen(
+                "the SFTP server", self.host, self.port, "--sftp, or sftp in server.toml", exc
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("SFTP server listening on {}:{}", self.host, self.port)
+
+    async def _listen(self) -> asyncssh.SSHAcceptor:
+        return await asyncssh.create_server(
             lambda: _Gate(self._state),
             self.host,
             self.port,
@@ -379,8 +390,6 @@ class SFTPService:
             login_timeout=30,
             keepalive_interval=60,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("SFTP server listening on {}:{}", self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:

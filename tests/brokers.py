@@ -78,7 +78,7 @@ def start_broker(kind: str, fleet: Fleet, state: Path, logs: Path, tmp_path: Pat
         made.start()
     else:
         mosquitto = need("mosquitto")
-        assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+        assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
         exported = herald(
             "broker", "export", "--state", str(state), "--fleet", str(fleet.root), str(tmp_path / "mq")
         )

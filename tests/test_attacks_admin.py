@@ -345,7 +345,7 @@ GOOD_LOG = "make: \x1b]0;owned\x07\x1b[2J done \x9b31m \u202eevil\u202c\r\x08 [/
 
 
 def published(fleet: Fleet, state: Path) -> Path:
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 0, done.stderr
     return state / "chroot" / "alpha" / "logs"
 

@@ -18,7 +18,7 @@ def cap_logs(fleet: Fleet, state: Path, size: str = "1M") -> int:
     """Give alpha a logs/ cap of `size` and publish it; the bytes alpha's logs/ holds now."""
     toml = fleet.root / "fleet.toml"
     toml.write_text(toml.read_text().replace("[hosts.alpha]\n", f'[hosts.alpha]\nlogs = "{size}"\n'))
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 0, done.stderr
     return on_disk(state)
 

@@ -210,7 +210,7 @@ def test_content_that_turns_private_is_stored_again_readable_only_by_its_host(fl
 def test_world_readable_files_turning_private_are_named_in_one_warning_once(fleet: Fleet, state: Path):
     toml = fleet.root / "fleet.toml"
     toml.write_text(re.sub(r'^"etc/motd" = .*\n', "", toml.read_text(), count=1, flags=re.MULTILINE))
-    argv = ("publish", "--fleet", str(fleet.root), "--state", str(state))
+    argv = ("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     dry = herald(*argv, "--dry-run")
     first = herald(*argv)
     second = herald(*argv)
@@ -268,7 +268,7 @@ def test_a_bad_declaration_is_one_line_exit_2_and_nothing_published(
     text = toml.read_text()
     assert old in text
     toml.write_text(text.replace(old, new, 1))
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

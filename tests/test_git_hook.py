@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, Fleet, current_generation, need, read_release
+from helpers import REPO, Fleet, current_generation, herald, need, read_release
 
 from protocol.release import Current, decode_manifest
 
@@ -42,15 +42,18 @@ def test_a_push_publishes_and_names_the_commit(fleet: Fleet, state: Path, tmp_pa
         "HERALD_STATE": str(state),
         "HERALD_BROKER": "",
     }
+    # The server's state exists before the hook runs: a hook never starts a new one.
+    started = herald("publish", "--fleet", str(worktree), "--state", str(state), "--init")
+    assert started.returncode == 0, started.stderr
     (fleet.root / "hosts" / "beta" / "files" / "etc" / "motd").write_text("pushed\n")
     git("commit", "-q", "-am", "beta: a new motd", cwd=fleet.root)
     commit = git("rev-parse", "HEAD", cwd=fleet.root).strip()
     output = git("push", "-q", str(bare), "main", cwd=fleet.root, env=env)
 
     assert f"herald: publishing {commit[:7]}" in output
-    assert [current_generation(state, host) for host in fleet.hosts] == [1, 1, 1]
+    assert [current_generation(state, host) for host in fleet.hosts] == [1, 2, 1]
     chroot = state / "chroot" / "beta"
     current = Current.decode((chroot / "current").read_bytes())
-    manifest = decode_manifest(read_release(state, "beta", 1)[0], host="beta", current=current)
+    manifest = decode_manifest(read_release(state, "beta", 2)[0], host="beta", current=current)
     assert manifest.source_rev == commit
     assert (worktree / "hosts" / "beta" / "files" / "etc" / "motd").read_text() == "pushed\n"

@@ -95,7 +95,7 @@ def test_a_host_named_as_a_system_user_or_group_is_refused_at_load(fleet: Fleet,
     system's: on NixOS `users.groups = genAttrs hosts` merges it into the real group. fleet.toml
     is refused when read, with one line naming the host and why, and nothing is published."""
     add_host(fleet, name)
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert f"hosts.{name}: '{name}' is a system user or group on NixOS or Debian" in line

@@ -243,7 +243,7 @@ def test_a_broken_fleet_is_one_line_exit_2_and_nothing_published(
     fleet: Fleet, state: Path, break_it, expected
 ):
     break_it(fleet.root)
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -37,7 +37,7 @@ def verify(state: Path, host: str) -> int:
 
 
 def publish(fleet: Path, state: Path) -> subprocess.Popen[bytes]:
-    argv = [*HERALD, "publish", "--fleet", str(fleet), "--state", str(state)]
+    argv = [*HERALD, "publish", "--fleet", str(fleet), "--state", str(state), "--init"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
