@@ -16,10 +16,10 @@ import asyncio
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import Final, TypeVar
 
 import asyncssh
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -48,6 +48,7 @@ from protocol.release import (
 # changing at once exhausted the default 1,024). Reads within a file still go out together (a
 # window of requests per file), so a few files in flight keep a link busy.
 PARALLEL: Final = 8
+T = TypeVar("T")
 # The connection went away (the server stopped, the network changed): try again later.
 _LOST = (
     asyncssh.SFTPConnectionLost,
@@ -56,6 +57,7 @@ _LOST = (
     ConnectionError,
     OSError,
 )
+REQUEST_TIMEOUT: Final = 60.0  # for one request of at most _CHUNK bytes
 _CHUNK: Final = 1 << 16
 _ONE_REQUEST: Final = 1 << 14
 _WINDOW: Final = 16 * _CHUNK  # at most 1 MiB of a file in memory
@@ -80,10 +82,10 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     fills it is sized by `fstat` and its rest read exactly.
     """
     try:
-        async with sftp.open(path, "rb", block_size=0) as stream:
-            data = _binary(await stream.read(min(limit + 1, _ONE_REQUEST)))
+        async with await _answer(sftp.open(path, "rb", block_size=0), path) as stream:
+            data = _binary(await _answer(stream.read(min(limit + 1, _ONE_REQUEST)), path))
             if len(data) == _ONE_REQUEST <= limit:
-                size = (await stream.stat()).size or 0
+                size = (await _answer(stream.stat(), path)).size or 0
                 if size > limit:
                     raise ReleaseError(f"{path} is larger than {limit} bytes")
                 data += await _read_exactly(stream, max(0, size - len(data)), len(data))
@@ -96,6 +98,16 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     if len(data) > limit:
         raise ReleaseError(f"{path} is larger than {limit} bytes")
     return data
+
+
+async def _answer(request: Awaitable[T], what: str) -> T:
+    """One SFTP request's answer, or UnreachableError after REQUEST_TIMEOUT: a server whose
+    connection is up but does not answer (a session process gone, a server stopped) is away."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            return await request
+    except TimeoutError:
+        raise UnreachableError(f"no answer from the server within {REQUEST_TIMEOUT:g}s ({what})") from None
 
 
 async def _read_exactly(
@@ -121,7 +133,7 @@ async def _read_at(stream: asyncssh.SFTPClientFile, offset: int, size: int, *, p
     data = b""
     extra = 1 if probe_end else 0
     while True:  # a short answer is asked again for the rest; an empty one is the end of the file
-        chunk = _binary(await stream.read(size + extra - len(data), offset + len(data)))
+        chunk = _binary(await _answer(stream.read(size + extra - len(data), offset + len(data)), "a file"))
         data += chunk
         if not chunk or len(data) >= size:
             return data
@@ -249,7 +261,7 @@ async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -
     size = 0
     out = _Local(target, entry.mode)
     try:
-        async with sftp.open(path, "rb", block_size=0) as stream:
+        async with await _answer(sftp.open(path, "rb", block_size=0), path) as stream:
             # The MANIFEST's size, a window at a time, and one byte more at the end: a file that
             # is shorter or longer than the MANIFEST says fails like one whose content differs.
             start = 0

@@ -55,7 +55,10 @@ class ServerLink:
                     keepalive_interval=30,
                     keepalive_count_max=3,
                 )
-                self._sftp = await self._conn.start_sftp_client()
+                # A server can accept the connection and never start the session (out of
+                # descriptors, overloaded): that is unreachable too, not a wait forever.
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    self._sftp = await self._conn.start_sftp_client()
             except asyncssh.HostKeyNotVerifiable as exc:
                 await self._close()
                 raise UnreachableError(
@@ -66,7 +69,10 @@ class ServerLink:
                 await self._close()
                 refused = f"our key {self._config.ssh_key} was refused for user {self._config.host}"
                 raise UnreachableError(f"SFTP server {where}: {refused}") from exc
-            except (OSError, asyncssh.Error, TimeoutError) as exc:
+            except TimeoutError as exc:
+                await self._close()
+                raise UnreachableError(f"SFTP server {where}: no answer within {_CONNECT_TIMEOUT}s") from exc
+            except (OSError, asyncssh.Error) as exc:
                 await self._close()
                 raise UnreachableError(f"SFTP server {where}: {exc or exc.__class__.__name__}") from exc
             logger.debug("connected to SFTP server {}", where)

@@ -256,3 +256,34 @@ def test_enrol_makes_a_key_and_says_what_to_add_to_fleet_toml(serve: Serve, tmp_
     assert key.stat().st_mode & 0o777 == 0o600
     assert "[hosts.delta]" in done.stdout
     assert 'ssh_key = "ssh-ed25519 ' in done.stdout
+
+
+def test_the_modules_of_the_agent_import_one_another_one_way():
+    """No circle inside client/ (agent -> report -> agent was one): callbacks are passed in.
+    Imports under TYPE_CHECKING count too: a circle there is still one module knowing the other."""
+    import ast  # noqa: PLC0415
+
+    client = Path(__file__).resolve().parents[1] / "client"
+    graph: dict[str, set[str]] = {}
+    for source in client.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("client."):
+                imported.add(node.module.removeprefix("client."))
+            elif isinstance(node, ast.Import):
+                imported |= {
+                    a.name.removeprefix("client.") for a in node.names if a.name.startswith("client.")
+                }
+        graph[source.stem] = imported
+
+    def circle(module: str, path: list[str]) -> list[str] | None:
+        for other in sorted(graph.get(module, ())):
+            if other in path:
+                return [*path[path.index(other) :], other]
+            found = circle(other, [*path, other])
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        assert circle(module, [module]) is None, " -> ".join(circle(module, [module]) or [])

@@ -40,6 +40,7 @@ from helpers import (
     wait_until,
 )
 from openssh import OpenSSH, start_sshd
+from reliability import Row, record
 from test_agent_loop import free_port
 
 from protocol.messages import Phase, State
@@ -615,21 +616,40 @@ def starve_descriptors(host: Host) -> list[tuple[int, int]]:
     The embedded server is one process. OpenSSH serves each connection from a process of its
     own, running as the host's user (which root here may not limit: no CAP_SYS_RESOURCE): the
     listener is limited instead, which every new session inherits, and alpha's session ended,
-    so that the agent's next connection is a new one."""
+    so that the agent's next connection is a new one (it then fails to start its session, or to
+    open files)."""
     if not host.openssh:
         pid = host.serve.proc.pid
         return [(pid, _limit(pid, len(os.listdir(f"/proc/{pid}/fd")) + 1))]
     assert host.sshd is not None
-    sessions = subprocess.run(["pgrep", "-u", HOST, "sshd"], capture_output=True, text=True, check=False)
-    pids = [int(pid) for pid in sessions.stdout.split()]
-    counts = [len(os.listdir(f"/proc/{pid}/fd")) for pid in pids]
-    assert counts, "no sshd process serving alpha's session"
     listener = host.sshd.proc.pid
+    pids = [pid for pid in descendants(listener) if Path(f"/proc/{pid}").stat().st_uid != 0]
+    counts = [len(os.listdir(f"/proc/{pid}/fd")) for pid in pids]
+    assert counts, f"no process of this test's sshd serves alpha: {descendants(listener)}"
     # A new session needs a few more than a settled one while it starts; then two files at once.
     limited = [(listener, _limit(listener, max(counts) + 3))]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
+    for pid in descendants(listener):  # the session ends (its monitor holds the connection too)
+        os.kill(pid, signal.SIGKILL)
     return limited
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (this test's own sshd: others run OpenSSH tests with the same
+    host users at the same time)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat_line = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat_line[stat_line.rfind(")") + 2 :].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def _limit(pid: int, soft: int) -> int:
@@ -642,3 +662,77 @@ def _limit(pid: int, soft: int) -> int:
 def restore_descriptors(limited: list[tuple[int, int]]) -> None:
     for pid, soft in limited:
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=False)
+
+
+# ---------------------------------------------------------------- kill -9 during the install
+
+KILLS = 20
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(900)
+def test_killed_at_random_points_of_an_install_the_next_start_finishes_or_undoes_it(
+    fleet: Fleet, serve: Serve, state: Path, watcher: Watcher, tmp_path: Path
+):
+    rng = random.Random(20261202)
+    agent = make_agent(fleet, HOST, serve, tmp_path, confirm="5s")
+    root, journal = agent.home / "root", agent.home / "state" / "journal.json"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "local.conf").write_text("not herald's\n")
+    others = {"etc/local.conf"}
+
+    def new_generation() -> int:
+        """About 60 files added, changed and removed at once (and the rest left as they are)."""
+        many = fleet.root / "hosts" / HOST / "files" / "srv" / "many"
+        for index in range(90):
+            path = many / f"{index:02d}"
+            if rng.random() < 0.35 and path.exists():
+                path.unlink()
+            elif rng.random() < 0.7:
+                fleet.edit(HOST, f"files/srv/many/{index:02d}", f"{index} {rng.random()}\n")
+                path.chmod(rng.choice([0o644, 0o600, 0o640]))
+        done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+        assert done.returncode == 0, done.stdout + done.stderr
+        return current_generation(state, HOST)
+
+    def converged(generation: int) -> None:
+        watcher.wait_state(
+            HOST,
+            lambda s: s.phase is Phase.IDLE and s.deployed_generation == generation,
+            f"at generation {generation}",
+            STEP,
+        )
+        assert managed(root, others) == released(state, generation)
+        assert not journal.exists()
+
+    # Calibrate: how long does an install of this size take here, journal to rebuild?
+    generation = new_generation()
+    agent.start()
+    poll_fast(journal.exists, "the first install began")
+    began = time.monotonic()
+    poll_fast(agent.rebuilds, "the first rebuild")
+    install_seconds = time.monotonic() - began
+    converged(generation)
+    agent.stop()
+
+    kills, attempts, times = 0, 0, []
+    while kills < KILLS and attempts < 2 * KILLS:
+        attempts += 1
+        generation = new_generation()
+        rebuilds = len(agent.rebuilds())
+        agent.start()
+        poll_fast(journal.exists, "the install began")
+        time.sleep(rng.uniform(0, install_seconds))
+        assert agent.proc is not None
+        agent.proc.stop(sig=signal.SIGKILL)
+        if journal.exists() and len(agent.rebuilds()) == rebuilds:
+            kills += 1  # inside the install (else: after it; not counted, the run goes on)
+        restarted = time.monotonic()
+        agent.start()
+        converged(generation)
+        times.append(time.monotonic() - restarted)
+        agent.stop()
+        assert (root / "etc" / "local.conf").read_text() == "not herald's\n"
+
+    record(Row(f"kill -9 the agent during an install ({kills} inside it)", attempts, len(times), times))
+    assert kills == KILLS, f"only {kills} of {attempts} kills landed inside the install"
