@@ -36,11 +36,26 @@ async def confirm(
         except TimeoutError:
             problem = f"no answer within the {window:g}s confirmation window"
         if not problem:
-            note("confirmed: the server, the broker and the health check answer after the switch")
+            note(f"confirmed after the switch: {_checked(probe_broker is not None, health)}")
             return None
         note(f"not confirmed yet: {problem}")
         await asyncio.sleep(min(_RETRY, max(deadline - loop.time(), 0)))
     return problem
+
+
+def _checked(broker: bool, health: list[str] | None) -> str:
+    """What a confirmation proved, in words: what was checked, and what was not."""
+    passed = ["the server answers"]
+    if broker:
+        passed.append("the broker answers")
+    if health:
+        passed.append(f"the health command {health[0]} passed")
+    not_checked = [
+        *([] if broker else ["no broker connection before the switch"]),
+        *([] if health else ["no health command configured"]),
+    ]
+    text = " and ".join([", ".join(passed[:-1]), passed[-1]]) if len(passed) > 1 else passed[0]
+    return f"{text} ({'; '.join(not_checked)})" if not_checked else text
 
 
 async def _attempt(

@@ -57,6 +57,44 @@ def test_a_switch_that_fails_its_health_check_is_rolled_back(
     assert args_of(agent) == ["switch", "switch", "rollback"]
 
 
+def test_the_confirmation_says_what_it_checked(
+    fleet: Fleet, serve: Serve, state: Path, watcher: Watcher, tmp_path: Path
+):
+    """After a switch the log says what was confirmed: the broker and the health command only
+    when there were ones to check."""
+    full = make_agent(fleet, "alpha", serve, tmp_path)
+    full.config.write_text(
+        full.config.read_text().replace('window = "10s"', 'window = "10s"\nhealth = ["true"]')
+    )
+    bare = make_agent(fleet, "gamma", serve, tmp_path, broker="")
+    full.start()
+    try:
+        watcher.wait_state(
+            "alpha", lambda s: s.phase is Phase.IDLE and s.deployed_generation == 1, "alpha at 1"
+        )
+        assert bare.once().returncode == 0
+        for host in ("alpha", "gamma"):
+            fleet.edit(host, "configuration.nix", "{ ... }: { version = 2; }\n")
+        publish(fleet, state, serve)
+        watcher.wait_state(
+            "alpha", lambda s: s.phase is Phase.IDLE and s.deployed_generation == 2, "alpha at 2"
+        )
+        assert bare.once().returncode == 0
+    finally:
+        full.stop()
+    logs = state / "chroot"
+    (alpha,) = (logs / "alpha" / "logs").glob("*-g2-applied.log")
+    assert (
+        "confirmed after the switch: the server answers, the broker answers and the health command "
+        "true passed\n" in alpha.read_text()
+    )
+    (gamma,) = (logs / "gamma" / "logs").glob("*-g2-applied.log")
+    assert (
+        "confirmed after the switch: the server answers (no broker connection before the switch; "
+        "no health command configured)\n" in gamma.read_text()
+    )
+
+
 def test_a_switch_after_which_the_server_is_unreachable_is_rolled_back(
     fleet: Fleet, serve: Serve, state: Path, tmp_path
 ):
