@@ -19,7 +19,8 @@ from protocol.files import write_atomic
 from protocol.settings import PublishSettings, seconds
 from publisher.materialise import Source
 
-MAX_LINES: Final = 12
+MAX_LINES: Final = 12  # lines of a failing check's output kept, from its start
+MAX_LINE: Final = 300  # characters kept of each (a parse error quotes a long string whole)
 
 
 class Checker:
@@ -107,5 +108,11 @@ def _run(argv: list[str], *, cwd: Path | None, timeout: float) -> str | None:
         return f"{argv[0]}: no result within {timeout:g}s"
     if done.returncode == 0:
         return None
-    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-    return "\n".join(lines[:MAX_LINES]) or f"{argv[0]} exited with {done.returncode}"
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][:MAX_LINES]
+    return "\n".join(map(_capped, lines)) or f"{argv[0]} exited with {done.returncode}"
+
+
+def _capped(line: str) -> str:
+    if len(line) <= MAX_LINE:
+        return line
+    return f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE} more characters)"

@@ -1,8 +1,10 @@
 """The publisher on real files: generations, content addressing, refusals, and the CLI's errors."""
 
+import json
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import msgspec
@@ -328,3 +330,16 @@ def test_dry_run_reports_a_host_that_would_fail_its_check(fleet: Fleet, state: P
     report = publish(fleet.root, state, dry_run=True)
     assert {r.status for r in report.hosts} == {Status.FAILED}
     assert not state.exists()
+
+
+def test_a_failing_checks_long_lines_are_cut(fleet: Fleet, state: Path):
+    """A check that fails with a line of tens of KB (a parse error quoting a long string):
+    `herald publish` prints each of its lines cut to a few hundred characters."""
+    code = "import sys; print('error: syntax error'); print('at {host}: ' + 'x' * 50000); sys.exit(1)"
+    with_publish_settings(fleet, f"check = [{json.dumps(sys.executable)}, '-c', \"{code}\"]")
+    state.mkdir()
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "alpha: at alpha: xxx" in done.stdout
+    assert "... (49710 more characters)" in done.stdout
+    assert max(len(line) for line in (done.stdout + done.stderr).splitlines()) < 1000
