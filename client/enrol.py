@@ -34,6 +34,12 @@ def fingerprint(host_key: str) -> str:
     return asyncssh.import_public_key(host_key).get_fingerprint("sha256")
 
 
+def described(host_key: str) -> str:
+    """The key as `herald serve` and `herald enrol` both show it: the key, which agent.toml's
+    server.host_key and --host-key take, and its SHA256 fingerprint, which ssh-keygen -l shows."""
+    return f"{host_key} ({fingerprint(host_key)})"
+
+
 def ensure_ssh_key(path: Path, host: str) -> tuple[str, bool]:
     """The public key line for `path`, creating the key (0600) if missing; and whether it is new."""
     if path.exists():

@@ -91,11 +91,12 @@ class Reporter:
             log=log if log is not None else self.state.log,
             agent_version=protocol.__version__,
             needs_reboot=needs_reboot,
+            last_command=self.state.last_command,
         )
-        await self._send_state()
+        self._send_state()
         return self.state
 
-    async def _send_state(self) -> None:
+    def _send_state(self) -> None:
         """Queue the state and go on: the cycle does not wait for the broker's PUBACK.
 
         Tasks start in the order they were created, so paho queues the states in the order
@@ -209,7 +210,7 @@ class Reporter:
         await client.subscribe(self.topics.command(self.host), qos=1)
         self._client = client
         self.log.info("connected to broker {}", self.url)
-        await self._send_state()
+        self._send_state()
         heartbeat = asyncio.create_task(self._heartbeat(client), name="heartbeat")
         try:
             async for message in client.messages:
@@ -275,13 +276,24 @@ class Reporter:
         ):
             agent.request(f"desired generation {desired.generation}")
 
+    def _took(self, command: Command, *, send: bool) -> None:
+        """The state names the last command taken, so that `herald status` stops showing it;
+        `send` when no run follows to report it (a command replayed after a restart, or expired)."""
+        if self.state.last_command != command.id:
+            self.state = msgspec.structs.replace(self.state, last_command=command.id)
+            if send:
+                self._send_state()
+
     def _on_command(self, agent: Requests, command: Command) -> None:
         if self.store.command_done(command.id):
+            self._took(command, send=True)
             return
         self.store.mark_command(command.id)
         if command.expires_at is not None and command.expires_at < now():
             self.log.info("command {} ({}) expired; ignored", command.id, command.action)
+            self._took(command, send=True)
             return
+        self._took(command, send=False)
         self.log.info("command {}: {} (by {})", command.id, command.action, command.by or "unknown")
         if command.action is Action.CHECK:
             agent.request(f"command {command.id}")

@@ -17,7 +17,6 @@
 """
 
 import os
-import re
 import shutil
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -29,7 +28,7 @@ import msgspec
 from client.install import InstallRecord, empty, record_of
 from protocol.files import fsync_dir, write_atomic
 from protocol.messages import Phase, Timestamp, Version
-from protocol.release import Manifest
+from protocol.release import LOG_NAME, Manifest
 from protocol.settings import Operation
 
 _KEEP_COMMANDS: Final = 200
@@ -285,7 +284,7 @@ class Run(msgspec.Struct, frozen=True):
     log: str
 
 
-_LOG_RE: Final = re.compile(r"(\d{8}T\d{6}Z)-g(\d+)-(applied|failed|rolled-back)\.log")
+_LOG_RE: Final = LOG_NAME
 
 
 def runs(logs: Path, limit: int) -> list[Run]:

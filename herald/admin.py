@@ -2,24 +2,23 @@
 
 import argparse
 import asyncio
-import os
-import stat
+import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
+from rich.cells import cell_len
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from herald.fleet import FleetView, as_json, collect, follow, table
+from herald.hostlogs import HostLogs, LogFile
 from herald.output import console, errors, warn
-from herald.rollout import Answer, trigger
+from herald.rollout import Answer, Order, trigger
 from herald.runner import run
-from protocol.credentials import Secret, read_secret
+from protocol.credentials import Secret, parse_passwd, read_secret
 from protocol.errors import ConfigError
 from protocol.hosttext import safe
 from protocol.layout import StateDir
@@ -27,7 +26,7 @@ from protocol.messages import Action
 from protocol.mqtt import BrokerURL
 from protocol.release import LOGS
 from protocol.settings import seconds
-from protocol.topics import ADMIN_USER, Topics
+from protocol.topics import ADMIN_USER, SERVICE_USERS, Topics
 from publisher.inventory import load_inventory
 
 
@@ -81,6 +80,7 @@ def _targets(args: argparse.Namespace) -> list[str]:
     if not (args.all or args.tag):
         if not args.hosts:
             raise ConfigError("name the hosts, or use --all or --tag (with --fleet)")
+        _refuse_unknown(args, list(args.hosts))
         return list(args.hosts)
     if args.fleet is None:
         raise ConfigError("--all and --tag need --fleet, to read the hosts and tags of fleet.toml")
@@ -91,8 +91,43 @@ def _targets(args: argparse.Namespace) -> list[str]:
     return chosen
 
 
+def _refuse_unknown(args: argparse.Namespace, hosts: list[str]) -> None:
+    """Before anything is sent: every host named must be one the fleet has (fleet.toml's with
+    --fleet, else the broker's users in STATE/broker/passwd). A command to a name that is no
+    host would stay retained on the broker and be waited for until --timeout."""
+    if args.fleet is not None:
+        known = {host.name for host in load_inventory(args.fleet).hosts}
+        where = str(args.fleet / "fleet.toml")
+    else:
+        passwd = StateDir(args.state).passwd
+        try:
+            users = parse_passwd(passwd.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{passwd}: cannot read the fleet's hosts ({exc.__class__.__name__}); "
+                "pass --fleet DIR to check the hosts against fleet.toml"
+            ) from exc
+        known = set(users) - set(SERVICE_USERS)
+        where = f"the broker's users ({passwd})"
+    unknown = [host for host in hosts if host not in known]
+    if unknown:
+        names = ", ".join(safe(host) for host in unknown)
+        raise ConfigError(f"no such host: {names} (not in {where}); nothing sent")
+
+
+def _expiry(text: str) -> float | None:
+    """Seconds until a command expires, from --expires ('24h', '90m', or 'never')."""
+    if text == "never":
+        return None
+    if re.fullmatch(r"[1-9][0-9]*[smhd]", text) is None:
+        raise ConfigError(f"--expires {text!r}: expected a duration such as '2h' or '1d', or 'never'")
+    return float(seconds(text))
+
+
 def trigger_command(args: argparse.Namespace) -> int:
+    expires = _expiry(args.expires)
     hosts = _targets(args)
+    action = Action(args.action)
     wait = args.wait or args.batch is not None
     with Progress(
         TextColumn("waiting for the hosts"),
@@ -110,7 +145,7 @@ def trigger_command(args: argparse.Namespace) -> int:
                 _admin_secret(args.state),
                 Topics(args.prefix),
                 hosts,
-                Action(args.action),
+                Order(action, expires),
                 wait=wait,
                 batch=args.batch,
                 stop_on_failure=args.stop_on_failure,
@@ -127,130 +162,79 @@ def trigger_command(args: argparse.Namespace) -> int:
         message = safe(outcome.messages.get(host, ""))  # the host's own words
         grid.add_row(Text(host), Text(answer, style=styles.get(answer, "yellow")), Text(message))
     console.print(grid)
+    failed = [host for host in hosts if outcome.answers.get(host) in (Answer.FAILED, Answer.ROLLED_BACK)]
+    if action is Action.CHECK and failed:
+        names = " ".join(failed)
+        console.print(
+            Text(
+                "a check does not apply again a generation that failed or was rolled back: "
+                f"`herald trigger --action rebuild {names}` does"
+            ),
+            soft_wrap=True,
+        )
     return 0 if outcome.ok else 1
 
 
 # ---------------------------------------------------------------- logs
 
 
-_SHOWN: Final = 4 << 20  # bytes of one log printed at most: its end, where a rebuild says what failed
-_OPEN: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-@dataclass(frozen=True, slots=True)
-class _Log:
-    name: str  # as on disk (undecodable bytes as surrogates)
-    size: int
-
-
-def _not_a_log(info: os.stat_result) -> str | None:
-    """Why an entry of a host's logs/ is neither listed nor read; None for a log."""
-    mode = info.st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (the host may have made it; links are never followed)"
-    if stat.S_ISREG(mode):
-        if info.st_nlink != 1:
-            return f"a hard link ({info.st_nlink} names: its contents may be any other file's)"
-        return None
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
-    return next((kind for test, kind in kinds.items() if test(mode)), "a device or other special file")
-
-
-class _Logs:
-    """STATE/chroot/<host>/logs/, which the host writes (with OpenSSH it can make links there).
-
-    `herald logs` runs as root: every entry is lstat'ed, and only regular files with one link are
-    listed or read, opened with O_NOFOLLOW (and O_NONBLOCK, so a FIFO swapped in cannot block)
-    and checked again on the descriptor. Anything else is named once, in a warning, and never
-    opened. Names and contents are printed through protocol.hosttext.safe."""
+class _Shown:
+    """`herald logs`' view of a host's logs/ (herald.hostlogs reads it, as hostile data): every
+    entry that is not a log is named once, in a warning; names and contents go through `safe`."""
 
     def __init__(self, state: Path, host: str) -> None:
-        self.host = host
-        self.path = StateDir(state).chroot(host) / LOGS
         self._warned: set[str] = set()
-
-    def _directory(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            raise ConfigError(
-                f"{self.path}: no such host chroot (is {self.host} in fleet.toml, and published?)"
-            ) from None
+        self.logs = HostLogs(state, host, self._skip)
 
     def _skip(self, name: str, why: str) -> None:
         if name not in self._warned:
             self._warned.add(name)
             warn(f"skipped {LOGS}/{safe(name)}: {why}")
 
-    def listed(self) -> list[_Log]:
-        """The logs, newest first (their names sort by time)."""
-        directory = self._directory()
-        found = []
-        try:
-            for name in os.listdir(directory):
-                try:
-                    info = os.lstat(name, dir_fd=directory)
-                except FileNotFoundError:
-                    continue
-                why = _not_a_log(info)
-                if why is None:
-                    found.append(_Log(name, info.st_size))
-                else:
-                    self._skip(name, why)
-        finally:
-            os.close(directory)
-        return sorted(found, key=lambda log: log.name, reverse=True)
-
-    def read(self, log: _Log) -> bytes | None:
-        """Up to the last _SHOWN bytes of `log`, or None if it is no longer a log."""
-        directory = self._directory()
-        try:
-            fd = os.open(log.name, _OPEN, dir_fd=directory)
-        except OSError as exc:
-            self._skip(log.name, f"cannot be opened as a plain file ({exc.strerror})")
-            return None
-        finally:
-            os.close(directory)
-        try:
-            info = os.fstat(fd)
-            why = _not_a_log(info)
-            if why is not None:
-                self._skip(log.name, why)
-                return None
-            start = max(0, info.st_size - _SHOWN)
-            chunks, offset = [], start
-            while chunk := os.pread(fd, min(1 << 20, info.st_size - offset), offset):
-                chunks.append(chunk)
-                offset += len(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        return f"[the first {start} bytes are not shown]\n".encode() + data if start else data
-
-    def show(self, log: _Log) -> None:
-        data = self.read(log)
+    def show(self, name: str) -> bool:
+        data = self.logs.read(name)
         if data is None:
-            return
-        console.rule(Text(safe(log.name)))
+            return False
+        console.rule(Text(safe(name)))
         text = safe(data.decode("utf-8", errors="replace"), lines=True)
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
         sys.stdout.flush()
+        return True
+
+
+def _listing(listed: list[LogFile]) -> None:
+    """One line per log, newest first: name, size, time (the file's, UTC)."""
+    names = [safe(log.name) for log in listed]
+    width = max((cell_len(name) for name in names), default=0)
+    for name, log in zip(names, listed, strict=True):
+        when = log.mtime.strftime("%Y-%m-%dT%H:%M:%SZ")
+        line = f"{name}{' ' * (width - cell_len(name))}  {log.size:>9} bytes  {when}"
+        console.print(Text(line), soft_wrap=True)
 
 
 def logs(args: argparse.Namespace) -> int:
-    found = _Logs(args.state, args.host)
-    listed = found.listed()
-    if args.last is None and not args.follow:
-        for log in listed:
-            console.print(Text(f"{safe(log.name)}  {log.size} bytes"), soft_wrap=True)
+    shown = _Shown(args.state, args.host)
+    if args.name is not None:
+        if args.last is not None or args.follow:
+            raise ConfigError("name one log, or use --last and --follow, not both")
+        if not shown.show(args.name):
+            raise ConfigError(
+                f"{args.host} has no log {safe(args.name)!r} (`herald logs {args.host}` lists them)"
+            )
         return 0
-    for log in reversed(listed[: args.last or 0]):  # the N newest, oldest of them first
-        found.show(log)
+    listed = shown.logs.listed()
+    if args.last is None and not args.follow:
+        _listing(listed)
+        return 0
+    newest = listed[: args.last or 0]
+    # Newest first, as listed; followed, oldest first, so that new logs go on below them.
+    for log in reversed(newest) if args.follow else newest:
+        shown.show(log.name)
     seen = {log.name for log in listed}
     while args.follow:  # until interrupted
         time.sleep(1)
-        for log in reversed(found.listed()):
+        for log in reversed(shown.logs.listed()):
             if log.name not in seen:
                 seen.add(log.name)
-                found.show(log)
+                shown.show(log.name)
     return 0

@@ -1,4 +1,6 @@
-"""The sysadmin's view of the fleet, from the retained `desired`, `state` and `online` messages."""
+"""The sysadmin's view of the fleet, from the retained `desired`, `command`, `state` and `online`
+messages; without a broker (`herald serve --mqtt off`), from the chroots and the logs the hosts
+uploaded over SFTP."""
 
 import asyncio
 from collections.abc import Callable
@@ -13,10 +15,11 @@ from loguru import logger
 from rich.table import Table
 from rich.text import Text
 
+from herald.hostlogs import LastRun
 from protocol.credentials import Secret
 from protocol.errors import PayloadError, UnreachableError
 from protocol.hosttext import safe, safe_json
-from protocol.messages import Desired, Online, Phase, State, decode, now
+from protocol.messages import Command, Desired, Online, Phase, State, decode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect
 from protocol.topics import ADMIN_USER, Kind, Topics
 
@@ -35,6 +38,7 @@ class Status(StrEnum):
     OFFLINE = "offline"
     STOPPED = "stopped"  # offline, and it said so: its agent stopped cleanly
     NEVER_SEEN = "never seen"
+    SFTP_ONLY = "sftp only"  # no broker: what its last log uploaded over SFTP says
 
 
 _STYLE: Final = {
@@ -47,6 +51,7 @@ _STYLE: Final = {
     Status.OFFLINE: "dim",
     Status.STOPPED: "dim",
     Status.NEVER_SEEN: "dim",
+    Status.SFTP_ONLY: "dim",
 }
 
 
@@ -63,13 +68,24 @@ class HostView:
     desired: Desired | None = None
     state: State | None = None
     online: Online | None = None
+    command: Command | None = None
+    last_run: LastRun | None = None  # without a broker: its newest log in logs/
+
+    def pending_command(self, at: datetime) -> Command | None:
+        """The retained command, unless it expired or the host says it took it."""
+        command = self.command
+        if command is None or (command.expires_at is not None and command.expires_at <= at):
+            return None
+        if self.state is not None and self.state.last_command == command.id:
+            return None
+        return command
 
     def is_online(self, at: datetime) -> bool:
         return self.online is not None and self.online.online and at - self.online.at < 3 * HEARTBEAT
 
     def status(self, at: datetime | None = None) -> Status:
         if self.state is None:
-            return Status.NEVER_SEEN
+            return Status.NEVER_SEEN if self.last_run is None else Status.SFTP_ONLY
         if not self.is_online(at or now()):
             return Status.STOPPED if self.state.phase is Phase.STOPPED else Status.OFFLINE
         if self.state.phase not in (Phase.IDLE, Phase.CHECKING):
@@ -81,7 +97,11 @@ class HostView:
     def last_seen(self) -> datetime | None:
         times = [
             t
-            for t in (self.online.at if self.online else None, self.state.since if self.state else None)
+            for t in (
+                self.online.at if self.online else None,
+                self.state.since if self.state else None,
+                self.last_run.at if self.last_run else None,
+            )
             if t
         ]
         return max(times) if times else None
@@ -110,6 +130,8 @@ class FleetView:
                 view.state = decode(payload, State) if payload else None
             elif kind is Kind.ONLINE:
                 view.online = decode(payload, Online) if payload else None
+            elif kind is Kind.COMMAND:
+                view.command = decode(payload, Command) if payload else None
         except PayloadError as exc:
             logger.bind(host=host).warning("ignored {}: {}", topic, safe(str(exc)))  # quotes the payload
             return False
@@ -123,7 +145,7 @@ class FleetView:
 
 
 def subscribe_all(topics: Topics) -> list[str]:
-    return [topics.every(kind) for kind in (Kind.DESIRED, Kind.STATE, Kind.ONLINE)]
+    return [topics.every(kind) for kind in (Kind.DESIRED, Kind.COMMAND, Kind.STATE, Kind.ONLINE)]
 
 
 async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: float = 10.0) -> FleetView:
@@ -185,10 +207,18 @@ class Row:
     last_seen: datetime | None
     message: str
     log: str
+    command: str = ""  # the retained command not yet taken: "rebuild by herald-admin, expires in 5h"
 
     @classmethod
     def of(cls, view: HostView, at: datetime) -> "Row":
-        state = view.state
+        state, run = view.state, view.last_run
+        if state is not None:
+            message, log = safe(state.message[:MESSAGE_WIDTH]), safe(state.log or "")
+        elif run is not None:  # its newest log, named as an agent names one (herald.hostlogs)
+            message = f"{run.result} generation {run.generation} (its last log; no broker)"
+            log = safe(run.name)
+        else:
+            message, log = "", ""
         return cls(
             view.host,
             view.desired.generation if view.desired else None,
@@ -196,9 +226,17 @@ class Row:
             view.status(at),
             state.needs_reboot if state else False,
             view.last_seen(),
-            safe(state.message[:MESSAGE_WIDTH]) if state else "",
-            safe(state.log or "") if state else "",
+            message,
+            log,
+            command_cell(view.pending_command(at), at),
         )
+
+
+def command_cell(command: Command | None, at: datetime) -> str:
+    if command is None:
+        return ""
+    expiry = "never expires" if command.expires_at is None else f"expires {until(command.expires_at, at)}"
+    return safe(f"{command.action} by {command.by or 'unknown'}, {expiry}"[:MESSAGE_WIDTH])
 
 
 def rows(view: FleetView) -> list[Row]:
@@ -216,7 +254,16 @@ def ago(then: datetime | None, at: datetime | None = None) -> str:
     return f"{seconds}s ago"
 
 
-COLUMNS: Final = ("host", "desired", "deployed", "status", "reboot", "last seen", "message", "log")
+def until(then: datetime, at: datetime | None = None) -> str:
+    seconds = max(0, int((then - (at or now())).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"in {seconds // size}{unit}"
+    return f"in {seconds}s"
+
+
+COLUMNS: Final = ("host", "desired", "deployed", "status", "reboot", "last seen", "command", "message", "log")
+LOG_COLUMN: Final = COLUMNS.index("log")
 
 
 def cells(row: Row) -> tuple[str, ...]:
@@ -228,6 +275,7 @@ def cells(row: Row) -> tuple[str, ...]:
         row.status.value,
         "needed" if row.needs_reboot else "",
         ago(row.last_seen),
+        row.command,
         row.message,
         row.log,
     )
@@ -255,6 +303,7 @@ def as_json(view: FleetView) -> bytes:
             "desired": row.desired,
             "state": row.state,
             "online": row.online,
+            "command": row.pending_command(at),
         }
         for row in view.rows()
     ]

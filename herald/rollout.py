@@ -4,13 +4,16 @@ A host has answered when, after its command was sent, it reports a state that en
 (idle, failed, rolled back) following one that started it (checking, fetching, applying...).
 Only messages that arrive after the command count: retained ones are drained first, so
 neither old states nor a skewed clock on a host can fake an answer. A host that is offline
-answers when it comes back (its command is retained), or the wait times out for it.
+answers when it comes back (its command is retained), or the wait times out for it. A command
+expires (24 hours by default): a host back after that ignores it, so a rollback sent to a laptop
+on the shelf does not fire months later.
 """
 
 import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from typing import Final
 
@@ -53,6 +56,25 @@ def batches(hosts: list[str], size: int | None) -> list[list[str]]:
     return [hosts[:1]] + [hosts[index : index + size] for index in range(1, len(hosts), size)]
 
 
+@dataclass(frozen=True, slots=True)
+class Order:
+    """What each host is told: the action, and for how many seconds it holds (None: until the
+    host takes it, however late)."""
+
+    action: Action
+    expires: float | None = 86400.0
+
+    def command(self) -> Command:
+        issued = now()
+        return Command(
+            id=secrets.token_hex(8),
+            action=self.action,
+            issued_at=issued,
+            expires_at=issued + timedelta(seconds=self.expires) if self.expires is not None else None,
+            by=ADMIN_USER,
+        )
+
+
 class _Watch:
     """What each host reported since its command was sent."""
 
@@ -87,7 +109,7 @@ async def trigger(
     password: Secret,
     topics: Topics,
     hosts: list[str],
-    action: Action,
+    order: "Order",
     *,
     wait: bool,
     batch: int | None = None,
@@ -96,7 +118,7 @@ async def trigger(
     progress: Callable[[int, int], None] | None = None,
 ) -> Outcome:
     outcome = Outcome()
-    watch = _Watch(topics, action)
+    watch = _Watch(topics, order.action)
     try:
         async with connect(url, username=ADMIN_USER, password=password) as client:
             if wait:
@@ -108,8 +130,7 @@ async def trigger(
                     continue
                 watch.waiting.update(group)
                 for host in group:
-                    command = Command(id=secrets.token_hex(8), action=action, issued_at=now(), by=ADMIN_USER)
-                    await client.publish(topics.command(host), encode(command), qos=1, retain=True)
+                    await client.publish(topics.command(host), encode(order.command()), qos=1, retain=True)
                 await confirm_routed(client, topics, ADMIN_USER, on_message=watch.take)
                 if not wait:
                     outcome.answers.update(dict.fromkeys(group, Answer.SENT))

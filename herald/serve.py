@@ -26,9 +26,11 @@ import msgspec
 from loguru import logger
 
 from broker.server import EmbeddedBroker, Listener
+from client.enrol import described
 from herald.fleet import FleetView, follow
+from herald.hostlogs import HostLogs, LastRun
 from herald.output import print_report
-from herald.web import FleetWeb, PublishFigures
+from herald.web import FleetWeb
 from protocol.credentials import read_secret
 from protocol.errors import HeraldError, UnreachableError
 from protocol.files import write_atomic
@@ -43,6 +45,7 @@ from publisher.publish import Report, Status, publish
 from publisher.sftp import SFTPService
 
 _RETRY = 5.0
+_UPLOADS = 5.0  # seconds between looks at the hosts' logs/ when there is no broker
 
 
 class RunInfo(msgspec.Struct, frozen=True):
@@ -84,9 +87,9 @@ class Server:
         self.view = FleetView(self.topics)
         if self.broker is not None:
             self.broker.watch_retained(self.view.update)
-        self.figures = PublishFigures()
-        self.web = FleetWeb(lambda: self.view, self.figures) if config.http != "off" else None
+        self.web = FleetWeb(lambda: self.view, self.state.root) if config.http != "off" else None
         self._follower: asyncio.Task[None] | None = None
+        self._uploads: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> BrokerURL | None:
@@ -114,6 +117,8 @@ class Server:
         else:
             await self._announce(desired_of(self.state.root, on_disk))
         report = await self.publish()  # announces the hosts whose release changed
+        if self.url is None:  # no broker: what the chroots hold is all the page can show
+            self._uploads = asyncio.create_task(self._watch_uploads(), name="sftp-view")
         # Written last, as the sign that the server is ready: a client that waits for it finds every
         # `desired` retained, instead of subscribing while the announcement is being routed (amqtt
         # then sends such a message twice: once as retained, once as it passes).
@@ -147,8 +152,10 @@ class Server:
         """Publish the fleet (in a thread: it is file work) and announce the hosts that changed."""
         async with self._lock:
             report = await asyncio.to_thread(publish, Path(self.config.fleet), self.state.root)
-        self.figures.add(report.seconds, len(report.of(Status.CHANGED)), len(report.of(Status.FAILED)))
         self.view.add_hosts([result.host for result in report.hosts])
+        if self.url is None:
+            for host, desired in desired_of(self.state.root, list(self.view.hosts)).items():
+                self.view.hosts[host].desired = desired
         if announce_changes:
             changed = [result.host for result in report.of(Status.CHANGED)]
             await self._announce(desired_of(self.state.root, changed))
@@ -176,6 +183,18 @@ class Server:
                 logger.warning("external broker {}: {}; trying again in {:.0f}s", self.external, exc, _RETRY)
             await asyncio.sleep(_RETRY)
 
+    async def _watch_uploads(self) -> None:
+        """Without a broker, every host's newest log in its logs/ (read by herald.hostlogs' rules),
+        looked at every few seconds: the page shows each host's last run from SFTP alone."""
+        while True:
+            runs = await asyncio.to_thread(self._last_runs, list(self.view.hosts))
+            for host, run in runs.items():
+                self.view.hosts[host].last_run = run
+            await asyncio.sleep(_UPLOADS)
+
+    def _last_runs(self, hosts: list[str]) -> dict[str, LastRun | None]:
+        return {host: HostLogs(self.state.root, host).last_run() for host in hosts}
+
     def _follow(self) -> None:
         """Keep the fleet view (page, metrics) current from the broker's retained messages:
         told by the embedded broker as it stores them, else as a client of the external one."""
@@ -185,10 +204,11 @@ class Server:
         self._follower = asyncio.create_task(follow(self.url, password, self.view), name="fleet-view")
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        for task in (self._follower, self._uploads):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.web is not None:
             await self.web.stop()
         if self._keeper is not None:
@@ -234,7 +254,8 @@ async def serve(config: ServerConfig) -> None:
         print_report(report)
         if server.sftp is not None:
             logger.info(
-                "SFTP host key (pin it in agent.toml as server.host_key): {}", server.sftp.public_host_key
+                "SFTP host key (pin it in agent.toml as server.host_key): {}",
+                described(server.sftp.public_host_key),
             )
         logger.info("serving {} host(s); SIGHUP publishes again, SIGTERM stops", len(report.hosts))
         await stop.wait()

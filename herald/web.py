@@ -1,16 +1,22 @@
 """The fleet on HTTP, from `herald serve`: a read-only page, the same rows as JSON, and metrics.
 
-    GET /             the fleet table, refreshing itself every 5 seconds (no script needed)
-    GET /status.json  what `herald status --json` prints
-    GET /metrics      Prometheus text: generations, status, last seen per host; publish figures
+    GET /                    the fleet table, refreshing itself every 5 seconds (no script needed)
+    GET /status.json         what `herald status --json` prints
+    GET /metrics             Prometheus text: generations, status, last seen per host; publish figures
+    GET /logs/<host>/<name>  one log the host uploaded (the table's log column links to it)
 
-Everything shown comes from the retained MQTT messages (herald.fleet.follow) and fleet.toml.
+Everything shown comes from the retained MQTT messages (herald.fleet.follow) and fleet.toml (or,
+without a broker, from the chroots); the publish figures from STATE/publisher/figures.json, which
+every publish run adds to. A log is hostile data: it is looked up only by a name as an agent makes
+it (protocol.release.LOG_NAME: never a path), read by herald.hostlogs' rules (no link, FIFO or
+hard link is ever opened) and served as escaped plain text that no browser may sniff as HTML.
 """
 
+import asyncio
 import html
-import time
+import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from loguru import logger
@@ -18,7 +24,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from herald.fleet import COLUMNS, FleetView, Status, as_json, cells, rows
+from herald.fleet import COLUMNS, LOG_COLUMN, FleetView, Status, as_json, cells, rows
+from herald.hostlogs import HostLogs
+from protocol.errors import ConfigError
+from protocol.hosttext import safe
+from protocol.release import LOG_NAME
+from protocol.topics import is_host_name
+from publisher.figures import read_figures
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; }
@@ -27,26 +39,18 @@ th, td { text-align: left; padding: 0.25em 0.9em 0.25em 0; }
 td.status-failed, td.status-rolled-back { color: #b00020; font-weight: bold; }
 td.status-pending, td.status-applying, td.status-postponed { color: #a05a00; }
 td.status-up-to-date { color: #1b7f3b; }
-td.status-offline, td.status-never-seen { color: #777; }
+td.status-offline, td.status-never-seen, td.status-sftp-only { color: #777; }
 """
+# A log, as the browser gets it: text it must not sniff as HTML, that runs and loads nothing.
+_LOG_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"}
 
 
-@dataclass
-class PublishFigures:
-    """What `herald serve` publishes, for /metrics."""
-
-    runs: int = 0
-    changed: int = 0
-    failed: int = 0
-    last_seconds: float = 0.0
-    last_at: float = 0.0
-
-    def add(self, seconds: float, changed: int, failed: int) -> None:
-        self.runs += 1
-        self.changed += changed
-        self.failed += failed
-        self.last_seconds = seconds
-        self.last_at = time.time()
+def _log_cell(host: str, name: str) -> str:
+    """The log column: a link to the log when its name is one an agent makes, else text."""
+    if LOG_NAME.fullmatch(name) is None:
+        return f"<td>{html.escape(name)}</td>"
+    href = f"/logs/{urllib.parse.quote(host)}/{urllib.parse.quote(name)}"
+    return f'<td><a href="{html.escape(href)}">{html.escape(name)}</a></td>'
 
 
 def page(view: FleetView) -> str:
@@ -55,10 +59,9 @@ def page(view: FleetView) -> str:
     for row in rows(view):
         text = cells(row)
         css = "status-" + row.status.value.replace(" ", "-")
-        tds = [
-            f'<td class="{css}">{html.escape(cell)}</td>' if index == 3 else f"<td>{html.escape(cell)}</td>"
-            for index, cell in enumerate(text)
-        ]
+        tds = [f"<td>{html.escape(cell)}</td>" for cell in text]
+        tds[3] = f'<td class="{css}">{html.escape(text[3])}</td>'
+        tds[LOG_COLUMN] = _log_cell(row.host, text[LOG_COLUMN])
         body.append(f'<tr id="host-{html.escape(row.host)}">{"".join(tds)}</tr>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>herald: the fleet</title>
@@ -73,7 +76,7 @@ def page(view: FleetView) -> str:
 
 
 class _Collector(Collector):
-    def __init__(self, view: Callable[[], FleetView], figures: PublishFigures) -> None:
+    def __init__(self, view: Callable[[], FleetView], figures: Path) -> None:
         self._view = view
         self._figures = figures
 
@@ -104,13 +107,15 @@ class _Collector(Collector):
                 seen.add_metric([row.host], row.last_seen.timestamp())
             reboot.add_metric([row.host], 1.0 if row.needs_reboot else 0.0)
         yield from (desired, deployed, status, seen, reboot)
-        figures = self._figures
-        yield CounterMetricFamily("herald_publish_runs", "Publish runs by herald serve", value=figures.runs)
+        figures = read_figures(self._figures)
         yield CounterMetricFamily(
-            "herald_publish_hosts_changed", "Hosts given a new release", value=figures.changed
+            "herald_publish_runs", "Publish runs (herald publish and herald serve)", value=figures.runs
         )
         yield CounterMetricFamily(
-            "herald_publish_hosts_failed", "Hosts not published (check failed)", value=figures.failed
+            "herald_publish_hosts_changed", "Hosts given a new release", value=figures.hosts_changed
+        )
+        yield CounterMetricFamily(
+            "herald_publish_hosts_failed", "Hosts not published (check failed)", value=figures.hosts_failed
         )
         yield GaugeMetricFamily(
             "herald_publish_last_duration_seconds", "The last publish's duration", value=figures.last_seconds
@@ -121,14 +126,16 @@ class _Collector(Collector):
 
 
 class FleetWeb:
-    def __init__(self, view: Callable[[], FleetView], figures: PublishFigures) -> None:
+    def __init__(self, view: Callable[[], FleetView], state: Path) -> None:
         self._view = view
+        self._state = state
         self._registry = CollectorRegistry(auto_describe=True)
-        self._registry.register(_Collector(view, figures))
+        self._registry.register(_Collector(view, state / "publisher" / "figures.json"))
         app = web.Application()
         app.router.add_get("/", self._page)
         app.router.add_get("/status.json", self._json)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/logs/{host}/{name}", self._log)
         self._runner = web.AppRunner(app, access_log=None)
         self.port = 0
 
@@ -141,6 +148,23 @@ class FleetWeb:
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self._registry), content_type="text/plain", charset="utf-8")
 
+    async def _log(self, request: web.Request) -> web.Response:
+        host, name = request.match_info["host"], request.match_info["name"]
+        if not is_host_name(host) or host not in self._view().hosts or LOG_NAME.fullmatch(name) is None:
+            return _not_found(f"no such log: {safe(host)}/{safe(name)}")
+
+        def skipped(entry: str, why: str) -> None:
+            logger.bind(host=host).warning("/logs: not served {}: {}", safe(entry), why)
+
+        try:
+            data = await asyncio.to_thread(HostLogs(self._state, host, skipped).read, name)
+        except ConfigError:  # no chroot
+            data = None
+        if data is None:
+            return _not_found(f"no such log: {host}/{name}")
+        text = safe(data.decode("utf-8", errors="replace"), lines=True)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8", headers=_LOG_HEADERS)
+
     async def start(self, host: str, port: int) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -152,3 +176,9 @@ class FleetWeb:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+
+
+def _not_found(text: str) -> web.Response:
+    return web.Response(
+        status=404, text=text + "\n", content_type="text/plain", charset="utf-8", headers=_LOG_HEADERS
+    )

@@ -78,6 +78,9 @@ class State(_Payload, frozen=True, kw_only=True):
     log: ShortText | None = None
     agent_version: ShortText = ""
     needs_reboot: bool = False  # the next boot runs another kernel, initrd or kernel modules
+    # The id of the last command this host took (executed, or ignored as expired): `herald status`
+    # shows a retained command until the host names it here. Optional: older agents omit it.
+    last_command: Identifier | None = None
 
 
 class Online(_Payload, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ and an agent fetches it with one request.
 import base64
 import functools
 import hashlib
+import re
 from typing import Annotated, Final
 
 import msgspec
@@ -32,6 +33,9 @@ OBJECTS: Final = "objects"
 RELEASES: Final = "releases"
 CREDENTIALS: Final = "credentials"
 LOGS: Final = "logs"
+# The name an agent gives a finished run's log in logs/ (client.store.log_name), which its state
+# names: what an admin surface may look a log up by (`/logs/<host>/<name>` on the fleet page).
+LOG_NAME: Final = re.compile(r"(\d{8}T\d{6}Z)-g(\d+)-(applied|failed|rolled-back)\.log")
 MANIFEST: Final = "MANIFEST"
 BROKER_SECRET: Final = "broker.secret"  # noqa: S105 - a file name, not a secret
 PUBLISHER_KEY: Final = "publisher.pub"

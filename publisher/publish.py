@@ -32,6 +32,7 @@ from protocol.topics import SERVICE_USERS
 from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Listed, Pool
+from publisher.figures import add_run
 from publisher.hashcache import HashCache, tree_key
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keys import authorized_key_line
@@ -189,6 +190,14 @@ class Publisher:
                 checker.save()
                 cache.save(keep=self._seen, hosts={host.name for host in inventory.hosts})
                 self._flusher.flush()
+                outcomes = [result.status for result in results.values()]
+                add_run(  # for /metrics: every run counts, however started
+                    self.state.publisher / "figures.json",
+                    changed=outcomes.count(Status.CHANGED),
+                    failed=outcomes.count(Status.FAILED),
+                    seconds=time.monotonic() - started,
+                    at=time.time(),
+                )
         report.hosts = [results[host.name] for host in inventory.hosts]
         report.files_hashed = cache.hashed
         report.seconds = time.monotonic() - started

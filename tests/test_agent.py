@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import asyncssh
 import msgspec
 import pytest
 from helpers import Agent, Fleet, Serve, herald, make_agent, read_release, write_release
@@ -228,10 +229,14 @@ def test_enrol_pins_the_server_writes_agent_toml_and_applies(fleet: Fleet, serve
     config = tmp_path / "enrolled" / "agent.toml"
     common = ["--server", f"127.0.0.1:{serve.sftp_port}", "--host", "beta", "--config", str(config)]
     common += ["--ssh-key", str(fleet.keys["beta"]), "--state-dir", str(tmp_path / "enrolled" / "state")]
-    unpinned = herald("enrol", *common)  # not a terminal: the fingerprint is shown, not trusted
+    unpinned = herald("enrol", *common)  # not a terminal: the key is shown, not trusted
     assert unpinned.returncode == 2
-    shown = unpinned.stdout.split("host key: ")[1].split()[0]
-    assert shown.startswith("SHA256:")
+    # The key (what --host-key and agent.toml take) and its fingerprint (what ssh-keygen -l
+    # shows), as `herald serve` shows them both.
+    fingerprint = asyncssh.import_public_key(serve.host_key).get_fingerprint("sha256")
+    shown = f"{serve.host_key} ({fingerprint})"
+    assert f"host key: {shown}" in unpinned.stdout
+    assert f"server.host_key): {shown}" in serve.proc.output()
     assert "pass it with --host-key" in unpinned.stderr
     assert not config.exists()
 

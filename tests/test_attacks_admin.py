@@ -7,6 +7,7 @@ Every admin surface must show that as data: `herald status` (plain, `--json`, `-
 metrics of `herald serve`. No link a host made is followed; no markup is interpreted; no control
 character, escape sequence or bidi override it sent reaches a terminal or a page raw."""
 
+import http.client
 import io
 import json
 import os
@@ -412,7 +413,7 @@ def test_logs_never_follows_or_prints_a_link_a_host_planted(fleet: Fleet, state:
     listing = herald("logs", "--state", str(state), "alpha")
     no_traceback(listing.stdout + listing.stderr)
     assert listing.returncode == 0, listing.stderr
-    names = [line.rsplit("  ", 1)[0] for line in listing.stdout.splitlines()]
+    names = [line.rsplit(maxsplit=3)[0] for line in listing.stdout.splitlines()]  # name size bytes time
     assert names == sorted(shown, reverse=True)
     warned = skipped(listing.stderr)
     assert sorted(warned) == sorted(why)
@@ -471,3 +472,80 @@ def test_logs_follow_skips_links_planted_while_it_runs(fleet: Fleet, state: Path
         assert unsafe_in(output) == []
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------- the page's /logs/<host>/<name>
+
+
+def http_get(serve: Serve, path: str) -> tuple[int, dict[str, str], str]:
+    """GET `path` exactly as written (no client normalises its dots or escapes)."""
+    address = serve.http.removeprefix("http://").rstrip("/")
+    connection = http.client.HTTPConnection(address, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_the_page_serves_only_a_hosts_logs_by_their_names_and_never_follows_its_links(
+    serve: Serve, state: Path, watcher: Watcher
+):
+    """alpha, compromised (and served by OpenSSH, so it can make links), leaves a symlink to the
+    signing key, a hard link to it, a FIFO and a directory in its logs/, each under a name an
+    agent would give a log, and names a path as its log. `/logs/alpha/<name>` serves only the
+    regular file with one link, escaped, as plain text no browser sniffs; every other entry, a
+    `..`, a path or an escaped slash is a 404 that reads nothing (the FIFO does not block it)."""
+    logs = state / "chroot" / "alpha" / "logs"
+    key = state / "publisher" / "signing.key"
+    (logs / "20990101T000000Z-g9-applied.log").symlink_to(key)
+    os.link(key, logs / "20990101T000001Z-g9-applied.log")
+    os.mkfifo(logs / "20990101T000002Z-g9-applied.log")
+    (logs / "20990101T000003Z-g9-applied.log").mkdir()
+    (logs / "20990101T000004Z-g9-failed.log").write_text(GOOD_LOG + "<script>alert(1)</script>\n")
+
+    status, headers, body = http_get(serve, "/logs/alpha/20990101T000004Z-g9-failed.log")
+    assert status == 200
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "\\x1b]0;owned\\x07" in body
+    assert "<script>alert(1)</script>" in body  # text, and the browser is told it is text
+    assert unsafe_in(body.replace("\n", "").replace("\t", "")) == []
+
+    refused = [
+        "/logs/alpha/20990101T000000Z-g9-applied.log",  # a symlink to the signing key
+        "/logs/alpha/20990101T000001Z-g9-applied.log",  # a hard link to it
+        "/logs/alpha/20990101T000002Z-g9-applied.log",  # a FIFO
+        "/logs/alpha/20990101T000003Z-g9-applied.log",  # a directory
+        "/logs/alpha/..",
+        "/logs/alpha/%2e%2e",
+        "/logs/alpha/..%2f..%2fpublisher%2fsigning.key",
+        "/logs/alpha/../../publisher/signing.key",
+        "/logs/..%2fpublisher/signing.key",
+        "/logs/alpha/%2e%2e%2f%2e%2e%2fpublisher%2fsigning.key",
+        "/logs/zeta/20990101T000004Z-g9-failed.log",  # no such host
+        "/logs/beta/20990101T000004Z-g9-failed.log",  # another host's name for it
+    ]
+    started = time.monotonic()
+    for path in refused:
+        status, _, body = http_get(serve, path)
+        assert status == 404, path
+        assert_no_key(body, state)
+    assert time.monotonic() - started < 10
+
+    host = Host(serve, state, "alpha")
+    try:
+        host.publish(Kind.ONLINE, encode(Online(online=True, at=now())))
+        named = encode(State(phase=Phase.IDLE, since=now(), log="../../publisher/signing.key"))
+        host.publish(Kind.STATE, named)
+    finally:
+        host.close()
+    watcher.wait_for(lambda: named in watcher.on("alpha", "state"), "alpha's state routed")
+
+    def shown() -> str | None:
+        text = fetch(serve.http)
+        return text if "signing.key" in text else None
+
+    row = wait_until(shown, "the page shows alpha's log name").split('<tr id="host-alpha">')[1]
+    assert "<a " not in row.split("</tr>")[0]  # a name no agent makes is never a link
