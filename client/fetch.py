@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -57,7 +58,7 @@ _LOST = (
     ConnectionError,
     OSError,
 )
-REQUEST_TIMEOUT: Final = 60.0  # for one request of at most _CHUNK bytes
+REQUEST_TIMEOUT: Final = 30.0  # seconds without any answer from a server that is connected
 _CHUNK: Final = 1 << 16
 _ONE_REQUEST: Final = 1 << 14
 _WINDOW: Final = 16 * _CHUNK  # at most 1 MiB of a file in memory
@@ -100,18 +101,38 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     return data
 
 
-async def _answer(request: Awaitable[T], what: str) -> T:
-    """One SFTP request's answer, or UnreachableError after REQUEST_TIMEOUT: a server whose
-    connection is up but does not answer (a session process gone, a server stopped) is away."""
+class _Progress:
+    """When the server last answered any request of this fetch."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+
+async def _answer(request: Awaitable[T], what: str, progress: _Progress | None = None) -> T:
+    """One SFTP request's answer. UnreachableError once the server has answered nothing for
+    REQUEST_TIMEOUT: up, but not answering (a session process gone, out of descriptors). A request
+    may wait longer behind others on a slow link, as long as answers keep coming."""
+    progress = progress or _Progress()
+    task = asyncio.ensure_future(request)
     try:
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            return await request
-    except TimeoutError:
-        raise UnreachableError(f"no answer from the server within {REQUEST_TIMEOUT:g}s ({what})") from None
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=REQUEST_TIMEOUT)
+            if done:
+                progress.last = time.monotonic()
+                return task.result()
+            if time.monotonic() - progress.last >= REQUEST_TIMEOUT:
+                raise UnreachableError(f"no answer from the server for {REQUEST_TIMEOUT:g}s ({what})")
+    finally:
+        task.cancel()
 
 
 async def _read_exactly(
-    stream: asyncssh.SFTPClientFile, size: int, offset: int = 0, *, probe_end: bool = False
+    stream: asyncssh.SFTPClientFile,
+    size: int,
+    offset: int = 0,
+    *,
+    probe_end: bool = False,
+    progress: _Progress | None = None,
 ) -> bytes:
     """`size` bytes from `offset`, one request per `_CHUNK`, all in flight at once; shorter only
     at the end of the file. With `probe_end` the last request asks for one byte more, so a file
@@ -120,20 +141,30 @@ async def _read_exactly(
     if not starts:
         return b""
     last = starts[-1]
+    shared = progress or _Progress()
     parts = await asyncio.gather(
         *(
-            _read_at(stream, start, min(_CHUNK, offset + size - start), probe_end=probe_end and start == last)
+            _read_at(
+                stream,
+                start,
+                min(_CHUNK, offset + size - start),
+                probe_end=probe_end and start == last,
+                progress=shared,
+            )
             for start in starts
         )
     )
     return b"".join(parts)
 
 
-async def _read_at(stream: asyncssh.SFTPClientFile, offset: int, size: int, *, probe_end: bool) -> bytes:
+async def _read_at(
+    stream: asyncssh.SFTPClientFile, offset: int, size: int, *, probe_end: bool, progress: _Progress
+) -> bytes:
     data = b""
     extra = 1 if probe_end else 0
     while True:  # a short answer is asked again for the rest; an empty one is the end of the file
-        chunk = _binary(await _answer(stream.read(size + extra - len(data), offset + len(data)), "a file"))
+        request = stream.read(size + extra - len(data), offset + len(data))
+        chunk = _binary(await _answer(request, "reading a file", progress))
         data += chunk
         if not chunk or len(data) >= size:
             return data
@@ -179,6 +210,7 @@ async def _assemble(
     sftp: asyncssh.SFTPClient, files: list[FileEntry], staging: Path, have: dict[str, Path]
 ) -> tuple[int, int, int]:
     gate = asyncio.Semaphore(PARALLEL)
+    progress = _Progress()
     downloaded = downloaded_bytes = reused = 0
 
     async def one(entry: FileEntry) -> None:
@@ -189,7 +221,7 @@ async def _assemble(
             reused += 1
             return
         async with gate:
-            await _download(sftp, entry, target)
+            await _download(sftp, entry, target, progress)
         downloaded += 1
         downloaded_bytes += entry.size
 
@@ -255,20 +287,20 @@ def _reuse(source: Path, target: Path, entry: FileEntry) -> bool:
     return True
 
 
-async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path) -> None:
+async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path, progress: _Progress) -> None:
     path = f"{OBJECTS}/{entry.sha256}"
     digest = hashlib.sha256()
     size = 0
     out = _Local(target, entry.mode)
     try:
-        async with await _answer(sftp.open(path, "rb", block_size=0), path) as stream:
+        async with await _answer(sftp.open(path, "rb", block_size=0), path, progress) as stream:
             # The MANIFEST's size, a window at a time, and one byte more at the end: a file that
             # is shorter or longer than the MANIFEST says fails like one whose content differs.
             start = 0
             while True:
                 want = min(_WINDOW, entry.size - start)
                 last = start + want >= entry.size
-                chunk = await _read_exactly(stream, want, start, probe_end=last)
+                chunk = await _read_exactly(stream, want, start, probe_end=last, progress=progress)
                 size += len(chunk)
                 digest.update(chunk)
                 if size > entry.size:
