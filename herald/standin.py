@@ -5,7 +5,8 @@
 Appends one JSON line to FILE: the time it started, its arguments and the system it switches
 to ("system", when DIR/system names one and it will not fail). If DIR/sleep exists, it then
 sleeps that many seconds; if DIR/fail exists it exits 1; if DIR/hang exists it sleeps until
-killed. If DIR/system names a directory (a system with kernel, initrd and kernel-modules
+killed; if DIR/fail-after exists it switches (below), then exits 1, as a switch whose
+activation failed. If DIR/system names a directory (a system with kernel, initrd and kernel-modules
 links), it points ROOT/nix/var/nix/profiles/system at it for `switch` and `boot`, and
 ROOT/run/current-system for `switch` and `test`, as nixos-rebuild does. If that system is a
 real store path with bin/switch-to-configuration, it does what nixos-rebuild does with it:
@@ -78,6 +79,9 @@ def main() -> int:
                 return code
         else:
             activate(options.root, system, options.args[0])
+    if control is not None and (control / "fail-after").exists():
+        print("activated, then failing on purpose", file=sys.stderr)
+        return 1
     print("done")
     return 0
 

@@ -43,6 +43,7 @@ from openssh import OpenSSH, remove_host_users, start_sshd
 from reliability import Row, record
 from test_agent_loop import free_port
 
+from client.restart import changes, identity
 from protocol.messages import Phase, State
 
 NIX_OPTIONS = ["--option", "sandbox", "false", "--option", "build-users-group", ""]
@@ -164,6 +165,7 @@ class Host:
     slow: Path
     sshd: OpenSSH | None  # while it exists, every publish's check takes longer than the confirm window
     others: set[str] = field(default_factory=set)  # files in the root that are not herald's
+    releases: dict[int, dict[str, tuple[int, str]]] = field(default_factory=dict)  # as published
     proc: Proc | None = None
 
     @property
@@ -189,7 +191,9 @@ class Host:
         broker = ["--broker", self.broker.mqtt] if announce else []
         done = herald("publish", "--fleet", str(self.fleet.root), "--state", str(self.state), *broker)
         assert done.returncode == 0, done.stdout + done.stderr
-        return current_generation(self.state, HOST)
+        generation = current_generation(self.state, HOST)
+        self.releases[generation] = released(self.state, generation)  # the server keeps only 3
+        return generation
 
     def edit(self, path: str, text: str, mode: int | None = None) -> None:
         self.fleet.edit(HOST, f"files/{path}", text)
@@ -262,7 +266,7 @@ class Host:
         """The root holds exactly what `deployed` released; the system is `systems[system]`
         (running and recorded); `herald status` says `status`."""
         assert self.record("deployed.json")["generation"] == deployed
-        assert managed(self.root, self.others) == released(self.state, deployed)
+        assert managed(self.root, self.others) == self.releases[deployed]
         assert not (self.agent.home / "state" / "journal.json").exists()
         assert self.system("run/current-system") == self.systems[system]
         assert self.system("nix/var/nix/profiles/system") == self.systems[system]
@@ -447,7 +451,7 @@ def after_the_rollback(host: Host, walk: dict) -> None:
 
 
 def failed_rebuild(host: Host, walk: dict) -> None:
-    """A failed rebuild: its new file does not stay behind."""
+    """A failed rebuild: its new file does not stay behind; nor its system, if it moved."""
     host.edit("etc/failing", "from a generation that fails\n")
     (host.control / "fail").touch()
     generation = host.publish(5)
@@ -455,6 +459,15 @@ def failed_rebuild(host: Host, walk: dict) -> None:
     assert "rebuild failed with exit code 1" in state.message
     host.check(walk["good"], 4, "failed")
     (host.control / "fail").unlink()
+    # A switch whose activation fails after the system moved: back to exactly the system before.
+    host.configure("step = 9;")
+    (host.control / "fail-after").touch()
+    generation = host.publish(5)
+    state = host.settled(generation, Phase.FAILED, walk["good"])
+    assert "rebuild failed with exit code 1" in state.message
+    assert host.switches()[-2:] == [f"switch {host.systems[5]}", f"switch {host.systems[4]}"]
+    host.check(walk["good"], 4, "failed")
+    (host.control / "fail-after").unlink()
     host.remove("etc/failing")
 
     walk["generation"] = generation
@@ -673,6 +686,25 @@ def _limit(pid: int, soft: int) -> int:
 def restore_descriptors(limited: list[tuple[int, int]]) -> None:
     for pid, soft in limited:
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=False)
+
+
+def test_the_agent_knows_when_what_it_would_run_as_changed(tmp_path: Path):
+    config, root = tmp_path / "agent.toml", tmp_path / "root"
+    config.write_text("host = 'omega'\n")
+    sw = root / "run" / "current-system" / "sw" / "bin"
+    sw.mkdir(parents=True)
+    (tmp_path / "herald-1").write_text("")
+    (tmp_path / "herald-2").write_text("")
+    (sw / "herald").symlink_to(tmp_path / "herald-1")
+    before = identity(config, root)
+    assert changes(before, identity(config, root)) == []
+    (sw / "herald").unlink()
+    (sw / "herald").symlink_to(tmp_path / "herald-2")  # the system provides another herald
+    assert changes(before, identity(config, root)) == [f"the system's herald is now {tmp_path / 'herald-2'}"]
+    config.write_text("host = 'omega'\npoll = '2h'\n")
+    assert changes(before, identity(config, root))[0] == "agent.toml changed"
+    config.unlink()  # being replaced: not a reason by itself
+    assert changes(before, identity(config, root)) == [f"the system's herald is now {tmp_path / 'herald-2'}"]
 
 
 # ---------------------------------------------------------------- kill -9 during the install
