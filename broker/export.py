@@ -10,7 +10,7 @@ Generated from broker.acl and STATE/broker/passwd, so the two brokers cannot dri
 from pathlib import Path
 
 from broker.acl import Access, host_rules, rules
-from broker.fixes import MAX_PACKET
+from broker.admission import MAX_PACKET
 from protocol.credentials import parse_passwd
 from protocol.errors import ConfigError
 from protocol.files import write_atomic

@@ -19,20 +19,9 @@
    retained message by lookup, and a message is matched against its own topic's subscribers
    and the wildcard filters only.
 
-4. CONNECT is checked before anything is touched. amqtt deleted an existing session with the
-   same client id before authenticating (`_initialize_client_session`), so a refused login,
-   with no password at all, silently unsubscribed any agent whose id it named; and it published
-   a client's last will with no publish-permission check (`_handle_disconnect`), so a host's
-   will could retain a rollback on another host's `command` topic. Here authentication, the
-   auth plugins' client-id binding (broker.auth) and the will's topic, checked against the
-   publish ACL, all come first: a CONNECT that fails any of them is refused with one log line
-   naming the user, and no session is looked at. A client that takes over its own session
-   (same user, same id) now really disconnects the old connection (amqtt left it open with its
-   subscriptions gone), and the old connection's will is published before the new one goes on.
-5. Packet size. amqtt reads a packet of any length (up to MQTT's 256 MiB) into memory, and a
-   host could retain one on its own topics. Here a packet whose payload is larger than
-   MAX_PACKET ends the connection (Mosquitto: `max_packet_size` in the export).
-6. QoS of delivery. amqtt delivered every message at the subscription's QoS, a QoS 0 publish at
+4. CONNECT and connections: broker.admission (what is checked before a session is touched,
+   packet size, connection limits).
+5. QoS of delivery. amqtt delivered every message at the subscription's QoS, a QoS 0 publish at
    QoS 2 included; MQTT 3.1.1 (3.8.4) asks for the lower of the publish's and the subscription's.
 
 This depends on amqtt's private methods. tests/test_broker.py pins the source of each method
@@ -44,23 +33,21 @@ import asyncio
 import math
 from collections import deque
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import QOS_0, QOS_1, QOS_2, Broker, BrokerError, BrokerEvents, MachineError, Server
+from amqtt.broker import QOS_0, QOS_1, QOS_2, BrokerError, BrokerEvents, MachineError, Server
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
-from amqtt.utils import format_client_message, gen_client_id
 from loguru import logger
+
+from broker.admission import Admission
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 REFUSED = 0x80  # SUBACK return code for a refused subscription
-MAX_PACKET: Final = 256 * 1024  # bytes: far above any herald payload (protocol.messages.MAX_PAYLOAD)
-_TAKEOVER_WAIT: Final = 5.0  # seconds a takeover waits for the old connection's end (its will)
 
 # The QoS of the PUBLISH being routed, set around amqtt's _handle_message_delivery for the
 # _broadcast_message it calls (in the same task), which amqtt gives no QoS.
@@ -75,14 +62,13 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
         return f"<{len(self)} topic filters>"
 
 
-class HeraldBroker(Broker):
+class HeraldBroker(Admission):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.retained_watchers: list[Callable[[str, bytes], object]] = []
         self._subscriptions = _Subscriptions()
         self._filters_of: dict[str, set[str]] = {}  # client id -> the filters it subscribed
         self._wildcards: set[str] = set()  # filters with + or # (a superset: some may be unused)
-        self._ended: dict[int, asyncio.Event] = {}  # id(handler) -> set when its message loop ends
 
     # ---------------------------------------------------------------- retained messages
 
@@ -217,140 +203,6 @@ class HeraldBroker(Broker):
                 retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
             )
 
-    # ---------------------------------------------------------------- CONNECT
-
-    async def _client_connected(
-        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
-    ) -> None:
-        """amqtt's, reading through a guard: a payload of more than MAX_PACKET bytes is refused
-        before it is read (amqtt reads a PUBLISH's payload with one read of its whole length;
-        every other field of a packet is a string of at most 64 KiB)."""
-        read = reader.read
-        refused = False
-
-        async def bounded(n: int = -1) -> bytes:
-            nonlocal refused
-            if n > MAX_PACKET and not refused:
-                refused = True
-                where = writer.get_peer_info()
-                logger.warning(
-                    "dropping the client at {}: a packet of more than {} KiB", where, MAX_PACKET >> 10
-                )
-                await writer.close()
-            if refused:  # and every read after: the rest of that packet is not read as packets
-                raise ConnectionResetError("packet too large")  # amqtt reads this as the connection's end
-            data: bytes = await read(n)
-            return data
-
-        reader.read = bounded
-        await super()._client_connected(listener_name, reader, writer)
-
-    async def _initialize_client_session(
-        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
-        """amqtt 0.12.1's method (debug lines left out), but for the parts marked `herald:`."""
-        try:
-            handler, client_session = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
-            )
-        except AMQTTError as exc:
-            where = format_client_message(address=remote_address, port=remote_port)
-            self.logger.warning("[MQTT-3.1.0-1] %s: Can't read first packet as CONNECT: %s", where, exc)
-            raise AMQTTError(exc) from exc
-        except MQTTError as exc:
-            where = format_client_message(address=remote_address, port=remote_port)
-            self.logger.warning("Invalid connection from %s", where)
-            await writer.close()
-            raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            where = format_client_message(address=remote_address, port=remote_port)
-            self.logger.error("No data from %s : %s", where, exc)
-            raise AMQTTError(exc) from exc
-
-        # herald: nothing of any other session is looked at before this CONNECT is admitted.
-        refused = await self._refusal(client_session)
-        if refused is not None:
-            logger.warning(
-                "refused a CONNECT from {} (user {!r}, client id {!r}): {}",
-                f"{remote_address}:{remote_port}",
-                client_session.username,
-                client_session.client_id,
-                refused,
-            )
-            handler.attach(client_session, reader, writer)
-            await handler.mqtt_connack_authorize(authorize=False)
-            await writer.close()
-            raise AMQTTError(refused)
-
-        if client_session.clean_session:
-            # Delete existing session and create a new one
-            if client_session.client_id:
-                await self._take_over(client_session.client_id)  # herald: the old connection ends
-                await self._delete_session(client_session.client_id)
-            else:
-                client_session.client_id = gen_client_id()
-            client_session.parent = 0
-        elif client_session.client_id in self._sessions:
-            # Get session from cache: the new connection brings its configuration and credentials
-            existing_client_session, _ = self._sessions[client_session.client_id]
-            existing_client_session.will_flag = client_session.will_flag
-            existing_client_session.will_message = client_session.will_message
-            existing_client_session.will_topic = client_session.will_topic
-            existing_client_session.will_qos = client_session.will_qos
-            existing_client_session.keep_alive = client_session.keep_alive
-            existing_client_session.username = client_session.username
-            existing_client_session.password = client_session.password
-            client_session = existing_client_session
-            client_session.parent = 1
-        else:
-            client_session.parent = 0
-
-        timeout_disconnect_delay = self.config.get("timeout-disconnect-delay", 0)
-        if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
-            client_session.keep_alive += timeout_disconnect_delay
-        return handler, client_session
-
-    async def _refusal(self, session: Session) -> str | None:
-        """Why this CONNECT is refused, or None: the auth plugins (herald's bind the client id
-        to its user) must all admit it, and a will must be a valid topic name the client may
-        publish to, checked as its PUBLISH would be (amqtt checked readers only, when it fired)."""
-        if not await self._authenticate(session, None):  # amqtt ignores the listener
-            return "not authorised (user name, password or client id)"
-        if session.will_flag:
-            topic = session.will_topic or ""
-            if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
-                return f"its will names no valid topic ({topic!r})"
-            if not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
-                return f"its will is on {topic}, where it may not publish"
-        return None
-
-    async def _take_over(self, client_id: str) -> None:
-        """End the live connection of `client_id`, if there is one, as an abnormal disconnect
-        (its will is published) and wait for it to end: a client reconnecting with its own id
-        replaces its stale connection, whose will must not land after the new one's messages."""
-        existing = self._sessions.get(client_id)
-        if existing is None or not existing[0].transitions.is_connected():
-            return
-        old_handler = existing[1]
-        ended = self._ended.get(id(old_handler))
-        logger.info("client {} connected again: ending its previous connection", client_id)
-        await old_handler.handle_connection_closed()
-        if ended is not None:
-            try:
-                async with asyncio.timeout(_TAKEOVER_WAIT):
-                    await ended.wait()
-            except TimeoutError:
-                logger.warning("the previous connection of {} did not end in time", client_id)
-
-    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
-        """amqtt's; a takeover can wait for it to end (after the will of an abnormal end is out)."""
-        ended = self._ended[id(handler)] = asyncio.Event()
-        try:
-            await super()._client_message_loop(client_session, handler)
-        finally:
-            ended.set()
-            self._ended.pop(id(handler), None)
-
     async def _handle_client_session(
         self,
         reader: ReaderAdapter,
@@ -391,6 +243,7 @@ class HeraldBroker(Broker):
         client_session.keep_alive = 0
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)
+        self._admitted(client_session, handler)  # herald: its QoS 2 flow bounded
 
         await handler.mqtt_connack_authorize(authorize=True)
 

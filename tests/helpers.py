@@ -188,11 +188,14 @@ def start_serve(
     sftp: str = "127.0.0.1:0",
     broker: str | None = None,
     http: str = "127.0.0.1:0",
+    wrap: tuple[str, ...] = (),
 ) -> Serve:
-    """`herald serve` as a process; with `broker`, announcing on that external broker."""
+    """`herald serve` as a process; with `broker`, announcing on that external broker; `wrap`
+    runs it through a command that execs it (same PID), e.g. `prlimit --nofile=256:256`."""
     run_file = state / "run" / "serve.json"
     run_file.unlink(missing_ok=True)
     argv = [
+        *wrap,
         *HERALD,
         "serve",
         "--fleet",

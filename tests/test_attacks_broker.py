@@ -7,15 +7,18 @@ dropped without DISCONNECT) and that it had no effect: nothing reached another h
 retained changed, no agent acted.
 """
 
+import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from brokers import Broker
-from helpers import Fleet, Watcher, make_agent, wait_until
+from helpers import Fleet, Serve, Watcher, make_agent, start_serve, wait_until
 
 from protocol.credentials import Secret
 from protocol.messages import Action, Command, Online, Phase, State, encode, now
@@ -386,3 +389,155 @@ def test_a_host_cannot_make_the_broker_hold_a_huge_message(broker: Broker, watch
     small.client.publish(T.state("alpha"), b"y" * 60_000, qos=1).wait_for_publish(10)
     small.close()
     watcher.wait_for(lambda: any(p == b"y" * 60_000 for _, _, p, _ in watcher.messages), "a 60 kB message")
+
+
+# ---------------------------------------------------------------- connections and memory, embedded broker
+# Mosquitto has its own limits for these (max_connections, max_inflight_messages, a CONNECT
+# timeout of its own); the embedded broker shares its process with the SFTP server, so one
+# peer holding its descriptors or memory would take every host's SFTP down with it.
+
+NOFILE = ("prlimit", "--nofile=256:256")
+KiB = 1 << 10
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">H", len(data)) + data
+
+
+def _remaining(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n % 128, n // 128
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def raw_connect(port: int, user: str, password: str, identifier: str) -> socket.socket:
+    """A CONNECT written by hand (keepalive 0: never dropped for silence); CONNACK accepted."""
+    body = _string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 0)
+    body += _string(identifier) + _string(user) + _string(password)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"\x10" + _remaining(len(body)) + body)
+    assert sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK: accepted"
+    return sock
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def small_serve(fleet: Fleet, state: Path, logs: Path) -> Iterator[Serve]:
+    """`herald serve` with 256 descriptors, hard limit too (systemd's default soft limit is 1024)."""
+    server = start_serve(fleet, state, logs, wrap=NOFILE)
+    yield server
+    server.stop()
+
+
+def test_a_strangers_idle_connections_do_not_lock_the_fleet_out_of_the_broker(
+    fleet: Fleet, state: Path, small_serve: Serve
+):
+    """Actor: a stranger on the network, no credentials. It opens 300 TCP connections to the
+    broker and never sends CONNECT: amqtt waited for one for ever, with no cap, in the process
+    whose descriptors also serve every host's SFTP. A host connected before keeps its session,
+    the admin and a host connect afresh, and the idle sockets are closed by the broker."""
+    port = int(small_serve.mqtt.rsplit(":", 1)[1])
+    alpha = raw_connect(port, "alpha", small_serve_secret(state, "alpha"), "alpha.before")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        assert len(held) >= 100  # delivered: the connections were made
+        Watcher(small_serve.mqtt, state).close()  # the admin connects
+        beta = raw_connect(port, "beta", small_serve_secret(state, "beta"), "beta.after")
+        beta.close()
+        alpha.sendall(b"\xc0\x00")  # PINGREQ on the connection made before
+        assert alpha.recv(2) == b"\xd0\x00"  # PINGRESP: still served
+        assert len(os.listdir(f"/proc/{small_serve.proc.pid}/fd")) < 256
+
+        def closed_by_the_broker() -> bool:
+            for sock in held:
+                sock.settimeout(0)
+                try:
+                    if sock.recv(1) != b"":
+                        return False
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        wait_until(closed_by_the_broker, "every idle connection closed (no CONNECT within 10 s)", timeout=20)
+    finally:
+        alpha.close()
+        for sock in held:
+            sock.close()
+
+
+def small_serve_secret(state: Path, host: str) -> str:
+    return (state / "chroot" / host / "credentials" / "broker.secret").read_text().strip()
+
+
+def test_a_host_cannot_open_connections_without_bound(fleet: Fleet, state: Path, serve: Serve):
+    """Actor: a compromised host (alpha), with its own secret. Each connection is a descriptor
+    of the process that serves every host; a host needs two or three. alpha opens 40 with ids
+    of its own: past 32 they are refused (one log line), and beta still connects."""
+    port = int(serve.mqtt.rsplit(":", 1)[1])
+    secret = small_serve_secret(state, "alpha")
+    held: list[socket.socket] = []
+    refused = 0
+    try:
+        for index in range(40):
+            try:
+                held.append(raw_connect(port, "alpha", secret, f"alpha.flood{index}"))
+            except AssertionError:
+                refused += 1
+        assert len(held) == 32  # delivered: 32 admitted
+        assert refused == 8
+        raw_connect(port, "beta", small_serve_secret(state, "beta"), "beta.other").close()
+        assert "has 32 connections already" in serve.proc.output()
+    finally:
+        for sock in held:
+            sock.close()
+    # The count falls as they close: alpha connects again.
+    wait_until(lambda: _admitted(port, secret), "alpha admitted again once its connections closed")
+
+
+def _admitted(port: int, secret: str) -> bool:
+    try:
+        raw_connect(port, "alpha", secret, f"alpha.again{time.monotonic_ns()}").close()
+    except AssertionError:
+        return False
+    return True
+
+
+def test_a_host_cannot_make_the_broker_hold_unreleased_qos2_messages(state: Path, serve: Serve):
+    """Actor: a compromised host (alpha). It publishes 200 QoS 2 messages of 250 KiB on its own
+    state and never sends PUBREL: amqtt kept each, for as long as the connection lived (16 GiB
+    possible a connection). herald never publishes at QoS 2: past 16 waiting, the connection ends."""
+    port = int(serve.mqtt.rsplit(":", 1)[1])
+    sock = raw_connect(port, "alpha", small_serve_secret(state, "alpha"), "alpha.qos2")
+    before = rss(serve.proc.pid)
+    payload = b"q" * (250 * KiB)
+    body_of = lambda packet_id: _string(T.state("alpha")) + struct.pack(">H", packet_id) + payload  # noqa: E731
+    sent = 0
+    try:
+        for packet_id in range(1, 201):
+            body = body_of(packet_id)
+            sock.sendall(b"\x34" + _remaining(len(body)) + body)  # PUBLISH, QoS 2
+            sent += 1
+    except OSError:
+        pass  # the broker ended the connection
+    finally:
+        sock.close()
+    assert sent >= 17  # delivered: more than the broker keeps
+    wait_until(lambda: "QoS 2 messages wait for their PUBREL" in serve.proc.output(), "the connection ended")
+    assert rss(serve.proc.pid) - before < 16 << 20

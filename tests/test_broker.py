@@ -141,14 +141,10 @@ def test_anonymous_wrong_and_unknown_users_are_refused(state: Path):
     assert run(scenario()) == [True, True, True, True]
 
 
-def test_a_new_host_can_log_in_after_a_publish_without_a_restart(fleet: Fleet, state: Path):
+def test_a_new_host_can_log_in_after_a_publish_without_a_restart(fleet: Fleet, state: Path, tmp_path: Path):
     async def scenario():
         async with embedded(state) as url:
-            (fleet.root / "hosts" / "delta").mkdir()
-            (fleet.root / "hosts" / "delta" / "configuration.nix").write_text("{ ... }: { }\n")
-            key = (fleet.root / "fleet.toml").read_text().split('ssh_key = "')[1].split('"')[0]
-            with (fleet.root / "fleet.toml").open("a") as toml:
-                toml.write(f'\n[hosts.delta]\nssh_key = "{key}"\n')
+            fleet.add_host("delta", tmp_path)
             await asyncio.to_thread(publish, fleet.root, state)
             async with client(url, state, "delta"):
                 return True
@@ -403,6 +399,8 @@ REVIEWED = {
     "ProtocolHandler._init_session": "d8f6979793e163e9",  # keep_alive 0: no keepalive timeout at all
     "ProtocolHandler._reader_loop": "93f3b8e4483040d0",  # waits for a packet with the keepalive as timeout
     "ProtocolHandler._send_packet": "9f0ae4e325319652",  # a timer per packet sent, only with a keepalive
+    "ProtocolHandler.handle_publish": "b8f1fd3212c7134e",  # wrapped per connection: QoS 2 flow bounded
+    "ProtocolHandler._handle_qos2_message_flow": "f2d96f1fc4eca34f",  # an incoming QoS 2 kept in inflight_in
 }
 
 
