@@ -110,7 +110,7 @@ class Agent:
 
     def secret_refused(self) -> None:
         """The broker refused our secret: read it again from the server at the next check."""
-        self.deployer.secret_stale = True
+        self.deployer.chroot.secret_stale = True
         self.request("broker secret refused")
 
     def _schedule(self, delay: float) -> None:

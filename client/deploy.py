@@ -5,12 +5,11 @@ logs/) for any run that went past the check.
 """
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TextIO
 
 import asyncssh
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -18,8 +17,9 @@ from loguru import logger
 
 import protocol
 from client.apply import operation_of, rebuild_argv
+from client.chroot import Chroot
 from client.confirm import confirm
-from client.fetch import check, fetch, read_small
+from client.fetch import check, fetch
 from client.install import Converged
 from client.link import ServerLink
 from client.report import Reporter
@@ -27,22 +27,13 @@ from client.store import Applied, Journal, Store, log_name
 from client.system import current_system
 from client.transition import Transitions
 from client.workstation import Notifier, postpone_reason
-from protocol.credentials import Secret
 from protocol.errors import RebuildError, ReleaseError, StorageError, UnreachableError
-from protocol.files import write_atomic
 from protocol.messages import Phase, State, now
 from protocol.release import (
-    BROKER_SECRET,
-    CREDENTIALS,
-    LOGS,
-    PUBLISHER_KEY,
     Current,
     Manifest,
-    decode_public_key,
 )
 from protocol.settings import AgentConfig, Operation, seconds
-
-KEEP_LOGS: Final = 20
 
 
 def decide(
@@ -97,8 +88,7 @@ class Deployer:
         self.link = link
         self.reporter = reporter
         self.log = logger.bind(host=config.host)
-        self.secret_stale = True
-        self.logs_listed = False  # the server's logs/ listed once since start
+        self.chroot = Chroot(config, store, link, reporter)
         self.notifier = Notifier(config.notify, config.host)
         self.transitions = Transitions(config, store)
         self.root = Path(config.root)
@@ -128,7 +118,7 @@ class Deployer:
         await self.recover()  # left by a run that failed to finish or undo it
         await self.reporter.report(Phase.CHECKING, message="checking")
         sftp = await self.link.sftp()
-        key = await self._credentials(sftp)
+        key = await self.chroot.credentials(sftp)
         current = await check(sftp)
         verdict = decide(current, self.store.deployed(), self.store.failed(), force=force)
         if verdict is not None:
@@ -328,7 +318,7 @@ class Deployer:
             self.log.info("{}", outcome.message)
         else:
             self.log.error("generation {}: {}", outcome.generation, outcome.message)
-        await self._upload_log(log_path)
+        await self.chroot.upload_log(log_path)
         target = max(outcome.generation, self.reporter.state.target_generation)
         rebooting_before = self.reporter.state.needs_reboot
         state = await self.reporter.report(
@@ -353,49 +343,3 @@ class Deployer:
             later = f" herald restarts it between {window.replace('-', ' and ')}." if window else ""
             body += f"\nA restart is needed to finish the update.{later}"
         await self.notifier.send(summary, body, urgency)
-
-    # ---------------------------------------------------------------- server side files
-
-    async def _credentials(self, sftp: asyncssh.SFTPClient) -> Ed25519PublicKey:
-        """The publisher key (agent.toml, else pinned on first use) and, when stale, the broker secret."""
-        if self.secret_stale and self.reporter.url is not None:
-            data = await read_small(sftp, f"{CREDENTIALS}/{BROKER_SECRET}", 1024)
-            write_atomic(self.store.root / BROKER_SECRET, data, mode=0o600)
-            self.reporter.set_secret(Secret(data.decode("utf-8", "replace").strip()))
-            self.secret_stale = False
-        if self.config.publisher_key is not None:
-            return decode_public_key(self.config.publisher_key)
-        pinned = self.store.root / PUBLISHER_KEY
-        if pinned.exists():
-            return decode_public_key(pinned.read_text(encoding="ascii"))
-        text = await read_small(sftp, f"{CREDENTIALS}/{PUBLISHER_KEY}", 256)
-        key = decode_public_key(text.decode("ascii", "replace"))
-        write_atomic(pinned, text, mode=0o600)
-        self.log.info("pinned the publisher key on first use: {}", text.decode("ascii", "replace").strip())
-        return key
-
-    async def _upload_log(self, path: Path) -> None:
-        """Upload a run's log; keep the newest KEEP_LOGS here and on the server.
-
-        The agent is the only writer of its `logs/`, so one listing per run of the agent is
-        enough: after it, the names to remove there are the names pruned here (a listing makes
-        the server stat every entry, and it would be most of a no-change cycle's requests).
-        """
-        expired = [old.name for old in sorted(self.store.logs.glob("*.log"))[:-KEEP_LOGS]]
-        try:
-            sftp = await self.link.sftp()
-            async with sftp.open(f"{LOGS}/{path.name}", "wb") as remote:
-                await remote.write(path.read_bytes())
-            remove = expired
-            if not self.logs_listed:
-                names = sorted(name for name in await sftp.listdir(LOGS) if name.endswith(".log"))
-                remove = names[:-KEEP_LOGS]
-            for name in remove:
-                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                    await sftp.remove(f"{LOGS}/{name}")
-            self.logs_listed = True
-        except Exception as exc:  # noqa: BLE001 - asyncssh raises many kinds; a log upload never stops the agent
-            self.logs_listed = False
-            self.log.warning("log {} not uploaded: {}", path.name, exc)
-        for name in expired:
-            (self.store.logs / name).unlink(missing_ok=True)
