@@ -112,16 +112,25 @@ def cmd_broker_export(args: argparse.Namespace) -> int:
 
 
 def cmd_server_provision(args: argparse.Namespace) -> int:
-    from publisher.provision import provision
+    from herald.output import warn
+    from publisher.provision import provision, sshd_include_problem
 
     changes = provision(args.fleet, args.state, dry_run=args.dry_run, sshd_state=args.sshd_state)
     for change in changes:
         console.print(f"{'would ' if args.dry_run else ''}{change.what}", markup=False, soft_wrap=True)
     if not changes:
         console.print("nothing to change")
-    elif not args.dry_run:
-        fragment = args.state.absolute() / "ssh" / "sshd_config"
-        console.print(f"include {fragment} at the end of sshd_config, then reload sshd", markup=False)
+    fragment = (args.sshd_state or args.state.absolute()) / "ssh" / "sshd_config"
+    try:
+        main_config = args.sshd_config.read_text(encoding="utf-8")
+    except OSError as exc:
+        warn(
+            f"{args.sshd_config}: not read ({exc.strerror}); include {fragment} at its end, then reload sshd"
+        )
+    else:
+        problem = sshd_include_problem(main_config, fragment)
+        if problem is not None:
+            warn(f"{args.sshd_config}: {problem.removeprefix('sshd_config ')}, then reload sshd")
     return 0
 
 
@@ -362,6 +371,13 @@ def _server_commands(commands: _Commands) -> None:
     _paths(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print every change; make none")
     cmd.add_argument("--sshd-state", type=Path, metavar="DIR", help="the state directory as sshd sees it")
+    cmd.add_argument(
+        "--sshd-config",
+        type=Path,
+        default=Path("/etc/ssh/sshd_config"),
+        metavar="FILE",
+        help="the main sshd_config, checked for the Include (default: /etc/ssh/sshd_config)",
+    )
 
 
 def _fleet_commands(commands: _Commands) -> None:

@@ -67,6 +67,31 @@ Match User {",".join(hosts)}
 """
 
 
+def sshd_include_problem(text: str, fragment: Path) -> str | None:
+    """What is wrong with how the main sshd_config reaches herald's fragment, or None.
+
+    sshd reads an `Include` inside a `Match` block as part of that block: appended to a file
+    that ends inside one, none of herald's block applies (FINDINGS.md: OpenSSH 9.2)."""
+    match_line: tuple[int, str] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        keyword = words[0].lower()
+        if keyword == "match":
+            all_ = [word.lower() for word in words[1:]] == ["all"]
+            match_line = None if all_ else (number, " ".join(words))
+        elif keyword == "include" and any(Path(word) == fragment for word in words[1:]):
+            if match_line is not None:
+                line, block = match_line
+                return (
+                    f"sshd_config line {number}: the Include of {fragment} is inside `{block}` "
+                    f"(line {line}), so none of herald's block applies; put `Match all` on the line before it"
+                )
+            return None
+    return f"sshd_config does not include {fragment} yet: add `Include {fragment}` at its end"
+
+
 def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:

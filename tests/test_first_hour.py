@@ -180,3 +180,28 @@ def test_status_watch_stopped_by_sigterm_exits_without_a_traceback(serve: Serve,
     assert watch.stop(signal.SIGTERM) == 143
     assert "Traceback" not in watch.output()
     assert "CancelledError" not in watch.output()
+
+
+FRAGMENT = Path("/var/lib/herald/ssh/sshd_config")
+
+
+@pytest.mark.parametrize(
+    ("main", "problem"),
+    [
+        (f"PermitRootLogin no\nInclude {FRAGMENT}\n", None),
+        (f"Match User git\n    ForceCommand git-shell\nMatch all\nInclude {FRAGMENT}\n", None),
+        (
+            f"Match User git\n    ForceCommand git-shell\nInclude {FRAGMENT}\n",
+            "inside `Match User git` (line 1)",
+        ),
+        ("PermitRootLogin no\n# Include /var/lib/herald/ssh/sshd_config\n", "does not include"),
+        ("Include /etc/ssh/sshd_config.d/*.conf\n", "does not include"),
+    ],
+)
+def test_provision_says_when_the_include_would_land_inside_a_match_block(main: str, problem: str | None):
+    from publisher.provision import sshd_include_problem  # noqa: PLC0415
+
+    found = sshd_include_problem(main, FRAGMENT)
+    assert (found is None) == (problem is None)
+    if problem is not None:
+        assert problem in str(found)

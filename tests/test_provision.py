@@ -11,6 +11,7 @@ import pytest
 from helpers import Fleet, herald, need, need_root
 from openssh import provision
 
+from bench.fleetgen import host_key
 from publisher.provision import sshd_fragment
 
 
@@ -49,7 +50,7 @@ def test_provisioning_twice_changes_nothing_the_second_time(fleet: Fleet, state:
     tmp_path.chmod(0o755)
     first = provision(fleet, state, tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "include /mnt/herald/state/ssh/sshd_config" in first.stdout
+    assert "add `Include /mnt/herald/state/ssh/sshd_config` at its end" in first.stderr
     assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
     second = provision(fleet, state, tmp_path)
     assert second.returncode == 0, second.stderr
@@ -69,12 +70,12 @@ def test_provisioning_twice_changes_nothing_the_second_time(fleet: Fleet, state:
 
 
 def add_host(fleet: Fleet, name: str) -> None:
-    """A host `name` in fleet.toml and hosts/, with alpha's key (enough for provisioning)."""
+    """A host `name` in fleet.toml and hosts/, with a key of its own that nobody holds (enough
+    for provisioning; fleet.toml refuses a key two hosts share)."""
     (fleet.root / "hosts" / name).mkdir()
     (fleet.root / "hosts" / name / "configuration.nix").write_text("{ ... }: { }\n")
     toml = fleet.root / "fleet.toml"
-    key = toml.read_text().split('ssh_key = "')[1].split('"')[0]
-    toml.write_text(toml.read_text() + f'\n[hosts.{name}]\nssh_key = "{key}"\n')
+    toml.write_text(toml.read_text() + f'\n[hosts.{name}]\nssh_key = "{host_key(name)}"\n')
 
 
 @contextmanager
