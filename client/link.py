@@ -71,7 +71,16 @@ class ServerLink:
                 raise UnreachableError(f"SFTP server {where}: {refused}") from exc
             except TimeoutError as exc:
                 await self._close()
-                raise UnreachableError(f"SFTP server {where}: no answer within {_CONNECT_TIMEOUT}s") from exc
+                raise UnreachableError(
+                    f"SFTP server {where}: no answer within {_CONNECT_TIMEOUT}s "
+                    "(is server.port its SSH port?)"
+                ) from exc
+            except (asyncssh.ConnectionLost, asyncssh.ProtocolError) as exc:
+                await self._close()  # something else listens there, or the server dropped us (MaxStartups)
+                raise UnreachableError(
+                    f"SFTP server {where}: {exc.reason or exc.__class__.__name__} before the SSH login "
+                    "(is server.port its SSH port?)"
+                ) from exc
             except (OSError, asyncssh.Error) as exc:
                 await self._close()
                 raise UnreachableError(f"SFTP server {where}: {exc or exc.__class__.__name__}") from exc

@@ -17,10 +17,10 @@ from rich.text import Text
 
 from herald.hostlogs import LastRun
 from protocol.credentials import Secret
-from protocol.errors import PayloadError, UnreachableError
+from protocol.errors import PayloadError
 from protocol.hosttext import safe, safe_json
 from protocol.messages import Command, Desired, Online, Phase, State, decode, now
-from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.mqtt import BrokerURL, confirm_routed, connect, unreachable
 from protocol.topics import ADMIN_USER, Kind, Topics
 
 HEARTBEAT: Final = timedelta(seconds=60)
@@ -162,7 +162,7 @@ async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: flo
                 await client.subscribe(topic, qos=1)
             await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=take)
     except (aiomqtt.MqttError, OSError) as exc:
-        raise UnreachableError(f"broker {url}: {exc}") from exc
+        raise unreachable(url, ADMIN_USER, exc) from exc
     return view
 
 

@@ -20,9 +20,9 @@ from typing import Final
 import aiomqtt
 
 from protocol.credentials import Secret
-from protocol.errors import PayloadError, UnreachableError
+from protocol.errors import PayloadError
 from protocol.messages import Action, Command, Phase, State, decode, encode, now
-from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.mqtt import BrokerURL, confirm_routed, connect, unreachable
 from protocol.topics import ADMIN_USER, Kind, Topics
 
 _SETTLED: Final = (Phase.IDLE, Phase.FAILED, Phase.ROLLED_BACK, Phase.POSTPONED)
@@ -137,7 +137,7 @@ async def trigger(
                     continue
                 await _wait(client, watch, group, timeout, progress, len(hosts), outcome)
     except (aiomqtt.MqttError, OSError) as exc:
-        raise UnreachableError(f"broker {url}: {exc}") from exc
+        raise unreachable(url, ADMIN_USER, exc) from exc
     return outcome
 
 

@@ -28,6 +28,7 @@ from herald.fleet import COLUMNS, LOG_COLUMN, FleetView, Status, as_json, cells,
 from herald.hostlogs import HostLogs
 from protocol.errors import ConfigError
 from protocol.hosttext import safe
+from protocol.listen import cannot_listen
 from protocol.release import LOG_NAME
 from protocol.topics import is_host_name
 from publisher.figures import read_figures
@@ -168,7 +169,10 @@ class FleetWeb:
     async def start(self, host: str, port: int) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise cannot_listen("the fleet page", host, port, "--http, or http in server.toml", exc) from exc
         server = site._server  # noqa: SLF001 - aiohttp exposes no bound port
         sockets = getattr(server, "sockets", None) or ()
         self.port = sockets[0].getsockname()[1] if sockets else port

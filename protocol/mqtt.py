@@ -11,6 +11,7 @@ import secrets
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -44,6 +45,21 @@ class BrokerURL:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+_REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised
+
+
+def unreachable(url: "BrokerURL", user: str, exc: Exception) -> UnreachableError:
+    """One line for a broker that could not be used: what it said and, for a refused login,
+    what to look at."""
+    said = str(exc) or exc.__class__.__name__
+    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc in _REFUSED:
+        said += (
+            f": the broker refused {user}'s secret; is --state the state directory of the server this "
+            "broker belongs to? (with Mosquitto: run `herald broker export` again after a publish)"
+        )
+    return UnreachableError(f"broker {url}: {said}")
 
 
 def client_id(user: str, purpose: str, secret: Secret | None = None) -> str:

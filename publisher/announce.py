@@ -8,10 +8,9 @@ import aiomqtt
 from loguru import logger
 
 from protocol.credentials import Secret
-from protocol.errors import UnreachableError
 from protocol.layout import StateDir
 from protocol.messages import Desired, encode
-from protocol.mqtt import BrokerURL, confirm_routed, connect
+from protocol.mqtt import BrokerURL, confirm_routed, connect, unreachable
 from protocol.topics import PUBLISHER_USER, Topics
 from publisher.chroot import Chroot
 
@@ -66,5 +65,5 @@ async def announce(
             )
             await confirm_routed(client, topics, PUBLISHER_USER, timeout)
     except (aiomqtt.MqttError, OSError) as exc:
-        raise UnreachableError(f"broker {url}: {exc}") from exc
+        raise unreachable(url, PUBLISHER_USER, exc) from exc
     logger.info("announced {} host(s) on {}", len(desired), url)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HERALD, Fleet, Proc, Serve, herald, wait_until
+from helpers import HERALD, Fleet, Proc, Serve, herald, make_agent, wait_until
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -38,7 +38,7 @@ def serve_argv(fleet: Fleet, state: Path, **listeners: str) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("flag", ["mqtt", "sftp"])
+@pytest.mark.parametrize("flag", ["mqtt", "sftp", "http"])
 def test_serve_on_a_port_in_use_is_one_line_naming_the_port_and_the_flag(
     fleet: Fleet, state: Path, taken_port: int, flag: str
 ):
@@ -205,3 +205,25 @@ def test_provision_says_when_the_include_would_land_inside_a_match_block(main: s
     assert (found is None) == (problem is None)
     if problem is not None:
         assert problem in str(found)
+
+
+def test_an_agent_pointed_at_another_port_says_so(fleet: Fleet, serve: Serve, tmp_path: Path):
+    """server.port set to the broker's port: the broker closes a connection that sends no
+    CONNECT, the agent says what to look at, not an empty message."""
+    agent = make_agent(fleet, "alpha", serve, tmp_path)
+    mqtt_port = serve.mqtt.rsplit(":", 1)[1]
+    agent.config.write_text(
+        agent.config.read_text().replace(f"port = {serve.sftp_port}", f"port = {mqtt_port}")
+    )
+    done = agent.once()
+    assert done.returncode != 0
+    assert f"127.0.0.1:{mqtt_port}" in done.stdout + done.stderr
+    assert "is server.port its SSH port?" in done.stdout + done.stderr
+
+
+def test_a_refused_admin_secret_says_what_to_look_at(serve: Serve, state: Path):
+    secret = state / "broker" / "herald-admin.secret"
+    secret.write_text("not-the-secret\n")
+    line = one_line_error(herald("status", "--broker", serve.mqtt, "--state", str(state)), code=1)
+    assert "Not authorized" in line
+    assert "is --state the state directory of the server this broker belongs to?" in line
