@@ -7,7 +7,10 @@ entries (files and directories) on disk:
 
 - counted from disk (an lstat of every entry, each inode once) when first needed, and again
   when it is idle (no handle of it open) and the count is over a minute old, so that files an
-  admin removed stop counting;
+  admin removed stop counting; a count that could not see everything (a directory it cannot list,
+  an entry it cannot lstat: the server running unprivileged, a mode a host set before the server
+  kept owner bits) refuses every write of the area until a later count sees all: never less
+  than what is on disk;
 - before a write, what it can add is checked against the cap: past the end of the file for a
   positioned write; all of it with O_APPEND, where the kernel appends whatever offset the client
   sent; after the write, the account moves by what fstat says the file grew: what is on disk,
@@ -19,6 +22,7 @@ entries (files and directories) on disk:
 The host's open handles are capped too: descriptors are the server's, shared by every host.
 """
 
+import errno
 import os
 import stat
 import time
@@ -26,6 +30,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import asyncssh
+from loguru import logger
+
+from protocol.hosttext import safe
 
 HANDLES: Final = 64  # open files per host, across its sessions (an agent fetches 16 at once)
 LOG_ENTRIES: Final = 100  # the agent keeps 20 logs
@@ -59,6 +66,7 @@ def inode(info: os.stat_result) -> Inode:
 class Account:
     """The bytes and entries of one area of one host, as on disk."""
 
+    host: str
     name: str
     prefix: bytes  # the area's local path with a trailing '/'
     cap: int
@@ -66,6 +74,7 @@ class Account:
     used: int = 0
     entries: int = 0
     counted_at: float | None = None
+    unseen: str = ""  # why the last count could not see everything; writes wait for a full count
     open: dict[Inode, int] = field(default_factory=dict)  # handles per inode, every session's
 
     def count(self) -> None:
@@ -74,25 +83,50 @@ class Account:
         at = time.monotonic()
         if self.counted_at is not None and (self.open or at - self.counted_at < _RECOUNT):
             return
-        used, entries, seen = 0, 0, set()
-        for top, dirs, names in os.walk(self.prefix):
+        used, entries, seen, unseen = 0, 0, set(), []
+
+        def unlisted(exc: OSError) -> None:
+            if exc.errno != errno.ENOENT:  # gone since its parent was listed: nothing to count
+                where = os.fsdecode(exc.filename or b"").removeprefix(os.fsdecode(self.prefix))
+                unseen.append(f"{self.name}/{where}: {exc.strerror}")
+
+        for top, dirs, names in os.walk(self.prefix, onerror=unlisted):
             entries += len(dirs) + len(names)
             for name in names:
                 try:
                     info = os.lstat(os.path.join(top, name))  # noqa: PTH118 - bytes paths
-                except OSError:
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    unlisted(exc)
                     continue
                 if inode(info) not in seen:
                     seen.add(inode(info))
                     used += info.st_size
         self.used, self.entries, self.counted_at = used, entries, at
+        self.unseen = unseen[0] if unseen else ""
+        if unseen:
+            logger.bind(host=self.host).warning(
+                "{}/ cannot be counted whole, its writes are refused: {} entries unreadable, first {}",
+                self.name,
+                len(unseen),
+                safe(self.unseen),
+            )
 
     def room(self, adding: int) -> None:
         """Refuse a change that would add `adding` bytes past the cap."""
         self.count()
+        self._seen_whole()
         if adding > 0 and self.used + adding > self.cap:
             raise asyncssh.SFTPFailure(
                 f"{self.name}/ is full: {_size(self.used)} of its {_size(self.cap)} cap; remove files first"
+            )
+
+    def _seen_whole(self) -> None:
+        if self.unseen:
+            raise asyncssh.SFTPFailure(
+                f"{self.name}/ cannot be counted ({self.unseen}): "
+                "give its directories and files back their owner's permissions"
             )
 
     def grew(self, by: int) -> None:
@@ -101,6 +135,7 @@ class Account:
     def new_entry(self) -> None:
         """Refuse a new file or directory past the entry cap."""
         self.count()
+        self._seen_whole()
         if self.entries >= self.entries_cap:
             raise asyncssh.SFTPFailure(
                 f"{self.name}/ holds {self.entries} files and directories, its cap; remove some first"
@@ -133,7 +168,8 @@ class Account:
 class Quota:
     """One host's accounts and open handles, shared by all its sessions."""
 
-    def __init__(self, root: bytes) -> None:
+    def __init__(self, host: str, root: bytes) -> None:
+        self.host = host
         self.root = root
         self.accounts: dict[str, Account] = {}
         self.handles = 0
@@ -146,7 +182,7 @@ class Quota:
             account = self.accounts.get(name)
             if account is None:
                 prefix = self.root + b"/" + name.encode() + b"/"
-                self.accounts[name] = Account(name, prefix, cap, entry_cap(name, cap))
+                self.accounts[name] = Account(self.host, name, prefix, cap, entry_cap(name, cap))
             else:
                 account.cap, account.entries_cap = cap, entry_cap(name, cap)
 

@@ -11,10 +11,15 @@ follows links out of the chroot and allows every write. This server
 - keeps each host within its caps of bytes, entries and open files, counted per host across
   all its sessions from what is on disk (publisher/quota.py);
 - authenticates a host by the key published for it (STATE/ssh/authorized_keys/<host>), so a
-  publish that adds or changes a key takes effect without a restart;
-- offers nothing but the sftp subsystem: no shell, exec, scp, forwarding or agent.
+  publish that adds or changes a key takes effect without a restart, and caps connections, logged
+  in or not (publisher/sshgate.py);
+- offers nothing but the sftp subsystem: no shell, exec, scp, forwarding or agent; and of
+  asyncssh's SFTP extensions none that does unbounded work in one request; answers at most
+  READ_MAX bytes to a READ, and reads no request while a session's answers cannot leave
+  (publisher/sftpfixes.py).
 """
 
+import asyncio
 import os
 import posixpath
 import stat
@@ -29,10 +34,10 @@ from loguru import logger
 
 from protocol.layout import Access, StateDir
 from protocol.listen import cannot_listen
-from protocol.settings import authorized_key, check_ssh_public_key
 from protocol.ssh import CIPHERS
-from protocol.topics import is_host_name
 from publisher.quota import Account, Inode, Quota, inode
+from publisher.sftpfixes import READ_MAX
+from publisher.sshgate import LOGIN_TIMEOUT, Admission, Gate
 
 _DEFAULT_LOGS_CAP: Final = 64 << 20
 _WRITE_FLAGS: Final = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
@@ -157,7 +162,7 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
         os.close(fd)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        return os.pread(_fd(file_obj), size, offset)
+        return os.pread(_fd(file_obj), min(size, READ_MAX), offset)  # a short read asks again
 
     def _for_writing(self, fd: int) -> Account:
         handle = self._handles.get(fd)
@@ -190,8 +195,8 @@ class ChrootSFTPServer(asyncssh.SFTPServer):
         finally:
             account.grew(os.fstat(fd).st_size - before)
 
-    def fsync(self, file_obj: object) -> None:
-        os.fsync(_fd(file_obj))
+    async def fsync(self, file_obj: object) -> None:
+        await asyncio.to_thread(os.fsync, _fd(file_obj))  # as long as the disk takes: not on the loop
 
     # ---------------------------------------------------------------- names
 
@@ -284,7 +289,10 @@ def _apply(target: bytes | int, attrs: SFTPAttrs) -> None:
     if attrs.size is not None:
         os.truncate(target, attrs.size)
     if attrs.permissions is not None:
-        os.chmod(target, attrs.permissions & 0o770)  # noqa: PTH101
+        # The owner's bits stay: a directory the server cannot list (or a file it cannot open)
+        # would hide its bytes from the quota's count when the server runs unprivileged.
+        directory = stat.S_ISDIR((os.fstat(target) if isinstance(target, int) else os.lstat(target)).st_mode)
+        os.chmod(target, attrs.permissions & 0o770 | (0o700 if directory else 0o600))  # noqa: PTH101
     if attrs.atime is not None and attrs.mtime is not None:
         os.utime(target, (attrs.atime, attrs.mtime))
 
@@ -293,38 +301,6 @@ def _fd(file_obj: object) -> int:
     if not isinstance(file_obj, int):
         raise asyncssh.SFTPInvalidHandle("invalid handle")
     return file_obj
-
-
-class _Gate(asyncssh.SSHServer):
-    """Public-key authentication against the keys the publisher wrote for each host."""
-
-    def __init__(self, state: StateDir) -> None:
-        self._state = state
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def kbdint_auth_supported(self) -> bool:
-        return False
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        if not is_host_name(username) or not self._state.chroot(username).is_dir():
-            return False
-        try:
-            lines = self._state.authorized_keys(username).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            return False
-        offered = check_ssh_public_key(key.export_public_key("openssh").decode())
-        if any(authorized_key(line) == offered for line in lines):
-            return True
-        logger.bind(host=username).warning("SSH key refused: not the key published for this host")
-        return False
 
 
 def load_host_key(path: Path) -> asyncssh.SSHKey:
@@ -349,6 +325,7 @@ class SFTPService:
         self.host_key = load_host_key(self._state.sftp_host_key)
         self._server: asyncssh.SSHAcceptor | None = None
         self._quotas: dict[str, Quota] = {}  # per host, shared by all its sessions
+        self._admission = Admission()
 
     @property
     def public_host_key(self) -> str:
@@ -360,7 +337,7 @@ class SFTPService:
         root = self._state.chroot(host)
         quota = self._quotas.get(host)
         if quota is None:
-            quota = self._quotas[host] = Quota(os.fsencode(os.path.realpath(root)))
+            quota = self._quotas[host] = Quota(host, os.fsencode(os.path.realpath(root)))
         quota.configure(access.areas)  # caps change with fleet.toml: read at each session
         return ChrootSFTPServer(chan, root, quota)
 
@@ -376,7 +353,7 @@ class SFTPService:
 
     async def _listen(self) -> asyncssh.SSHAcceptor:
         return await asyncssh.create_server(
-            lambda: _Gate(self._state),
+            lambda: Gate(self._state, self._admission),
             self.host,
             self.port,
             server_host_keys=[self.host_key],
@@ -387,7 +364,7 @@ class SFTPService:
             line_editor=False,  # on by default; SFTP has no lines to edit, only a layer per packet
             agent_forwarding=False,
             x11_forwarding=False,
-            login_timeout=30,
+            login_timeout=LOGIN_TIMEOUT,
             keepalive_interval=60,
         )
 

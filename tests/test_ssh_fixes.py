@@ -4,7 +4,9 @@
 - asyncssh sends an empty MSG_IGNORE before every packet, a defence that only CBC ciphers need;
   it is sent with a CBC cipher only.
 
-The tests also fail if the asyncssh internals that protocol/ssh.py replaces change shape.
+The tests also fail if the asyncssh internals that protocol/ssh.py replaces change shape, and
+those that the embedded server's publisher/sftpfixes.py and publisher/sshgate.py rely on (their
+attacks are in tests/test_attacks_sftp.py).
 """
 
 import asyncio
@@ -17,9 +19,11 @@ import asyncssh
 import asyncssh.connection
 import asyncssh.logging
 import asyncssh.packet
+import asyncssh.sftp
 import pytest
 
 import protocol.ssh
+import publisher.sftpfixes
 
 
 class _Records(logging.Handler):
@@ -162,3 +166,60 @@ def test_the_replaced_asyncssh_internals_keep_their_shape() -> None:
         "args",
         "handler",
     ]
+
+
+def test_the_sftp_server_internals_herald_changes_are_the_ones_reviewed() -> None:
+    """asyncssh 2.24's SFTP server as publisher/sftpfixes.py found it: an upgrade that serves a new
+    request, implements flow control or reads requests another way needs a new look."""
+    fixes = publisher.sftpfixes
+    handler = asyncssh.sftp.SFTPServerHandler
+    assert [name for name, _ in handler._extensions] == [
+        b"newline",
+        b"vendor-id",
+        b"posix-rename@openssh.com",
+        b"hardlink@openssh.com",
+        b"fsync@openssh.com",
+        b"lsetstat@openssh.com",
+        b"limits@openssh.com",
+        b"statvfs@openssh.com",
+        b"fstatvfs@openssh.com",
+    ]
+    served = {name for name in handler._packet_handlers if isinstance(name, bytes)}
+    assert served == fixes.OFFERED - {b"newline", b"vendor-id"}
+    assert handler._packet_handlers[b"limits@openssh.com"] is fixes._limits
+    assert len([name for name in handler._packet_handlers if isinstance(name, int)]) == 21
+    assert "self._server.read(file_obj, offset, length)" in inspect.getsource(handler._process_read)
+    assert "self._server.fsync(file_obj)" in inspect.getsource(handler._process_fsync)
+    # Requests are read and answered one after another, the answer written without waiting:
+    # the pacing goes before each read.
+    assert handler.recv_packet is fixes._recv_packet_paced
+    assert "await self._reader.readexactly(4)" in inspect.getsource(fixes._recv_packet)
+    receiving = inspect.getsource(asyncssh.sftp.SFTPHandler.recv_packets)
+    assert "packet = await self.recv_packet()" in receiving
+    assert "await self._process_packet(pkttype, pktid, packet)" in receiving
+    assert "self._writer.write(UInt32(len(payload)) + payload)" in inspect.getsource(
+        asyncssh.sftp.SFTPHandler.send_packet
+    )
+    # asyncssh ignores its transport's flow control; the server's connections now keep it.
+    server = asyncssh.connection.SSHServerConnection
+    assert server.pause_writing is fixes._pause_writing
+    assert server.resume_writing is fixes._resume_writing
+    assert server.connection_lost is fixes._connection_lost_resuming
+    assert "Do nothing with this for now" in inspect.getsource(
+        asyncssh.connection.SSHConnection.pause_writing
+    )
+    assert fixes._connection_lost is asyncssh.connection.SSHConnection.connection_lost
+
+
+def test_the_connection_hooks_the_gate_uses_are_the_ones_reviewed() -> None:
+    """publisher/sshgate.py drops a connection from SSHServer.connection_made, before asyncssh
+    sends its version (which it then skips), and counts logins in auth_completed."""
+    made = inspect.getsource(asyncssh.connection.SSHConnection.connection_made)
+    assert made.index("self._owner.connection_made(self)") < made.index("self._send_version()")
+    assert "if self._transport:" in inspect.getsource(asyncssh.connection.SSHConnection._send)
+    assert "self._loop.call_soon(self._cleanup, exc)" in inspect.getsource(
+        asyncssh.connection.SSHConnection._force_close
+    )
+    success = inspect.getsource(asyncssh.connection.SSHConnection.send_userauth_success)
+    assert "self.set_extra_info(username=self._username)" in success
+    assert success.index("set_extra_info(username=") < success.index("self._owner.auth_completed()")
