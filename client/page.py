@@ -5,6 +5,11 @@ else), starts nothing but a check, and serves nothing but the state and the logs
 runs (what the server's logs/ holds too). A POST must carry the token printed
 in the page, and the Host header must name the loopback address: another web page the person
 visits can neither trigger it (CSRF) nor read it through a rebound DNS name.
+
+Any local user can connect, and each connection is a thread and a descriptor of the agent: at
+most CONNECTIONS are served at once (a browser opens six), more are closed at once, and one that
+sends nothing is closed after TIMEOUT seconds. Whoever holds them all keeps the page busy, not
+the agent and its updates.
 """
 
 import asyncio
@@ -15,7 +20,7 @@ import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from loguru import logger
@@ -25,6 +30,8 @@ from protocol.messages import State
 
 _MAX_BODY: Final = 1024
 HISTORY: Final = 10
+CONNECTIONS: Final = 8
+TIMEOUT: Final = 5.0  # seconds a connection may wait on each read or write
 
 
 def render(host: str, state: State, token: str, history: list[Run]) -> str:
@@ -64,9 +71,33 @@ def render(host: str, state: State, token: str, history: list[Run]) -> str:
 """
 
 
+_Request = socket.socket | tuple[bytes, socket.socket]  # socketserver's
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # a burst waits in the kernel to be accepted (and dropped), not retried 1s later
     page: "LocalPage"
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(CONNECTIONS)
+
+    def process_request(self, request: _Request, client_address: Any) -> None:  # noqa: ANN401 - socketserver's
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # one person needs no more: closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: _Request, client_address: Any) -> None:  # noqa: ANN401
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -77,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "herald"
     sys_version = ""
+    timeout = TIMEOUT
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
         pass
