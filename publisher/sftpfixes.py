@@ -103,7 +103,7 @@ async def _recv_packet_paced(self: asyncssh.sftp.SFTPHandler) -> asyncssh.packet
         await asyncio.sleep(0)
     writer = self._writer
     if writer is not None:
-        await writer.drain()  # the channel's write buffer over its high-water mark (64 KiB)
+        await writer.drain()  # while the channel's write buffer is over its high-water mark (64 KiB)
         waiter = _blocked.get(writer.channel.get_connection()) if _blocked else None
         if waiter is not None:
             await waiter
