@@ -516,10 +516,10 @@ def test_a_host_cannot_make_the_server_hold_its_reads_in_memory(
                 channel.pause_reading()
             channel.write(b"".join(read_request(10 + n, handle, 0, MiB) for n in range(200)))
             if stops == "reading its channel":
-                await asyncio.sleep(3)
+                await asyncio.sleep(1.5)
             else:
                 await asyncio.sleep(0.1)  # the requests leave; then this loop reads nothing
-                time.sleep(3)  # noqa: ASYNC251 - on purpose: the client stops reading its socket
+                time.sleep(1.5)  # noqa: ASYNC251 - on purpose: the client stops reading its socket
             grown = rss(serve.proc.pid) - before
             channel.close()
             return struct.unpack(">I", first[5:9])[0], grown
