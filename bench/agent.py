@@ -27,7 +27,7 @@ from client.store import Store
 from protocol.credentials import read_secret
 from protocol.layout import StateDir
 from protocol.mqtt import BrokerURL
-from protocol.release import decode_public_key
+from protocol.release import decode_public_key, verify_signature
 from protocol.topics import PUBLISHER_USER, Topics
 from publisher.announce import announce, desired_of
 from publisher.publish import publish
@@ -353,13 +353,17 @@ async def _measure(root: Path, relay: Relay, direct: int, options: dict[str, obj
         )
         store = Store(root / "agent-state")
         store.prepare()
-        await fetch(sftp, await check(sftp), host="host000", key=publisher_key, store=store)
+
+        async def verify(data: bytes, signature: bytes) -> None:
+            verify_signature(data, signature, publisher_key)
+
+        await fetch(sftp, await check(sftp), host="host000", verify=verify, store=store)
         changed = root / "fleet" / "hosts" / "host000" / "part007.nix"
         changed.write_text(changed.read_text() + "# one file changed\n")
         publish(root / "fleet", root / "state")
         before = relay.down
         current = await check(sftp)
-        await fetch(sftp, current, host="host000", key=publisher_key, store=store)
+        await fetch(sftp, current, host="host000", verify=verify, store=store)
         release = state.chroot("host000") / "releases" / str(current.generation)
         return {
             "kept_ms": statistics.median(kept_times) * 1000,

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import TextIO
 
 import asyncssh
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from loguru import logger
 
 import protocol
 from client.apply import operation_of, rebuild_argv
 from client.chroot import Chroot
 from client.confirm import confirm
-from client.fetch import check, fetch
+from client.fetch import Verify, check, fetch
 from client.install import Converged
 from client.link import ServerLink
 from client.report import Reporter
@@ -27,7 +26,9 @@ from client.store import Applied, Journal, Store, log_name
 from client.system import current_system
 from client.transition import Transitions
 from client.workstation import Notifier, postpone_reason
-from protocol.errors import RebuildError, ReleaseError, StorageError, UnreachableError
+from protocol import formats
+from protocol.errors import NotYetError, RebuildError, ReleaseError, StorageError, UnreachableError
+from protocol.keychain import Trust
 from protocol.messages import Phase, State, now
 from protocol.release import (
     Current,
@@ -118,20 +119,50 @@ class Deployer:
         await self.recover()  # left by a run that failed to finish or undo it
         await self.reporter.report(Phase.CHECKING, message="checking")
         sftp = await self.link.sftp()
-        key = await self.chroot.credentials(sftp)
+        trust = await self.chroot.credentials(sftp)
         current = await check(sftp)
+        try:
+            followed = self.chroot.behind(trust, current)
+            if followed:  # new key statements (a retirement, say): followed before anything is verified
+                trust = await self.chroot.follow(sftp, trust)
+            return await self._cycle(sftp, trust, current, followed=followed, force=force, urgent=urgent)
+        except NotYetError as exc:
+            # Not the release's fault: nothing is recorded as refused, and the next check (an
+            # announcement, the timer, the agent upgraded and restarted) looks at it again.
+            self.log.warning("generation {} not applied: {}", current.generation, exc)
+            return await self.reporter.report(Phase.FAILED, target=current.generation, message=str(exc))
+
+    async def _cycle(
+        self,
+        sftp: asyncssh.SFTPClient,
+        trust: Trust,
+        current: Current,
+        *,
+        followed: bool,
+        force: bool,
+        urgent: bool,
+    ) -> State:
         verdict = decide(current, self.store.deployed(), self.store.failed(), force=force)
         if verdict is not None:
             phase, message = verdict
             if phase is Phase.FAILED:
                 self.log.warning("generation {}: {}", current.generation, message)
             return await self.reporter.report(phase, target=current.generation, message=message)
+        if current.format > formats.RELEASE:
+            raise NotYetError(formats.newer_release(current.format))
         if not (force or urgent) and (reason := await postpone_reason(self.config.postpone)) is not None:
             message = f"generation {current.generation} postponed: {reason}"
             if self.reporter.state.phase is not Phase.POSTPONED:
                 self.log.info("{}", message)
             return await self.reporter.report(Phase.POSTPONED, target=current.generation, message=message)
-        return await self._logged(current.generation, lambda note: self._apply(sftp, key, current, note))
+        if current.keys is None and not followed:  # a format-1 `current` counts no statements:
+            trust = await self.chroot.follow(sftp, trust)  # look before each new release
+            followed = True
+
+        async def verify(data: bytes, signature: bytes) -> None:
+            await self.chroot.verify(sftp, trust, data, signature, followed=followed)
+
+        return await self._logged(current.generation, lambda note: self._apply(sftp, verify, current, note))
 
     async def rollback(self, reason: str) -> State:
         """Return to the deployment before the current one (the `rollback` command): its exact
@@ -176,7 +207,7 @@ class Deployer:
         return await self._finish(outcome, running)
 
     async def _apply(
-        self, sftp: asyncssh.SFTPClient, key: Ed25519PublicKey, current: Current, note: RunLog
+        self, sftp: asyncssh.SFTPClient, verify: Verify, current: Current, note: RunLog
     ) -> Outcome:
         report = self.reporter.report
         generation, version, started = current.generation, current.version, now()
@@ -184,7 +215,7 @@ class Deployer:
         note(f"herald agent {protocol.__version__} on {self.host}: generation {generation} ({version[:12]})")
         await report(Phase.FETCHING, target=generation, message=f"fetching generation {generation}")
         try:
-            fetched = await fetch(sftp, current, host=self.host, key=key, store=self.store)
+            fetched = await fetch(sftp, current, host=self.host, verify=verify, store=self.store)
         except ReleaseError as exc:  # only what the release itself says wrong refuses it
             self.log.error("release generation {} refused: {}", generation, exc)
             note(f"release refused: {exc}")

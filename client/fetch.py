@@ -1,10 +1,11 @@
 """Check and fetch: read `current`, then download and verify a release into a staging tree.
 
 Nothing here trusts the server beyond the pinned keys: the MANIFEST must carry a valid
-signature, name this host and the generation `current` names, and hold only safe relative
-paths; every file must hash to the MANIFEST's sha256. Files the agent already holds (by hash)
-are copied locally; the others are downloaded, a few at a time. Any violation rejects the
-whole release (ReleaseError), and the staging tree is removed.
+signature by a publisher key the agent trusts (client.chroot), name this host and the
+generation `current` names, and hold only safe relative paths; every file must hash to the
+MANIFEST's sha256. Files the agent already holds (by hash) are copied locally; the others are
+downloaded, a few at a time. Any violation rejects the whole release (ReleaseError), and the
+staging tree is removed.
 
 Only what the release itself says wrong is a ReleaseError. Every SFTP status from the server
 (a file missing while the publisher replaces a release, "Too many open files", a failure) and
@@ -17,13 +18,12 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final, TypeVar
 
 import asyncssh
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.store import Store
 from protocol.errors import HeraldError, ReleaseError, StorageError, UnreachableError
@@ -39,7 +39,6 @@ from protocol.release import (
     decode_manifest,
     release_path,
     split_release,
-    verify_signature,
 )
 
 # Files open at once on the server per agent, downloading. Each costs the server a descriptor
@@ -50,6 +49,7 @@ from protocol.release import (
 # window of requests per file), so a few files in flight keep a link busy.
 PARALLEL: Final = 8
 T = TypeVar("T")
+Verify = Callable[[bytes, bytes], Awaitable[None]]  # (MANIFEST, signature line): raises if untrusted
 # The connection went away (the server stopped, the network changed): try again later.
 _LOST = (
     asyncssh.SFTPConnectionLost,
@@ -71,6 +71,16 @@ class Fetched:
     downloaded: int  # files fetched from the server
     downloaded_bytes: int
     reused: int  # files copied from trees the agent already held
+
+
+async def read_optional(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes | None:
+    """Like read_small, but None for a file the server does not have (one request)."""
+    try:
+        return await read_small(sftp, path, limit)
+    except UnreachableError as exc:
+        if isinstance(exc.__cause__, asyncssh.SFTPNoSuchFile):
+            return None
+        raise
 
 
 async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
@@ -176,10 +186,10 @@ async def check(sftp: asyncssh.SFTPClient) -> Current:
 
 
 async def fetch(
-    sftp: asyncssh.SFTPClient, current: Current, *, host: str, key: Ed25519PublicKey, store: Store
+    sftp: asyncssh.SFTPClient, current: Current, *, host: str, verify: Verify, store: Store
 ) -> Fetched:
     data, signature = split_release(await read_small(sftp, release_path(current.generation), MAX_RELEASE))
-    verify_signature(data, signature, key)
+    await verify(data, signature)
     manifest = decode_manifest(data, host=host, current=current)
 
     have = _local_index(store)

@@ -11,7 +11,11 @@
                                       the root is touched; finished or undone at the next start)
 <state>/rebuild.pid                   the rebuild command running for it (pid and start time)
 <state>/commands.json                 ids of commands already executed
-<state>/publisher.pub                 the publisher key, pinned on first use
+<state>/trust.json                    the publisher keys trusted, each with where it came from
+                                      (agent.toml, first use, a key statement), the keys retired,
+                                      and how far the key statements were followed
+<state>/publisher.pub                 the publisher key pinned on first use by herald 0.1: the
+                                      root of trust.json when that is made
 <state>/broker.secret                 the broker secret read from the server (0600)
 <state>/logs/                         one log per run, uploaded to the server's logs/
 """
@@ -26,7 +30,9 @@ from typing import Final
 import msgspec
 
 from client.install import InstallRecord, empty, record_of
+from protocol.errors import StorageError
 from protocol.files import fsync_dir, write_atomic
+from protocol.keychain import Trust
 from protocol.messages import Phase, Timestamp, Version
 from protocol.release import LOG_NAME, Manifest
 from protocol.settings import Operation
@@ -209,6 +215,22 @@ class Store:
             (self.root / "rebuild.pid").unlink(missing_ok=True)
         else:
             write_atomic(self.root / "rebuild.pid", msgspec.json.encode(running), mode=0o600, durable=False)
+
+    # ---------------------------------------------------------------- publisher keys
+
+    def trust(self) -> Trust | None:
+        """The publisher keys this agent trusts; None before the first is pinned. A damaged file
+        is an error, not an absence: forgetting it would pin a key on first use again."""
+        try:
+            return msgspec.json.decode((self.root / "trust.json").read_bytes(), type=Trust)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            path = self.root / "trust.json"
+            raise StorageError(f"{path}: unreadable ({exc}); restore or remove it") from exc
+
+    def set_trust(self, trust: Trust) -> None:
+        write_atomic(self.root / "trust.json", msgspec.json.encode(trust), mode=0o600)
 
     # ---------------------------------------------------------------- commands
 

@@ -256,6 +256,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return logs(_admin_defaults(args, broker=False))
 
 
+def cmd_key(args: argparse.Namespace) -> int:
+    from herald.keys import key_command
+
+    return key_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from herald.demo import demo
 
@@ -450,6 +456,24 @@ def _fleet_commands(commands: _Commands) -> None:
     )
 
 
+def _key_commands(commands: _Commands) -> None:
+    key = commands.group("key", "the publisher key: rotate it, retire old ones; agents follow on their own")
+    cmd = key.add("show", cmd_key, "the signing key, the keys agents trust and the statements")
+    _paths(cmd, fleet=False)
+    cmd = key.add("rotate", cmd_key, "a new signing key, added by a statement the current key signs")
+    _paths(cmd, fleet=False)
+    cmd.add_argument(
+        "--retire",
+        action="store_true",
+        help="retire the old key at once (after a leak); see herald key retire",
+    )
+    cmd = key.add("retire", cmd_key, "retire publisher keys: agents refuse what they sign once told")
+    _paths(cmd, fleet=False)
+    cmd.add_argument(
+        "keys", nargs="*", metavar="KEY", help="ed25519:... (default: every key but the current)"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="herald", description="Keep a NixOS fleet on the configuration in git."
@@ -459,6 +483,7 @@ def parser() -> argparse.ArgumentParser:
     commands = _Commands(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     _server_commands(commands)
     _fleet_commands(commands)
+    _key_commands(commands)
     return top
 
 

@@ -149,7 +149,12 @@ class Server:
         write_atomic(self.state.root / "run" / "serve.json", msgspec.json.encode(info), mode=0o644)
 
     async def publish(self, *, announce_changes: bool = True) -> Report:
-        """Publish the fleet (in a thread: it is file work) and announce the hosts that changed."""
+        """Publish the fleet (in a thread: it is file work) and announce the hosts that changed.
+        With `publish = false`, nothing: `herald publish` does it, and this process never reads
+        the signing key."""
+        if not self.config.publish:
+            logger.info("publish = false: publishing is left to `herald publish`")
+            return Report()
         async with self._lock:
             report = await asyncio.to_thread(publish, Path(self.config.fleet), self.state.root)
         self.view.add_hosts([result.host for result in report.hosts])

@@ -26,6 +26,13 @@ class ReleaseError(HeraldError):
     """A release failed verification: bad signature, hash, path, host or generation."""
 
 
+class NotYetError(HeraldError):
+    """A release this agent cannot apply yet, through no fault of the release: a format newer
+    than it reads, a key it has not been told of, key statements it refuses. Reported, never
+    recorded as a refused generation: looked at again at the next check, and applied once the
+    agent is upgraded or has followed the statements."""
+
+
 class PublishError(HeraldError):
     """Writing releases failed (disk, permissions, lock)."""
 

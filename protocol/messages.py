@@ -2,6 +2,12 @@
 
 A payload that does not decode raises `PayloadError` with one line; callers log it and drop the
 message. MQTT carries hints: nothing here is ever trusted as a release.
+
+Formats (protocol.formats): every payload has a `format`, left out while it is 1 (as are the
+other fields at their defaults), so that herald 0.1, which refuses unknown fields, reads what
+this herald writes. Readers ignore fields they do not know (a newer agent's State is still
+shown) and check the types of those they know; a payload of a newer format is refused in one
+line that says so.
 """
 
 from datetime import UTC, datetime
@@ -10,6 +16,7 @@ from typing import Annotated, Final, TypeVar, cast
 
 import msgspec
 
+from protocol import formats
 from protocol.errors import PayloadError
 
 MAX_PAYLOAD: Final = 64 * 1024
@@ -43,8 +50,8 @@ class Action(StrEnum):
     ROLLBACK = "rollback"
 
 
-class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+class _Payload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    format: Annotated[int, msgspec.Meta(ge=1)] = 1
 
 
 class Desired(_Payload, frozen=True, kw_only=True):
@@ -106,6 +113,31 @@ def decode(data: bytes | bytearray, kind: type[P]) -> P:
     if len(data) > MAX_PAYLOAD:
         raise PayloadError(f"{kind.__name__} payload too large ({len(data)} bytes)")
     try:
-        return cast("P", _decoders[kind].decode(data))
+        payload = cast("P", _decoders[kind].decode(data))
     except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        found = _format_of(data)
+        if found is not None and found > formats.MESSAGE:
+            raise PayloadError(_newer(kind, found)) from exc
         raise PayloadError(f"invalid {kind.__name__} payload: {exc}") from exc
+    if payload.format > formats.MESSAGE:
+        raise PayloadError(_newer(kind, payload.format))
+    return payload
+
+
+class _Format(msgspec.Struct, frozen=True):
+    format: int = 1
+
+
+_format_decoder = msgspec.json.Decoder(_Format)
+
+
+def _format_of(data: bytes | bytearray) -> int | None:
+    try:
+        return _format_decoder.decode(data).format
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _newer(kind: type, found: int) -> str:
+    own = formats.MESSAGE
+    return f"{kind.__name__} format {found} is newer than this herald ({own}): upgrade herald here"

@@ -12,6 +12,11 @@ host returning to an earlier content gets a new release instead of a rewritten o
 A release is one file, the signature beside the MANIFEST it signs: publishing a change that every
 host receives writes, and later prunes, one file per host instead of a directory and two files,
 and an agent fetches it with one request.
+
+Formats (protocol.formats): a format-1 release is byte for byte what herald 0.1 wrote and reads
+(its agents refuse unknown fields); from format 2 the MANIFEST names its format and `current`
+carries `format=2 keys=<n>`, n being how many key statements credentials/publisher.keys holds.
+Readers ignore fields and `current` tokens they do not know, and check the rest as strictly.
 """
 
 import base64
@@ -24,7 +29,8 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from protocol.errors import ReleaseError
+from protocol import formats
+from protocol.errors import NotYetError, ReleaseError
 from protocol.messages import Timestamp, Version
 from protocol.settings import Operation
 
@@ -38,7 +44,8 @@ LOGS: Final = "logs"
 LOG_NAME: Final = re.compile(r"(\d{8}T\d{6}Z)-g(\d+)-(applied|failed|rolled-back)\.log")
 MANIFEST: Final = "MANIFEST"
 BROKER_SECRET: Final = "broker.secret"  # noqa: S105 - a file name, not a secret
-PUBLISHER_KEY: Final = "publisher.pub"
+PUBLISHER_KEY: Final = "publisher.pub"  # the key releases are signed with now (herald 0.1 pins it)
+PUBLISHER_KEYS: Final = "publisher.keys"  # the key statements agents follow (protocol.keychain)
 
 MAX_MANIFEST: Final = 32 * 1024 * 1024
 MAX_SIGNATURE: Final = 256  # the base64 line of an ed25519 signature is 88 bytes
@@ -49,8 +56,8 @@ _KEY_PREFIX: Final = "ed25519:"
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
-class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
-    """One regular file of a release: [path, mode, size, sha256]."""
+class FileEntry(msgspec.Struct, frozen=True, array_like=True):
+    """One regular file of a release: [path, mode, size, sha256] (later formats may append)."""
 
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
     mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)]
@@ -58,7 +65,7 @@ class FileEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_l
     sha256: Sha256
 
 
-class Content(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class Content(msgspec.Struct, frozen=True, kw_only=True):
     """What a host gets; its hash is the release's version."""
 
     operation: Operation
@@ -69,7 +76,10 @@ class Content(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()
 
 
-class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """A MANIFEST as this herald reads it (any format up to formats.RELEASE) and writes it."""
+
+    format: Annotated[int, msgspec.Meta(ge=1)] = 1
     host: str
     generation: Annotated[int, msgspec.Meta(ge=1)]
     version: Version
@@ -78,21 +88,72 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     content: Content
 
 
+class _ManifestV1(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Format 1, as herald 0.1 declared it (and refuses anything else): what `[publish] format = 1`
+    writes, field for field, so that 0.1 agents apply the release that upgrades them."""
+
+    host: str
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+    version: Version
+    published_at: Timestamp
+    source_rev: str | None = None
+    content: Content
+
+
+class _Signed(msgspec.Struct, frozen=True, kw_only=True):
+    """A MANIFEST with its content kept as the bytes that were signed: the version is the hash
+    of those, so fields a later compatible format adds to the content still count."""
+
+    format: Annotated[int, msgspec.Meta(ge=1)] = 1
+    host: str
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+    version: Version
+    published_at: Timestamp
+    source_rev: str | None = None
+    content: msgspec.Raw
+
+
+class _Format(msgspec.Struct, frozen=True):
+    """Only the format number: read first, since a newer format may change everything else."""
+
+    format: int = 1
+
+
+_FORMAT = msgspec.json.Decoder(_Format)
+_SIGNED = msgspec.json.Decoder(_Signed)
+_CONTENT = msgspec.json.Decoder(Content)
+
+
 class Current(msgspec.Struct, frozen=True):
+    """`current`: "<generation> <version>" (format 1), then `name=value` tokens from format 2:
+    `format=2 keys=<n>`. Unknown tokens are ignored; known ones must be well formed."""
+
     generation: int
     version: str
+    format: int = 1
+    keys: int | None = None  # how many key statements the chroot holds (from format 2)
 
     def encode(self) -> bytes:
-        return f"{self.generation} {self.version}\n".encode()
+        if self.format < 2:
+            return f"{self.generation} {self.version}\n".encode()
+        return f"{self.generation} {self.version} format={self.format} keys={self.keys or 0}\n".encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "Current":
         try:
-            generation, version = data.decode("ascii").split()
-            current = cls(int(generation), version)
+            generation, version, *tokens = data.decode("ascii").split()
+            fields = dict(token.partition("=")[::2] for token in tokens)
+            current = cls(
+                int(generation),
+                version,
+                int(fields.get("format", "1")),
+                int(fields["keys"]) if "keys" in fields else None,
+            )
         except ValueError as exc:
             raise ReleaseError(f"malformed `current` file: {data[:80]!r}") from exc
         if current.generation < 1 or len(version) != 64 or version.strip("0123456789abcdef"):
+            raise ReleaseError(f"malformed `current` file: {data[:80]!r}")
+        if current.format < 1 or (current.keys is not None and current.keys < 0):
             raise ReleaseError(f"malformed `current` file: {data[:80]!r}")
         return current
 
@@ -150,27 +211,55 @@ def check_content(content: Content) -> None:
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
+    """The MANIFEST in its own format: format 1 exactly as herald 0.1 wrote it."""
+    if manifest.format == 1:
+        fields = msgspec.structs.asdict(manifest)
+        del fields["format"]
+        return msgspec.json.encode(_ManifestV1(**fields))
     return msgspec.json.encode(manifest)
 
 
-def decode_manifest(data: bytes, *, host: str, current: Current) -> Manifest:
-    """Decode and check a MANIFEST against the host and the `current` that named it."""
-    if len(data) > MAX_MANIFEST:
-        raise ReleaseError(f"MANIFEST too large ({len(data)} bytes)")
+def release_format(data: bytes) -> int:
+    """The format a MANIFEST says it is in (1 when it says nothing, as herald 0.1's)."""
     try:
-        manifest = msgspec.json.decode(data, type=Manifest)
+        return _FORMAT.decode(data).format
     except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
         raise ReleaseError(f"malformed MANIFEST: {exc}") from exc
-    if manifest.host != host:
-        raise ReleaseError(f"MANIFEST is for host {manifest.host!r}, not {host!r}")
-    if (manifest.generation, manifest.version) != (current.generation, current.version):
+
+
+def decode_manifest(data: bytes, *, host: str, current: Current) -> Manifest:
+    """Decode and check a MANIFEST against the host and the `current` that named it.
+
+    A format newer than this herald reads is NotYetError (the agent says to upgrade it); fields
+    a compatible later format added are ignored, the others checked as strictly as ever."""
+    if len(data) > MAX_MANIFEST:
+        raise ReleaseError(f"MANIFEST too large ({len(data)} bytes)")
+    found = release_format(data)
+    if found > formats.RELEASE:
+        raise NotYetError(formats.newer_release(found))
+    try:
+        signed = _SIGNED.decode(data)
+        content = _CONTENT.decode(signed.content)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ReleaseError(f"malformed MANIFEST: {exc}") from exc
+    if signed.host != host:
+        raise ReleaseError(f"MANIFEST is for host {signed.host!r}, not {host!r}")
+    if (signed.generation, signed.version) != (current.generation, current.version):
         raise ReleaseError(
-            f"MANIFEST is generation {manifest.generation}, `current` names {current.generation}"
+            f"MANIFEST is generation {signed.generation}, `current` names {current.generation}"
         )
-    if manifest.content.version() != manifest.version:
+    if hashlib.sha256(signed.content).hexdigest() != signed.version:
         raise ReleaseError("MANIFEST version does not match its content")
-    check_content(manifest.content)
-    return manifest
+    check_content(content)
+    return Manifest(
+        format=signed.format,
+        host=signed.host,
+        generation=signed.generation,
+        version=signed.version,
+        published_at=signed.published_at,
+        source_rev=signed.source_rev,
+        content=content,
+    )
 
 
 # ---------------------------------------------------------------- signatures
@@ -189,6 +278,28 @@ def decode_public_key(text: str) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(body[len(_KEY_PREFIX) :], validate=True))
     except ValueError as exc:
         raise ReleaseError(f"invalid publisher key: {exc}") from exc
+
+
+def signature_bytes(signature: bytes) -> bytes:
+    """The 64 bytes of a signature line; ReleaseError when it cannot be one."""
+    try:
+        raw = base64.b64decode(signature.strip(), validate=True)
+    except ValueError as exc:
+        raise ReleaseError("malformed MANIFEST signature: not base64") from exc
+    if len(raw) != 64:
+        raise ReleaseError("malformed MANIFEST signature: not an ed25519 signature")
+    return raw
+
+
+def signed_by(data: bytes, raw_signature: bytes, keys: list[str]) -> str | None:
+    """The key of `keys` ('ed25519:...') whose signature `raw_signature` of `data` is, or None."""
+    for text in keys:
+        try:
+            decode_public_key(text).verify(raw_signature, data)
+        except (InvalidSignature, ReleaseError):
+            continue
+        return text
+    return None
 
 
 def verify_signature(manifest: bytes, signature: bytes, key: Ed25519PublicKey) -> None:

@@ -2,6 +2,10 @@
 
 Each is decoded strictly (unknown fields are errors) and every error is one line naming the
 file and the field: `fleet.toml: hosts.alpha.operation: Invalid enum value 'swtich'`.
+
+Each may say which config format it is written for (`format = 1`, the default; see
+protocol.formats): a herald that adds keys to a file raises its number, so a file written for a
+newer herald is refused in one line that says so rather than as a typo in the new keys.
 """
 
 import base64
@@ -14,6 +18,7 @@ from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
+from protocol import formats
 from protocol.errors import ConfigError
 from protocol.reserved import is_reserved
 from protocol.topics import DEFAULT_PREFIX, is_host_name
@@ -163,6 +168,9 @@ class _Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     pass
 
 
+ConfigFormat = Annotated[int, msgspec.Meta(ge=1)]  # checked against formats.CONFIG when loaded
+
+
 # ---------------------------------------------------------------- fleet.toml
 
 
@@ -194,18 +202,30 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
     .nix file with `nix-instantiate --parse` where nix is installed; `check = []` checks
     nothing. `build` (optional) runs after a passing check, e.g. to build the system and push
     it to a binary cache. `keep` is how many releases each chroot keeps for agents mid-fetch.
+
+    `format` is the release format to write (protocol.formats): 1 is what herald 0.1 agents
+    read. Unset, each host keeps the format of its current release and a new host gets the
+    newest; a host whose format changes gets a new generation with the same content.
     """
 
     check: list[str] | None = None
     build: list[str] | None = None
     timeout: Duration = "30m"
     keep: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
+    format: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is not None and not 1 <= self.format <= formats.RELEASE:
+            raise ValueError(
+                f"format: this herald writes release formats 1 to {formats.RELEASE}, not {self.format}"
+            )
 
 
 class FleetConfig(_Settings, frozen=True, kw_only=True):
     """fleet.toml. `files` declares modes of files/ for every host (see publisher.modes): git
     keeps only the executable bit, so what is not declared is private."""
 
+    format: ConfigFormat = 1
     hosts: dict[str, HostEntry]
     publish: PublishSettings = PublishSettings()
     files: DeclaredModes = {}
@@ -233,8 +253,11 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
 
     `mqtt = "off"` runs no embedded broker. With `broker` set (an external broker such as
     Mosquitto), herald announces there instead, and again each time it reconnects.
+    `publish = false` leaves publishing to `herald publish` (its own unit, its own user): this
+    process then never reads the signing key, and only announces what the chroots hold.
     """
 
+    format: ConfigFormat = 1
     fleet: str
     state: str
     mqtt: Listener = "127.0.0.1:1883"
@@ -244,6 +267,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     websocket: Endpoint | None = None
     broker: BrokerUrl | None = None
     http: Listener = "127.0.0.1:8080"  # the fleet page, status.json and /metrics; or "off"
+    publish: bool = True  # publish on start and on SIGHUP
 
     def __post_init__(self) -> None:
         if self.broker is not None and self.mqtt != "off":
@@ -369,6 +393,7 @@ class AgentRestart(_Settings, frozen=True, kw_only=True):
 
 
 class AgentConfig(_Settings, frozen=True, kw_only=True):
+    format: ConfigFormat = 1
     host: str
     ssh_key: str
     state_dir: str = "/var/lib/herald"
@@ -429,14 +454,27 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
 
 
+def check_format(data: dict[str, Any], source: str) -> None:
+    """A file written for a newer herald says so, before its new keys read as typos."""
+    found = data.get("format", 1)
+    if isinstance(found, int) and not isinstance(found, bool) and found > formats.CONFIG:
+        raise ConfigError(
+            f"{source}: format {found} is newer than this herald reads ({formats.CONFIG}): upgrade "
+            f"herald, or write the file for format {formats.CONFIG}"
+        )
+
+
 def load(path: Path, kind: type[S]) -> S:
     """Decode the TOML file at `path` strictly as `kind`."""
-    return convert(read_toml(path), kind, source=str(path))
+    data = read_toml(path)
+    check_format(data, str(path))
+    return convert(data, kind, source=str(path))
 
 
 def load_fleet(path: Path) -> FleetConfig:
     """fleet.toml, each host decoded on its own so that errors name the host."""
     data = read_toml(path)
+    check_format(data, str(path))
     hosts = data.get("hosts")
     if not isinstance(hosts, dict) or not hosts:
         raise ConfigError(f"{path}: hosts: at least one [hosts.<name>] table is required")

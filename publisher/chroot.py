@@ -3,7 +3,7 @@
     <chroot>/current                   "<generation> <version>", replaced last
     <chroot>/objects/<sha256>          contents, each written once
     <chroot>/releases/<generation>     signature line + MANIFEST (protocol.release)
-    <chroot>/credentials/              broker.secret, publisher.pub
+    <chroot>/credentials/              broker.secret, publisher.pub, publisher.keys
     <chroot>/logs/                     the host's uploads
 
 Every write goes to a temp name first and `current` is replaced last, so a reader never sees a
@@ -34,6 +34,7 @@ from protocol.release import (
     MAX_CURRENT,
     OBJECTS,
     PUBLISHER_KEY,
+    PUBLISHER_KEYS,
     RELEASES,
     Current,
     Manifest,
@@ -149,15 +150,17 @@ class Chroot:
                     self._group(directory, user=directory.name != CREDENTIALS)
                 self._wrote(directory, directory=True)
 
-    def ensure_credentials(self, publisher_key: str, *, key_changed: bool) -> Secret | None:
-        """Place the publisher key (if missing or changed) and create the host's broker secret
-        if it has none (deleting it rotates it). Returns the secret if one was created."""
+    def ensure_credentials(
+        self, publisher_key: str, *, key_changed: bool, chain: bytes = b""
+    ) -> Secret | None:
+        """Place the publisher key and its statements (if missing or changed) and create the
+        host's broker secret if it has none (deleting it rotates it). Returns the secret if one
+        was created. The statements are written before the key: a chroot with the key has them."""
         credentials = f"{self._at}/{CREDENTIALS}"
         if key_changed or not os.path.exists(f"{credentials}/{PUBLISHER_KEY}"):  # noqa: PTH110 - hot path
-            key_file = self.path / CREDENTIALS / PUBLISHER_KEY
-            write_atomic(key_file, f"{publisher_key}\n".encode(), mode=0o640, durable=False)
-            self._group(key_file)
-            self._wrote(key_file)
+            if chain:
+                self.write_credential(PUBLISHER_KEYS, chain)
+            self.write_credential(PUBLISHER_KEY, f"{publisher_key}\n".encode())
         if os.path.exists(f"{credentials}/{BROKER_SECRET}"):  # noqa: PTH110 - hot path
             return None
         secret_file = self.path / CREDENTIALS / BROKER_SECRET
@@ -166,6 +169,13 @@ class Chroot:
         self._group(secret_file)
         self._wrote(secret_file)
         return secret
+
+    def write_credential(self, name: str, data: bytes) -> None:
+        """credentials/<name>, readable by the host only (its group, with OpenSSH)."""
+        path = self.path / CREDENTIALS / name
+        write_atomic(path, data, mode=0o640, durable=False)
+        self._group(path)
+        self._wrote(path)
 
     def broker_secret(self) -> Secret:
         return read_secret(self.path / CREDENTIALS / BROKER_SECRET)

@@ -21,6 +21,7 @@ from typing import Final, TypeVar
 import msgspec
 from loguru import logger
 
+from protocol import formats
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
 from protocol.errors import HeraldError, ReleaseError
 from protocol.files import Flusher, write_atomic
@@ -35,6 +36,7 @@ from publisher.chroot import Chroot, Listed, Pool
 from publisher.figures import add_run
 from publisher.hashcache import HashCache, tree_key
 from publisher.inventory import Host, Inventory, load_inventory
+from publisher.keyring import Keys, load_keys, recount
 from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
 from publisher.modes import Declarations
@@ -131,6 +133,7 @@ class _Plan:
     generation: int
     diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     modes: tuple[str, ...]
+    release_format: int = 1  # protocol.formats.RELEASE, or [publish] format
 
     def result(self, message: str = "", objects_written: int = 0) -> HostResult:
         return HostResult(
@@ -160,6 +163,7 @@ class Publisher:
         self._progress = progress or (lambda _stage, _done, _total: None)
         self._seen: set[str] = set()  # real paths released this run: what the hash cache keeps
         self._flusher = Flusher(self.state.root)
+        self._format: int | None = None  # fleet.toml's [publish] format; None: each host keeps its own
 
     def run(self, *, dry_run: bool = False) -> Report:
         """Publish every host whose content changed (or, with dry_run, say which would)."""
@@ -170,6 +174,7 @@ class Publisher:
         cache = HashCache(self.state.publisher / "hashes.msgpack")
         with nullcontext() if dry_run else publish_lock(self.state.publisher / "lock"):
             generations = self._generations()
+            self._format = inventory.config.publish.format
             results, plans = self._plan(inventory, cache, generations)
             checker = Checker(inventory.config.publish, self.state.publisher / "parsed.msgpack")
             for plan, failure in self._check(checker, plans):
@@ -232,7 +237,11 @@ class Publisher:
                 # must not keep the version the files had (a cache hit also means that the host's
                 # own declarations all matched when it was stored: they and the paths are the key).
                 key = tree_key((host.entry.operation, host.flake, modes.key), sources)
-                if current is not None and cache.version(host.name, key) == current.version:
+                if (
+                    current is not None
+                    and cache.version(host.name, key) == current.version
+                    and self._kept(current)
+                ):
                     self._seen.update(source.real for source in sources)
                     results[host.name] = HostResult(
                         host.name, Status.UNCHANGED, current.generation, current.version
@@ -255,7 +264,7 @@ class Publisher:
                 results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
                 continue
             self._seen.update(source.real for source in sources)
-            if current is not None and current.version == version:
+            if current is not None and current.version == version and self._kept(current):
                 results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
                 continue
             previous = _listed(chroot, current.generation) if current else None
@@ -264,7 +273,19 @@ class Publisher:
             declared.released(host.name, decided[1], listed)
             diff, changes = _diff(listed, entries), _mode_changes(listed, entries)
             plans.append(
-                _Plan(host, chroot, sources, entries, content, version, previous, generation, diff, changes)
+                _Plan(
+                    host,
+                    chroot,
+                    sources,
+                    entries,
+                    content,
+                    version,
+                    previous,
+                    generation,
+                    diff,
+                    changes,
+                    release_format=self._format_for(current),
+                )
             )
         declared.check()  # before anything is said about the plans: an error is one line
         for plan in plans:
@@ -298,7 +319,8 @@ class Publisher:
         generations: dict[str, int],
     ) -> None:
         """Write releases, then switch every `current` at once, then prune."""
-        signer = Signer.load_or_create(self.state.signing_key)
+        keys = load_keys(self.state)
+        signer = keys.signer
         pool = Pool(self.state.objects, self._flusher)
         switches: list[tuple[_Plan, Manifest]] = []
         keep = self.keep or inventory.config.publish.keep
@@ -323,12 +345,12 @@ class Publisher:
                 results[name] = plan.result(objects_written=written)
                 switches.append((plan, manifest))
                 logger.bind(host=name).info("generation {} ({} objects written)", plan.generation, written)
-            created = self._credentials(inventory, signer)
+            created = self._credentials(inventory, keys)
             if switches:
                 # Every object and release is on disk before any `current` names it; then the
                 # renames of `current` are made durable too.
                 self._flusher.flush()
-                list(files.map(_switch, switches))
+                list(files.map(partial(_switch, keys=keys.count), switches))
                 for plan, _ in switches:
                     generations[plan.host.name] = plan.generation
                 self._flusher.flush()
@@ -343,21 +365,35 @@ class Publisher:
         self._write_authorized_keys(inventory)
         self._write_access(inventory)
 
-    def _credentials(self, inventory: Inventory, signer: Signer) -> dict[str, Secret]:
-        """Every chroot's layout, publisher key and broker secret; the secrets created now."""
-        distributed = self.state.publisher / "distributed.pub"  # the key last placed in every chroot
-        key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != signer.public
+    def _kept(self, current: Current) -> bool:
+        """Whether the host's release stays in its format (else it is released again in the new one)."""
+        return self._format is None or current.format == self._format
+
+    def _format_for(self, current: Current | None) -> int:
+        """[publish] format, else the host's own (a newer one than this herald writes: the newest
+        it does), else, for a new host, the newest."""
+        if self._format is not None:
+            return self._format
+        return min(current.format, formats.RELEASE) if current is not None else formats.RELEASE
+
+    def _credentials(self, inventory: Inventory, keys: Keys) -> dict[str, Secret]:
+        """Every chroot's layout, publisher key, key statements and broker secret; the secrets
+        created now. When the key or the statements changed, a format-2 `current` counts them."""
+        distributed = self.state.publisher / "distributed.pub"  # the key and chain last placed everywhere
+        key_changed = not distributed.exists() or distributed.read_text(encoding="ascii") != keys.mark
         created: dict[str, Secret] = {}
         accounts = host_accounts()
         chroots = os.fspath(self.state.chroots)
         for host in inventory.hosts:
             chroot = Chroot(f"{chroots}/{host.name}", self._flusher, accounts.get(host.name))
             chroot.ensure_layout(backups=host.entry.backups is not None)
-            secret = chroot.ensure_credentials(signer.public, key_changed=key_changed)
+            secret = chroot.ensure_credentials(keys.signer.public, key_changed=key_changed, chain=keys.chain)
+            if key_changed:
+                recount(chroot, keys.count)
             if secret is not None:
                 created[host.name] = secret
         if key_changed:
-            write_atomic(distributed, signer.public.encode(), mode=0o600, durable=False)
+            write_atomic(distributed, keys.mark.encode(), mode=0o600, durable=False)
             self._flusher.wrote(distributed)
         return created
 
@@ -399,6 +435,7 @@ class Publisher:
             for source, entry in missing
         )
         manifest = Manifest(
+            format=plan.release_format,
             host=plan.host.name,
             generation=plan.generation,
             version=plan.version,
@@ -536,9 +573,10 @@ def _attempt(write: Callable[..., _T], plan: "_Plan", **kwargs: object) -> _T | 
         return exc
 
 
-def _switch(item: tuple["_Plan", Manifest]) -> None:
+def _switch(item: tuple["_Plan", Manifest], *, keys: int) -> None:
     plan = item[0]
-    plan.chroot.set_current(Current(plan.generation, plan.version))
+    counted = keys if plan.release_format >= 2 else None  # a format-1 `current` is two words
+    plan.chroot.set_current(Current(plan.generation, plan.version, plan.release_format, counted))
 
 
 def _prune(item: tuple["_Plan", Manifest], *, keep: int) -> set[str]:

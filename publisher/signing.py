@@ -1,4 +1,8 @@
-"""The publisher's ed25519 key: created on first run, kept 0600 in STATE/publisher/."""
+"""The publisher's ed25519 key: created on first run, kept 0600 in STATE/publisher/.
+
+Only `herald publish` (and `serve` unless `publish = false`) and `herald key` read it: the
+process that runs the broker and the SFTP server need not (README, "Least privilege").
+"""
 
 import base64
 import os
@@ -8,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.errors import ConfigError
+from protocol.files import fsync_dir
 from protocol.release import encode_public_key
 
 
@@ -20,15 +25,18 @@ class Signer:
         return base64.b64encode(self._key.sign(data)) + b"\n"
 
     @classmethod
-    def load_or_create(cls, path: Path) -> "Signer":
-        if path.exists():
-            try:
-                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{path}: cannot load the publisher signing key: {exc}") from exc
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ConfigError(f"{path}: the publisher signing key must be ed25519")
-            return cls(key)
+    def load(cls, path: Path) -> "Signer":
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot load the publisher signing key: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{path}: the publisher signing key must be ed25519")
+        return cls(key)
+
+    @classmethod
+    def create(cls, path: Path) -> "Signer":
+        """A new key in `path` (0600, on disk before this returns)."""
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -41,4 +49,9 @@ class Signer:
             stream.flush()
             os.fsync(stream.fileno())
         tmp.replace(path)
+        fsync_dir(path.parent)
         return cls(key)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "Signer":
+        return cls.load(path) if path.exists() else cls.create(path)

@@ -106,7 +106,7 @@ def test_agent_toml_defaults():
         ),
         (b'{"id": "x y", "action": "check", "issued_at": "2026-11-25T12:00:00Z"}', Command),
         (b'{"id": "x", "action": "format-disk", "issued_at": "2026-11-25T12:00:00Z"}', Command),
-        (b'{"online": true, "at": "2026-11-25T12:00:00Z", "extra": 1}', Online),
+        (b'{"format": 2, "online": true, "at": "2026-11-25T12:00:00Z"}', Online),
         (b"\xff\xfe", State),
         (b"[" * 100_000, State),
     ],
