@@ -97,6 +97,31 @@ class EmbeddedBroker:
                 self.ports[name] = sockets[0].getsockname()[1]
             logger.info("MQTT broker listener {} on {}:{}", name, self.listeners[name].host, self.ports[name])
 
+    async def remove_user(self, user: str, topics: list[str]) -> tuple[int, list[str]]:
+        """Drop every session of `user` without its will (a host removed from the fleet: its
+        will would retain `online` again) and forget its subscriptions; then clear and forget the
+        retained messages of `topics`. (sessions dropped, topics that held a retained message)"""
+        broker = self._broker
+        if broker is None:
+            return 0, []
+        dropped = 0
+        for client_id, (session, handler) in list(broker._sessions.items()):  # noqa: SLF001 - amqtt exposes no way to drop a client
+            if session.username != user:
+                continue
+            session.will_flag = False
+            if session.transitions.is_connected():
+                await handler.handle_connection_closed()
+                dropped += 1
+            await broker._del_all_subscriptions(session)  # noqa: SLF001
+            broker._sessions.pop(client_id, None)  # noqa: SLF001
+        cleared = []
+        for topic in topics:
+            if topic in broker._retained_messages:  # noqa: SLF001
+                await broker.retain_message(None, topic, b"", 1)  # its watchers hear it cleared
+                broker._retained_messages.pop(topic, None)  # noqa: SLF001 - amqtt keeps an empty one
+                cleared.append(topic)
+        return dropped, cleared
+
     async def stop(self) -> None:
         if self._broker is not None:
             await self._broker.shutdown()

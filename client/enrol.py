@@ -78,3 +78,21 @@ def agent_toml(
     text = "\n".join(lines) + "\n"
     convert(tomllib.loads(text), AgentConfig, source="the agent.toml herald enrol writes")
     return text
+
+
+def rotate_ssh_key(config: AgentConfig) -> list[str]:
+    """`herald enrol --rotate`: a new SSH key beside the host's (`<ssh_key>.next`, made if
+    missing); what to tell the person. The agent logs in with it once the server takes it, and
+    with the old key until then (client.link), so the host is never locked out."""
+    current = Path(config.ssh_key)
+    upcoming = Path(f"{config.ssh_key}.next")
+    public, created = ensure_ssh_key(upcoming, config.host)
+    made = f"made {upcoming}" if created else f"{upcoming} is there already"
+    return [
+        f"{made}; put it in fleet.toml in place of the old key, then publish:",
+        f'  [hosts.{config.host}]\n  ssh_key = "{public}"',
+        (
+            f"until the server takes it the agent logs in with {current}; then the new key becomes "
+            f"{current} (the old one is kept as {current}.old)"
+        ),
+    ]

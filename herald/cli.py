@@ -52,7 +52,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _state_to_write(args.state, init=args.init)
     with progress_bar() as progress:
-        report = publish(args.fleet, args.state, dry_run=args.dry_run, progress=progress, keep=args.keep)
+        report = publish(
+            args.fleet,
+            args.state,
+            dry_run=args.dry_run,
+            progress=progress,
+            keep=args.keep,
+            allow_dirty=args.allow_dirty,
+        )
+    if not args.dry_run:
+        from protocol.layout import StateDir
+        from publisher.hostkeys import distribute
+
+        distribute(StateDir(args.state))  # a host added during a host-key rotation gets its statement
     if args.json:
         sys.stdout.buffer.write(report_json(report) + b"\n")
     else:
@@ -165,6 +177,14 @@ def cmd_enrol(args: argparse.Namespace) -> int:
     from protocol.messages import Phase
     from protocol.settings import parse_endpoint
 
+    if args.rotate:
+        from client.enrol import rotate_ssh_key
+
+        for line in rotate_ssh_key(load(args.config, AgentConfig)):
+            console.print(line, markup=False, soft_wrap=True)
+        return 0
+    if args.server is None or args.host is None:
+        raise ConfigError("enrol needs --server and --host (or --rotate, to make this host a new SSH key)")
     address, port = parse_endpoint(args.server if ":" in args.server else f"{args.server}:22")
     host_key = args.host_key or run(server_host_key(address, port))
     if not args.host_key:
@@ -198,6 +218,44 @@ def cmd_enrol(args: argparse.Namespace) -> int:
         f"{args.host}: {state.phase} (deployed generation {state.deployed_generation}) {state.message}"
     )
     return 0 if state.phase is Phase.IDLE else 1
+
+
+def cmd_state_backup(args: argparse.Namespace) -> int:
+    from herald.backup import cmd_backup
+
+    return cmd_backup(args.state, args.file)
+
+
+def cmd_state_restore(args: argparse.Namespace) -> int:
+    from herald.backup import cmd_restore
+
+    return cmd_restore(args.file, args.state, force=args.force, broker=args.broker, prefix=args.prefix)
+
+
+def cmd_host_remove(args: argparse.Namespace) -> int:
+    from herald.hosts import remove_host
+
+    server = _on_this_server() if args.state is None or args.fleet is None else None
+    if args.fleet is None and server is not None:
+        args.fleet = Path(server.fleet)
+    _admin_defaults(args, broker=False)
+    if args.broker is None and server is not None and server.broker is not None:
+        args.broker = server.broker  # an external broker holds the host's retained messages
+    return remove_host(
+        args.state,
+        args.name,
+        fleet=args.fleet,
+        dry_run=args.dry_run,
+        archive=args.archive_logs,
+        broker=args.broker,
+        prefix=args.prefix,
+    )
+
+
+def cmd_host_key(args: argparse.Namespace) -> int:
+    from herald.serverkeys import host_key_command
+
+    return host_key_command(args)
 
 
 def _on_this_server() -> ServerConfig | None:
@@ -330,6 +388,11 @@ def _server_commands(commands: _Commands) -> None:
     )
     cmd.add_argument("--init", action="store_true", help="start a new state directory if --state has none")
     cmd.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="publish a git work tree with uncommitted changes as it is (the release is marked dirty)",
+    )
+    cmd.add_argument(
         "--keep",
         type=_keep,
         metavar="N",
@@ -384,6 +447,28 @@ def _server_commands(commands: _Commands) -> None:
         metavar="FILE",
         help="the main sshd_config, checked for the Include (default: /etc/ssh/sshd_config)",
     )
+    _host_key_commands(server)
+
+
+def _host_key_commands(server: _Commands) -> None:
+    keys = server.group("host-key", "rotate the SSH host key agents pin, without touching a host")
+    cmd = keys.add("rotate", cmd_host_key, "make (or name) the successor key and announce it to every host")
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument(
+        "--key", metavar="KEY|FILE", help="with OpenSSH: sshd's new public key, or its .pub file"
+    )
+    cmd = keys.add("status", cmd_host_key, "which hosts trust every announced key yet")
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd = keys.add(
+        "switch", cmd_host_key, "the embedded SFTP server takes the successor (once every host has)"
+    )
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument("--force", action="store_true", help="even if some hosts do not trust it yet")
+    cmd = keys.add("retire", cmd_host_key, "agents stop trusting the old key")
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument(
+        "--key", metavar="KEY|FILE", help="the key to retire (default: the embedded server's previous)"
+    )
 
 
 def _fleet_commands(commands: _Commands) -> None:
@@ -395,10 +480,8 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd = commands.add(
         "enrol", cmd_enrol, "join this machine to the fleet: pin the server, write agent.toml, apply"
     )
-    cmd.add_argument(
-        "--server", required=True, metavar="HOST[:PORT]", help="the SFTP server (port 22 by default)"
-    )
-    cmd.add_argument("--host", required=True, metavar="NAME", help="this host's name in fleet.toml")
+    cmd.add_argument("--server", metavar="HOST[:PORT]", help="the SFTP server (port 22 by default)")
+    cmd.add_argument("--host", metavar="NAME", help="this host's name in fleet.toml")
     cmd.add_argument(
         "--host-key", metavar="KEY", help="the server's SSH host key, if known ('ssh-ed25519 AAAA...')"
     )
@@ -410,6 +493,11 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE), metavar="DIR")
     cmd.add_argument("--force", action="store_true", help="replace an existing agent.toml")
     cmd.add_argument("--no-apply", action="store_true", help="write agent.toml only")
+    cmd.add_argument(
+        "--rotate",
+        action="store_true",
+        help="make this host a new SSH key (<ssh_key>.next) and print its fleet.toml line",
+    )
 
     cmd = commands.add("status", cmd_status, "show every host's desired and deployed generation")
     _admin(cmd)
@@ -474,6 +562,34 @@ def _key_commands(commands: _Commands) -> None:
     )
 
 
+def _lifecycle_commands(commands: _Commands) -> None:
+    state = commands.group("state", "the server's state: back it up, bring it back")
+    cmd = state.add(
+        "backup", cmd_state_backup, "write the server's state to one archive (under the publish lock)"
+    )
+    cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
+    cmd.add_argument("file", type=Path, metavar="FILE", help="the archive (.tar, or .tar.gz)")
+    cmd = state.add("restore", cmd_state_restore, "bring a backup back; generations go on above the hosts'")
+    cmd.add_argument("file", type=Path, metavar="FILE", help="an archive herald state backup wrote")
+    cmd.add_argument(
+        "--state", type=Path, required=True, metavar="DIR", help="the state directory to restore"
+    )
+    cmd.add_argument("--force", action="store_true", help="replace a state directory that is not empty")
+    _broker(cmd, what="ask this broker which generations the hosts reported (mqtt://HOST:PORT)")
+
+    host = commands.group("host", "a host of the fleet on the server")
+    cmd = host.add(
+        "remove", cmd_host_remove, "remove a host from the server: access, sessions, chroot, messages"
+    )
+    cmd.add_argument("name", metavar="NAME")
+    _admin(cmd)
+    cmd.add_argument("--fleet", type=Path, metavar="DIR", help="checked not to name the host any more")
+    cmd.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    cmd.add_argument(
+        "--archive-logs", type=Path, metavar="DIR", help="first archive the host's logs/ into DIR"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="herald", description="Keep a NixOS fleet on the configuration in git."
@@ -483,6 +599,7 @@ def parser() -> argparse.ArgumentParser:
     commands = _Commands(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     _server_commands(commands)
     _fleet_commands(commands)
+    _lifecycle_commands(commands)
     _key_commands(commands)
     return top
 

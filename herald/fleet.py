@@ -22,6 +22,7 @@ from protocol.hosttext import safe, safe_json
 from protocol.messages import Command, Desired, Online, Phase, State, decode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect, unreachable
 from protocol.topics import ADMIN_USER, Kind, Topics
+from publisher.revision import DIRTY
 
 HEARTBEAT: Final = timedelta(seconds=60)
 _RECONNECT: Final = 5.0
@@ -208,6 +209,7 @@ class Row:
     message: str
     log: str
     command: str = ""  # the retained command not yet taken: "rebuild by herald-admin, expires in 5h"
+    dirty: bool = False  # the desired release was published from a work tree with uncommitted changes
 
     @classmethod
     def of(cls, view: HostView, at: datetime) -> "Row":
@@ -229,6 +231,7 @@ class Row:
             message,
             log,
             command_cell(view.pending_command(at), at),
+            dirty=bool(view.desired and (view.desired.source_rev or "").endswith(DIRTY)),
         )
 
 
@@ -270,7 +273,7 @@ def cells(row: Row) -> tuple[str, ...]:
     """The row as text, in COLUMNS' order."""
     return (
         row.host,
-        str(row.desired) if row.desired is not None else "-",
+        (f"{row.desired} (dirty)" if row.dirty else str(row.desired)) if row.desired is not None else "-",
         str(row.deployed) if row.deployed is not None else "-",
         row.status.value,
         "needed" if row.needs_reboot else "",

@@ -18,7 +18,7 @@ import contextlib
 import os
 import resource
 import signal
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 
 import aiomqtt
@@ -27,6 +27,7 @@ from loguru import logger
 
 from broker.server import EmbeddedBroker, Listener
 from client.enrol import described
+from herald import control
 from herald.fleet import FleetView, follow
 from herald.hostlogs import HostLogs, LastRun
 from herald.output import print_report
@@ -38,10 +39,11 @@ from protocol.layout import StateDir
 from protocol.messages import Desired
 from protocol.mqtt import BrokerURL, connect
 from protocol.settings import ServerConfig, parse_endpoint
-from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics, is_host_name
+from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 from publisher.announce import announce, desired_of
+from publisher.hostkeys import distribute
 from publisher.inventory import load_inventory
-from publisher.publish import Report, Status, publish
+from publisher.publish import Report, Status, publish, read_floors, write_floors
 from publisher.sftp import SFTPService
 
 _RETRY = 5.0
@@ -86,10 +88,13 @@ class Server:
         self._keeper: asyncio.Task[None] | None = None
         self.view = FleetView(self.topics)
         if self.broker is not None:
-            self.broker.watch_retained(self.view.update)
+            self.broker.watch_retained(self._retained)
         self.web = FleetWeb(lambda: self.view, self.state.root) if config.http != "off" else None
         self._follower: asyncio.Task[None] | None = None
         self._uploads: asyncio.Task[None] | None = None
+        self._control: asyncio.AbstractServer | None = None
+        self._ahead: dict[str, int] = {}  # hosts that reported a generation above the one served
+        self._background: set[asyncio.Task[object]] = set()
 
     @property
     def url(self) -> BrokerURL | None:
@@ -109,6 +114,7 @@ class Server:
             await self.broker.start()
         if self.web is not None:
             await self.web.start(*parse_endpoint(self.config.http))
+        self._control = await control.listen(self.state.root, self.remove_host)
         on_disk = self._hosts_on_disk()
         self.view.add_hosts(on_disk)
         self._follow()
@@ -157,6 +163,7 @@ class Server:
             return Report()
         async with self._lock:
             report = await asyncio.to_thread(publish, Path(self.config.fleet), self.state.root)
+            await asyncio.to_thread(distribute, self.state)  # a host added during a host-key rotation
         self.view.add_hosts([result.host for result in report.hosts])
         if self.url is None:
             for host, desired in desired_of(self.state.root, list(self.view.hosts)).items():
@@ -206,10 +213,84 @@ class Server:
         if self.url is None or self.broker is not None:
             return
         password = read_secret(self.state.service_secret(ADMIN_USER))
-        self._follower = asyncio.create_task(follow(self.url, password, self.view), name="fleet-view")
+        self._follower = asyncio.create_task(
+            follow(self.url, password, self.view, on_change=self._notice_every_host), name="fleet-view"
+        )
+
+    # ---------------------------------------------------------------- hosts ahead, hosts removed
+
+    def _retained(self, topic: str, payload: bytes) -> None:
+        """The embedded broker stored a retained message: the view takes it, and a host's state
+        may say it runs a later generation than this server serves."""
+        self.view.update(topic, payload)
+        parsed = self.topics.parse(topic)
+        if parsed is not None and parsed[1] is Kind.STATE:
+            self._notice(parsed[0])
+
+    def _notice_every_host(self) -> None:
+        for host in list(self.view.hosts):
+            self._notice(host)
+
+    def _notice(self, host: str) -> None:
+        """A host whose state names a generation above the one announced for it runs a release
+        this server no longer has (the state was restored from an older backup): it is recorded
+        in STATE/run/reported.json, and a publish releases it again above (publisher.publish)."""
+        view = self.view.hosts.get(host)
+        if view is None or view.state is None or view.desired is None:
+            return
+        reported = max(view.state.deployed_generation, view.state.target_generation)
+        if reported <= view.desired.generation or reported <= self._ahead.get(host, 0):
+            return
+        self._ahead[host] = reported
+        logger.bind(host=host).warning(
+            "reports generation {}, above the {} served here: its next release starts above it",
+            reported,
+            view.desired.generation,
+        )
+        path = self.state.root / "run" / "reported.json"
+        floors = read_floors(path) | self._ahead
+        write_floors(path, floors)
+        self._in_background(self._publish_again(), "publish above a host's generation")
+
+    async def _publish_again(self) -> None:
+        await _republish(self)
+
+    def _in_background(self, work: Coroutine[object, object, object], name: str) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def remove_host(self, host: str) -> control.Answer:
+        """`herald host remove`: drop the host's sessions (SFTP, MQTT without its will), clear its
+        retained messages, forget it in the fleet view (the page, /metrics)."""
+        sftp = self.sftp.drop(host) if self.sftp is not None else 0
+        mqtt, cleared = 0, list[str]()
+        if self.broker is not None:
+            topics = [self.topics.of(host, kind) for kind in Kind]
+            mqtt, cleared = await self.broker.remove_user(host, topics)
+        self.view.hosts.pop(host, None)
+        self._ahead.pop(host, None)
+        logger.bind(host=host).warning(
+            "removed: {} SFTP connection(s) closed, {} MQTT session(s) dropped, {} retained message(s) gone",
+            sftp,
+            mqtt,
+            len(cleared),
+        )
+        return control.Answer(
+            sftp_sessions=sftp, mqtt_sessions=mqtt, retained=cleared, broker=self.broker is not None
+        )
+
+    def reload_host_key(self) -> None:
+        """After `herald server host-key switch`: new connections get the key now on disk."""
+        if self.sftp is not None and self.sftp.reload_host_key():
+            logger.info("SFTP host key is now {}", described(self.sftp.public_host_key))
+            self._write_run_info()
 
     async def stop(self) -> None:
-        for task in (self._follower, self._uploads):
+        if self._control is not None:
+            self._control.close()
+            control.socket_path(self.state.root).unlink(missing_ok=True)
+        for task in (self._follower, self._uploads, *self._background):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -270,6 +351,7 @@ async def serve(config: ServerConfig) -> None:
 
 async def _republish(server: Server) -> None:
     try:
+        server.reload_host_key()
         print_report(await server.publish())
     except UnreachableError as exc:
         logger.warning("published, but the announcement failed: {}", exc)

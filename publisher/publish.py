@@ -7,9 +7,8 @@ written.
 
 import fcntl
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -23,13 +22,13 @@ from loguru import logger
 
 from protocol import formats
 from protocol.credentials import Secret, format_passwd, hash_secret, new_secret, parse_passwd, read_secret
-from protocol.errors import HeraldError, ReleaseError
+from protocol.errors import ConfigError, HeraldError, ReleaseError
 from protocol.files import Flusher, write_atomic
 from protocol.layout import Access, StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
 from protocol.settings import size_bytes
-from protocol.topics import SERVICE_USERS
+from protocol.topics import SERVICE_USERS, is_host_name
 from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Listed, Pool
@@ -40,10 +39,12 @@ from publisher.keyring import Keys, load_keys, recount
 from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
 from publisher.modes import Declarations
+from publisher.revision import Revision
 from publisher.signing import Signer
 
 _T = TypeVar("_T")
 _FILE_WORKERS: Final = 2  # hosts written at once (more made a cold publish slower here)
+_MAX_GENERATION: Final = 2**53 - 1  # protocol.messages.Generation's bound, less the one added
 
 
 class Status(StrEnum):
@@ -78,24 +79,6 @@ class Report:
         return [result for result in self.hosts if result.status is status]
 
 
-def source_revision(repo: Path) -> str | None:
-    """The fleet repository's git commit, if it is a git work tree."""
-    if not (repo / ".git").exists():
-        return None
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],  # noqa: S607 - git from PATH
-            env={key: value for key, value in os.environ.items() if not key.startswith("GIT_")},
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
 @contextmanager
 def publish_lock(path: Path) -> Iterator[None]:
     """Serialise publish runs on one state dir; a second run waits for the first."""
@@ -117,6 +100,19 @@ class _Generations(msgspec.Struct):
     restart a host at generation 1, which its agent would refuse as older than what it runs."""
 
     hosts: dict[str, int] = {}
+
+
+def read_floors(path: Path) -> dict[str, int]:
+    """STATE/publisher/floor.json (or STATE/run/reported.json): per host, the highest generation
+    it is known to have run (herald.backup, herald.serve). The shape of generations.json."""
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=_Generations).hosts
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return {}
+
+
+def write_floors(path: Path, floors: Mapping[str, int]) -> None:
+    write_atomic(path, msgspec.json.encode(_Generations(dict(floors))), mode=0o600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +151,17 @@ class Publisher:
     """One publish run: plan every host, check the changed ones, write, then switch `current`."""
 
     def __init__(
-        self, fleet: Path, state: Path, *, progress: Progress | None = None, keep: int | None = None
+        self,
+        fleet: Path,
+        state: Path,
+        *,
+        progress: Progress | None = None,
+        keep: int | None = None,
+        allow_dirty: bool = False,
     ) -> None:
         self.keep = keep  # releases kept per host; None: fleet.toml's [publish] keep
         self.fleet = fleet
+        self.allow_dirty = allow_dirty  # publish a git work tree with uncommitted changes, marked dirty
         self.state = StateDir(state)
         self._progress = progress or (lambda _stage, _done, _total: None)
         self._seen: set[str] = set()  # real paths released this run: what the hash cache keeps
@@ -169,13 +172,26 @@ class Publisher:
         """Publish every host whose content changed (or, with dry_run, say which would)."""
         started = time.monotonic()
         self._seen = set()
-        inventory = load_inventory(self.fleet)
-        report = Report(dry_run=dry_run, source_rev=source_revision(inventory.root))
-        cache = HashCache(self.state.publisher / "hashes.msgpack")
-        with nullcontext() if dry_run else publish_lock(self.state.publisher / "lock"):
+        # The lock first, then what it protects: the revision read, the inventory, the hash
+        # cache. A dry run locks too when it can (it brings the export up to date), else it
+        # reads a temporary export and writes nothing to the state directory.
+        locking = not dry_run or os.access(self.state.root, os.W_OK)
+        if not self.state.root.exists():
+            load_inventory(self.fleet)  # a broken fleet is one line before the state directory is made
+        with (
+            publish_lock(self.state.publisher / "lock") if locking else nullcontext(),
+            Revision(
+                self.fleet, self.state.publisher if locking else None, allow_dirty=self.allow_dirty
+            ) as revision,
+        ):
+            inventory = load_inventory(revision.root)
+            self._refuse_removed(inventory)
+            report = Report(dry_run=dry_run, source_rev=revision.rev)
+            cache = HashCache(self.state.publisher / "hashes.msgpack")
             generations = self._generations()
             self._format = inventory.config.publish.format
             results, plans = self._plan(inventory, cache, generations)
+            revision.confirm()  # a dirty work tree stops the run here, before any check or write
             checker = Checker(inventory.config.publish, self.state.publisher / "parsed.msgpack")
             for plan, failure in self._check(checker, plans):
                 if failure is not None:
@@ -208,6 +224,36 @@ class Publisher:
         report.seconds = time.monotonic() - started
         return report
 
+    def _refuse_removed(self, inventory: Inventory) -> None:
+        """A host whose table left fleet.toml while its chroot is still here: ConfigError.
+
+        Removing a host deletes what no publish can bring back (its logs, its backups/, the
+        generations it ran) and, with OpenSSH, needs root for its account; a publish runs
+        unattended, from a hook after any merge. `herald host remove` does it, with a dry run
+        and the logs archived first if asked."""
+        try:
+            names = os.listdir(self.state.chroots)
+        except OSError:
+            return
+        known = {host.name for host in inventory.hosts}
+        gone = sorted(name for name in names if is_host_name(name) and name not in known)
+        if gone:
+            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise ConfigError(
+                f"{inventory.root / 'fleet.toml'}: hosts.{gone[0]}{more}: not in fleet.toml any more, but "
+                f"its chroot, keys and secrets are still on this server; run `herald host remove "
+                f"{gone[0]}` (--dry-run shows what it removes), or put its table back"
+            )
+
+    def _floors(self) -> dict[str, int]:
+        """Per host, a generation it is known to run: one above this server's current makes the
+        next publish release it again above, even when its content did not change. floor.json
+        holds what a restore learned, run/reported.json what hosts told `serve` since."""
+        floors = read_floors(self.state.publisher / "floor.json")
+        for host, generation in read_floors(self.state.root / "run" / "reported.json").items():
+            floors[host] = max(floors.get(host, 0), generation)
+        return floors
+
     def _generations(self) -> dict[str, int]:
         try:
             data = (self.state.publisher / "generations.json").read_bytes()
@@ -226,19 +272,23 @@ class Publisher:
         accounts = host_accounts()
         chroots = os.fspath(self.state.chroots)
         declared = Declarations(inventory)
+        floors = self._floors()
         for index, host in enumerate(inventory.hosts, 1):
             self._progress("reading", index, len(inventory.hosts))
             chroot = Chroot(f"{chroots}/{host.name}", self._flusher, accounts.get(host.name))
             modes = declared.of[host.name]
+            ahead = min(floors.get(host.name, 0), _MAX_GENERATION)
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
                 current = chroot.current()
+                behind = current is not None and current.generation < ahead  # the host runs a later one
                 # The declared modes are part of the key: a change of fleet.toml's `files` alone
                 # must not keep the version the files had (a cache hit also means that the host's
                 # own declarations all matched when it was stored: they and the paths are the key).
                 key = tree_key((host.entry.operation, host.flake, modes.key), sources)
                 if (
                     current is not None
+                    and not behind
                     and cache.version(host.name, key) == current.version
                     and self._kept(current)
                 ):
@@ -264,11 +314,12 @@ class Publisher:
                 results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
                 continue
             self._seen.update(source.real for source in sources)
-            if current is not None and current.version == version and self._kept(current):
+            if current is not None and current.version == version and self._kept(current) and not behind:
                 results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
                 continue
+            _say_behind(host.name, ahead, current, behind=behind)
             previous = _listed(chroot, current.generation) if current else None
-            generation = max(current.generation if current else 0, generations.get(host.name, 0)) + 1
+            generation = max(current.generation if current else 0, generations.get(host.name, 0), ahead) + 1
             listed = previous[1] if previous else []
             declared.released(host.name, decided[1], listed)
             diff, changes = _diff(listed, entries), _mode_changes(listed, entries)
@@ -513,6 +564,16 @@ class Publisher:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
 
+def _say_behind(host: str, ahead: int, current: Current | None, *, behind: bool) -> None:
+    if not behind:
+        return
+    logger.bind(host=host).warning(
+        "reported generation {}, above this server's {}: released again above it",
+        ahead,
+        current.generation if current else 0,
+    )
+
+
 def _notes(plan: _Plan) -> None:
     """What to say about a host that changes (said when it changes, not on every run)."""
     log = logger.bind(host=plan.host.name)
@@ -603,5 +664,6 @@ def publish(
     dry_run: bool = False,
     progress: Progress | None = None,
     keep: int | None = None,
+    allow_dirty: bool = False,
 ) -> Report:
-    return Publisher(fleet, state, progress=progress, keep=keep).run(dry_run=dry_run)
+    return Publisher(fleet, state, progress=progress, keep=keep, allow_dirty=allow_dirty).run(dry_run=dry_run)

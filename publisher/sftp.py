@@ -341,6 +341,25 @@ class SFTPService:
         quota.configure(access.areas)  # caps change with fleet.toml: read at each session
         return ChrootSFTPServer(chan, root, quota)
 
+    def drop(self, host: str) -> int:
+        """Close every connection `host` holds (`herald host remove`); how many there were."""
+        held = list(self._admission.hosts.get(host, ()))
+        for conn in held:
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, "this host was removed from the fleet")
+        self._quotas.pop(host, None)
+        return len(held)
+
+    def reload_host_key(self) -> bool:
+        """Present the host key now on disk to new connections (`herald server host-key switch`);
+        whether it changed."""
+        key = load_host_key(self._state.sftp_host_key)
+        if key.export_public_key() == self.host_key.export_public_key():
+            return False
+        self.host_key = key
+        if self._server is not None:
+            self._server.update(server_host_keys=[key])
+        return True
+
     async def start(self) -> None:
         try:
             self._server = await self._listen()

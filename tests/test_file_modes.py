@@ -45,6 +45,13 @@ def write(path: Path, text: str, mode: int) -> None:
     path.chmod(mode)
 
 
+def pushed(root: Path) -> None:
+    """Commit what the test changed in the server's clone, as a push the hook checked out: a
+    publish reads the commit HEAD names, and refuses a work tree with changes not committed."""
+    git("add", "-A", cwd=root)
+    git("commit", "-q", "--allow-empty", "-m", "change", cwd=root)
+
+
 def settle(root: Path) -> None:
     for path in root.rglob("*"):
         if not path.is_symlink():
@@ -162,12 +169,15 @@ def test_changing_only_a_declared_mode_is_a_new_generation_that_the_agent_applie
         assert agent.once().returncode == 0
         motd = agent.home / "root" / "etc" / "motd"
         assert mode(motd) == 0o644
+        settle(state / "publisher" / "tree")  # the commit as published, trusted by the hash cache
+        publish(fleet.root, state)
         again = publish(fleet.root, state)
         assert {r.status for r in again.hosts} == {Status.UNCHANGED}
         assert again.files_hashed == 0
 
         toml = fleet.root / "fleet.toml"
         toml.write_text(toml.read_text().replace('"etc/motd" = "0644"', '"etc/motd" = "0640"', 1))
+        pushed(fleet.root)
         dry = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--dry-run")
         assert dry.returncode == 0, dry.stderr
         assert "files/etc/motd 0644 -> 0640" in dry.stderr
@@ -195,6 +205,7 @@ def test_content_that_turns_private_is_stored_again_readable_only_by_its_host(fl
     assert (state / "chroot" / "beta" / "objects" / cert).stat().st_nlink > 1  # linked to the pool
     toml = fleet.root / "fleet.toml"
     toml.write_text(toml.read_text().replace('"etc/ssl/certs/" = "0644"\n', ""))
+    pushed(fleet.root)
     report = publish(fleet.root, state)
     assert [r.status for r in report.hosts] == [Status.CHANGED, Status.CHANGED, Status.UNCHANGED]
     for host in ("alpha", "beta"):
@@ -210,6 +221,7 @@ def test_content_that_turns_private_is_stored_again_readable_only_by_its_host(fl
 def test_world_readable_files_turning_private_are_named_in_one_warning_once(fleet: Fleet, state: Path):
     toml = fleet.root / "fleet.toml"
     toml.write_text(re.sub(r'^"etc/motd" = .*\n', "", toml.read_text(), count=1, flags=re.MULTILINE))
+    pushed(fleet.root)
     argv = ("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     dry = herald(*argv, "--dry-run")
     first = herald(*argv)
@@ -268,6 +280,7 @@ def test_a_bad_declaration_is_one_line_exit_2_and_nothing_published(
     text = toml.read_text()
     assert old in text
     toml.write_text(text.replace(old, new, 1))
+    pushed(fleet.root)
     done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -281,18 +294,20 @@ def test_an_unmatched_declaration_is_refused_also_when_every_host_is_unchanged(f
     settle(fleet.root)
     publish(fleet.root, state)
     (fleet.root / "hosts" / "beta" / "files" / "usr" / "local" / "bin" / "hello").unlink()
-    settle(fleet.root)
+    pushed(fleet.root)
     with pytest.raises(ConfigError, match=r'hosts\.beta\.files: "usr/local/bin/hello" matches no file'):
         publish(fleet.root, state)
     assert current_generation(state, "beta") == 1
     toml = fleet.root / "fleet.toml"
     toml.write_text(toml.read_text().replace('"usr/local/bin/hello" = "0755"\n', ""))
+    pushed(fleet.root)
     publish(fleet.root, state)
     (fleet.root / "hosts" / "alpha" / "files" / "etc" / "motd").unlink()
     (fleet.root / "hosts" / "beta" / "files" / "etc" / "motd").unlink()
-    settle(fleet.root)
+    pushed(fleet.root)
     publish(fleet.root, state)  # gamma still has one: the fleet-wide declaration names a file
     (fleet.root / "hosts" / "gamma" / "files" / "etc" / "motd").unlink()
+    pushed(fleet.root)
     with pytest.raises(ConfigError, match=r'files: "etc/motd" matches no file of any host'):
         publish(fleet.root, state)
 

@@ -35,7 +35,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def synopses() -> dict[str, str]:
     """'publish' -> the `herald publish ...` synopsis line of README's Commands section."""
-    lines = re.findall(r"^`herald ([a-z ]+?)((?: [\[\(<-].*)?)`$", README, flags=re.MULTILINE)
+    lines = re.findall(r"^`herald ([a-z -]+?)((?: [\[\(<-].*)?)`$", README, flags=re.MULTILINE)
     return dict(lines)
 
 
