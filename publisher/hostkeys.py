@@ -19,8 +19,6 @@ import stat
 from pathlib import Path
 from typing import Final
 
-import asyncssh
-
 from protocol.errors import ConfigError
 from protocol.files import write_atomic
 from protocol.hostkeys import (
@@ -109,6 +107,8 @@ def public_key(text: str) -> str:
 
 
 def _public(path: Path) -> str | None:
+    import asyncssh  # noqa: PLC0415 - `herald publish` distributes statements and must not pay for asyncssh
+
     try:
         key = asyncssh.read_private_key(str(path))
     except FileNotFoundError:
@@ -135,6 +135,8 @@ def rotate(state: StateDir, key: str | None) -> str:
         successor_path = Path(f"{state.sftp_host_key}{NEXT}")
         successor = _public(successor_path)
         if successor is None:
+            import asyncssh  # noqa: PLC0415
+
             made = asyncssh.generate_private_key("ssh-ed25519")
             made.write_private_key(str(successor_path))
             successor_path.chmod(0o600)
