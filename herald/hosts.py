@@ -262,9 +262,13 @@ def _kill_user(account: pwd.struct_passwd) -> str:
     deadline = time.monotonic() + 10
     while (pids := _processes_of(account.pw_uid)) and time.monotonic() < deadline:
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                raise ConfigError(f"cannot end {account.pw_name}'s processes: run this as root") from None
+            killed.add(pid)
         time.sleep(0.05)
     if _processes_of(account.pw_uid):
         raise ConfigError(f"processes of {account.pw_name} still run after 10 s; not removing its account")
