@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import Fleet, Serve, Watcher, herald, make_agent, start_serve, wait_until
+from helpers import Agent, Fleet, Serve, Watcher, herald, make_agent, start_serve, wait_until
 from openssh import remove_host_users
 
 from protocol.hostkeys import ANSWER, STATEMENT
@@ -51,6 +51,14 @@ def retired_by(agent_home: Path) -> list[str]:
 
 def serve_key(state: Path) -> str:
     return json.loads((state / "run" / "serve.json").read_text())["sftp_host_key"]
+
+
+def retired_everywhere(state: Path, agents: dict[str, Agent], old: str) -> None:
+    """`herald server host-key retire`: its private half goes, and every agent drops it."""
+    host_key_cmd(state, "retire")
+    assert not (state / "sftp" / "ssh_host_ed25519_key.old").exists()
+    for host, agent in agents.items():
+        wait_until(lambda a=agent: old in retired_by(a.home), f"{host} drops the old key", timeout=30)
 
 
 def test_a_fleet_follows_a_server_host_key_rotation_with_no_host_touched(
@@ -96,10 +104,7 @@ def test_a_fleet_follows_a_server_host_key_rotation_with_no_host_touched(
         for host in fleet.hosts:
             assert Phase.ROLLED_BACK not in [s.phase for s in watcher.states(host)]
 
-        host_key_cmd(state, "retire")
-        assert not (state / "sftp" / "ssh_host_ed25519_key.old").exists()
-        for host, agent in agents.items():
-            wait_until(lambda a=agent: old in retired_by(a.home), f"{host} drops the old key", timeout=30)
+        retired_everywhere(state, agents, old)
         assert {host: agent.config.read_text() for host, agent in agents.items()} == configs  # untouched
         for agent in agents.values():
             agent.stop()
