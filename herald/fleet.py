@@ -295,6 +295,12 @@ def table(view: FleetView) -> Table:
     return grid
 
 
+def _every_field(payload: msgspec.Struct | None) -> dict[str, object] | None:
+    """A payload with every field, defaults too: on the wire they are left out (older readers
+    default them), but a script reading `--json` should not have to know the defaults."""
+    return msgspec.structs.asdict(payload) if payload is not None else None
+
+
 def as_json(view: FleetView) -> bytes:
     """Every host's retained messages as they are: a script reads the host's text exactly, and
     the bytes hold no raw control or bidi character (those are JSON escapes)."""
@@ -303,9 +309,9 @@ def as_json(view: FleetView) -> bytes:
         {
             "host": row.host,
             "status": row.status(at).value,
-            "desired": row.desired,
-            "state": row.state,
-            "online": row.online,
+            "desired": _every_field(row.desired),
+            "state": _every_field(row.state),
+            "online": _every_field(row.online),
             "command": row.pending_command(at),
         }
         for row in view.rows()
