@@ -12,7 +12,11 @@ locally; a needed reboot runs only inside `reboot.window`, between runs.
 
 Before anything else runs, a step a previous run left unfinished (client.transition) is finished
 or undone. After a deployment that changed agent.toml or the herald package, the agent restarts
-itself (client.restart).
+itself (client.restart), once the new agent was seen to start.
+
+A `rollback` command rolls back the generation deployed when it arrived: if an apply running
+then deployed another, it is refused (and says so). A forced request waiting beside it is kept,
+and runs after it.
 """
 
 import asyncio
@@ -25,11 +29,12 @@ from pathlib import Path
 from loguru import logger
 
 import protocol
-from client.deploy import Deployer
+from client.deploy import Deployer, MissingFileError
 from client.link import ServerLink
+from client.outcome import RunLog
 from client.page import HISTORY, LocalPage
 from client.report import Reporter
-from client.restart import changes, identity
+from client.restart import changes, identity, new_agent_problem, restarted_argv
 from client.schedule import Backoff, until_next_poll
 from client.store import Store, read_log, runs
 from client.workstation import SuspendWatch, postpone_reason, until_window
@@ -77,6 +82,7 @@ class Agent:
         self.link = ServerLink(config)
         self.reporter = Reporter(config, self.store)
         self.deployer = Deployer(config, self.store, self.link, self.reporter)
+        self.deployer.new_agent_check = self._new_agent_problem
         self.poll = float(seconds(config.poll))
         self.recheck = float(seconds(config.postpone.recheck))
         self._wake = asyncio.Event()
@@ -85,7 +91,8 @@ class Agent:
         self._running = asyncio.Lock()  # held by a run, and by a reboot
         self._reboot_tried = False
         self.suspend = SuspendWatch()
-        self._rollback: str | None = None
+        self._rollback: tuple[str, int | None] | None = None  # why, and the generation to leave
+        self._checks = False  # a check was requested beside a rollback: it runs after it
         self._rescheduled = asyncio.Event()
         self._next_check = 0.0
         self._backoff = Backoff(cap=_BACKOFF_CAP)  # after a failure: 2, 4, 8 ... s, jittered, at most 5 min
@@ -101,11 +108,14 @@ class Agent:
         self.log.debug("check requested: {}", reason)
         self._force |= force
         self._urgent |= urgent
+        self._checks = True
         self._wake.set()
 
     def request_rollback(self, reason: str) -> None:
+        """Roll back what is deployed now: the generation is taken as the command arrives."""
+        deployed = self.store.deployed()
         self.log.info("rollback requested: {}", reason)
-        self._rollback = reason
+        self._rollback = (reason, deployed.generation if deployed is not None else None)
         self._wake.set()
 
     def secret_refused(self) -> None:
@@ -181,15 +191,15 @@ class Agent:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            force, self._force = self._force, False
-            urgent, self._urgent = self._urgent, False
-            rollback, self._rollback = self._rollback, None
+            rollback, force, urgent = self._take()
             try:
                 async with self._running:
                     if rollback is not None:
-                        state = await self.deployer.rollback(rollback)
+                        state = await self.deployer.rollback(rollback[0], leaving=rollback[1])
                     else:
                         state = await self.deployer.cycle(force=force, urgent=urgent)
+            except MissingFileError as exc:  # what the server lacks, said as such
+                await self._retry_later(str(exc))
             except UnreachableError as exc:
                 # The server is away or busy (down, out of descriptors, a broken connection):
                 # nothing about the release is known, so nothing is marked failed.
@@ -205,6 +215,31 @@ class Agent:
                 self._schedule(self.recheck if postponed else until_next_poll(self.host, self.poll))
                 if self.deployer.changed_host:
                     await self._restart_if_changed()
+
+    def _take(self) -> tuple[tuple[str, int | None] | None, bool, bool]:
+        """The next turn's work: a rollback, else a check (forced, urgent). A check requested
+        beside a rollback waits for the turn after it, kept as it was asked."""
+        rollback, self._rollback = self._rollback, None
+        if rollback is not None:
+            if self._checks:
+                self._wake.set()
+            return rollback, False, False
+        force, self._force = self._force, False
+        urgent, self._urgent = self._urgent, False
+        self._checks = False
+        return None, force, urgent
+
+    async def _new_agent_problem(self, note: RunLog) -> str | None:
+        """Part of confirming a deployment: if it changed what the agent runs as, would the
+        agent a restart starts load its agent.toml and import? None if so (or nothing changed)."""
+        found = changes(self.identity, identity(self.config_path, Path(self.config.root)))
+        if not found:
+            return None
+        argv = restarted_argv(Path(self.config.root), self.config.restart.command)
+        note(f"{', '.join(found)}: checking that the new agent starts: {' '.join(argv)} --check-config")
+        problem = await new_agent_problem(argv)
+        note(problem or "the new agent starts")
+        return problem
 
     async def _restart_if_changed(self) -> None:
         """After a deployment: restart if it changed agent.toml or the herald package."""

@@ -1,31 +1,32 @@
 """One deployment cycle: check, fetch and verify, apply, confirm or roll back, report.
 
 Everything here reports through the Reporter and leaves a log (uploaded to the server's
-logs/) for any run that went past the check.
+logs/) for any run that went past the check (client.outcome).
 """
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
 
 import asyncssh
 from loguru import logger
 
 import protocol
+from client import pause
 from client.apply import operation_of, rebuild_argv
 from client.chroot import Chroot
 from client.confirm import confirm
-from client.fetch import Verify, check, fetch
-from client.install import Converged
+from client.converge import Converged
+from client.fetch import Fetched, Verify, check, fetch
 from client.link import ServerLink
+from client.outcome import Finisher, Outcome, RunLog, attempts_of, decide, retry_note
+from client.records import Applied, Journal
 from client.report import Reporter
-from client.store import Applied, Journal, Store, log_name
+from client.store import Store, log_name
 from client.system import current_system
 from client.transition import Transitions
-from client.workstation import Notifier, postpone_reason
+from client.workstation import postpone_reason
 from protocol import formats
 from protocol.errors import NotYetError, RebuildError, ReleaseError, StorageError, UnreachableError
 from protocol.keychain import Trust
@@ -37,48 +38,18 @@ from protocol.release import (
 from protocol.settings import AgentConfig, Operation, seconds
 
 
-def decide(
-    current: Current, deployed: Applied | None, failed: Applied | None, *, force: bool
-) -> tuple[Phase, str] | None:
-    """What to report without fetching, or None when `current` should be fetched and applied."""
-    if deployed is not None and current.generation < deployed.generation:
-        offered = f"server offers generation {current.generation}"
-        return Phase.FAILED, f"refused: {offered}, older than deployed {deployed.generation}"
-    if deployed is not None and current.generation == deployed.generation:
-        if current.version != deployed.version:
-            return Phase.FAILED, f"refused: generation {current.generation} reused with other content"
-        return None if force else (Phase.IDLE, "up to date")
-    if (
-        not force
-        and failed is not None
-        and (failed.generation, failed.version) == (current.generation, current.version)
-    ):
-        return failed.phase or Phase.FAILED, failed.message
-    return None
+class MissingFileError(UnreachableError):
+    """A file the release names is not on the server: a release replaced or pruned while this
+    agent fetched it (gone at the next check), or a damaged chroot (it stays)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    generation: int
-    version: str
-    started: datetime
-    phase: Phase  # IDLE (applied), FAILED or ROLLED_BACK
-    message: str
-    # Records the outcome (in a thread), given its record; None: failed.json only.
-    settle: Callable[[Applied], None] | None = None
-    operation: Operation | None = None
-    system: str | None = None
+NewAgentCheck = Callable[[RunLog], Awaitable[str | None]]
 
 
-class RunLog:
-    """The log of one run: timestamped lines from herald, the commands' output in between."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-
-    def __call__(self, line: str) -> None:
-        self.stream.write(f"{now().isoformat(timespec='seconds')} {line}\n")
-        self.stream.flush()
+def _missing(exc: UnreachableError) -> bool:
+    """Did the server answer "no such file"? client.fetch says so in its message (a download's
+    cause is dropped where the first of several parallel failures is raised)."""
+    return isinstance(exc.__cause__, asyncssh.SFTPNoSuchFile) or str(exc).endswith("is missing on the server")
 
 
 class Deployer:
@@ -90,10 +61,15 @@ class Deployer:
         self.reporter = reporter
         self.log = logger.bind(host=config.host)
         self.chroot = Chroot(config, store, link, reporter)
-        self.notifier = Notifier(config.notify, config.host)
+        self.finisher = Finisher(config, store, self.chroot, reporter)
+        self.notifier = self.finisher.notifier
         self.transitions = Transitions(config, store)
         self.root = Path(config.root)
+        self.poll = float(seconds(config.poll))
         self.changed_host = False  # the last run applied or rolled back something
+        # Whether the agent that a deployment installs would start: None if so, else why not
+        # (client.agent passes it in; it restarts itself after a deployment that changed it).
+        self.new_agent_check: NewAgentCheck | None = None
 
     async def recover(self) -> None:
         """Finish or undo what an earlier run left in the journal (client.transition); before
@@ -142,7 +118,9 @@ class Deployer:
         force: bool,
         urgent: bool,
     ) -> State:
-        verdict = decide(current, self.store.deployed(), self.store.failed(), force=force)
+        verdict = decide(
+            current, self.store.deployed(), self.store.failed(), force=force, retry_after=self.poll
+        )
         if verdict is not None:
             phase, message = verdict
             if phase is Phase.FAILED:
@@ -164,12 +142,20 @@ class Deployer:
 
         return await self._logged(current.generation, lambda note: self._apply(sftp, verify, current, note))
 
-    async def rollback(self, reason: str) -> State:
+    async def rollback(self, reason: str, *, leaving: int | None = None) -> State:
         """Return to the deployment before the current one (the `rollback` command): its exact
-        system, and its files."""
+        system, and its files. `leaving` is the generation deployed when the command arrived:
+        one deployed since (an apply that was running) is not rolled back in its place."""
         self.changed_host = False
         await self.recover()
         deployed, previous = self.store.deployed(), self.store.previous()
+        if deployed is not None and leaving is not None and deployed.generation != leaving:
+            message = (
+                f"rollback refused: it was sent for generation {leaving}, and generation "
+                f"{deployed.generation} was deployed since; send it again to roll that back"
+            )
+            self.log.warning("{}", message)
+            return await self.reporter.report(self.reporter.state.phase, message=message)
         if deployed is None or previous is None:
             message = "rollback refused: no earlier deployment to return to"
             return await self.reporter.report(self.reporter.state.phase, message=message)
@@ -181,15 +167,18 @@ class Deployer:
         async def run(note: RunLog) -> Outcome:
             note(f"rollback from generation {deployed.generation} to {previous.generation}: {reason}")
             journal = self.transitions.rollback_journal(deployed, previous, manifest)
-            record, failure = await self.transitions.restore(journal, note, note.stream)
+            done, failure = await self.transitions.restore(journal, note, note.stream)
+            self._note_install(done, note)
 
             def settle(_: Applied) -> None:
-                self.transitions.settle_restore(journal, record, failure)
+                self.transitions.settle_restore(journal, done.record, failure)
 
+            problems = f"; could not change: {done.failures()}" if done.failed else ""
             if failure:
-                return Outcome(deployed.generation, deployed.version, now(), Phase.FAILED, failure, settle)
+                message = failure + problems
+                return Outcome(deployed.generation, deployed.version, now(), Phase.FAILED, message, settle)
             self.store.point_release(previous.generation)
-            message = journal.outcome.message if journal.outcome else "rolled back"
+            message = (journal.outcome.message if journal.outcome else "rolled back") + problems
             note(message)
             return Outcome(deployed.generation, deployed.version, now(), Phase.ROLLED_BACK, message, settle)
 
@@ -204,7 +193,9 @@ class Deployer:
         except BaseException:
             running.unlink(missing_ok=True)
             raise
-        return await self._finish(outcome, running)
+        state = await self.finisher.finish(outcome, running)
+        self.changed_host = outcome.phase in (Phase.IDLE, Phase.ROLLED_BACK)
+        return state
 
     async def _apply(
         self, sftp: asyncssh.SFTPClient, verify: Verify, current: Current, note: RunLog
@@ -215,19 +206,12 @@ class Deployer:
         note(f"herald agent {protocol.__version__} on {self.host}: generation {generation} ({version[:12]})")
         await report(Phase.FETCHING, target=generation, message=f"fetching generation {generation}")
         try:
-            fetched = await fetch(sftp, current, host=self.host, verify=verify, store=self.store)
+            fetched = await self._fetch(sftp, verify, current, note)
         except ReleaseError as exc:  # only what the release itself says wrong refuses it
             self.log.error("release generation {} refused: {}", generation, exc)
             note(f"release refused: {exc}")
             return Outcome(generation, version, started, Phase.FAILED, f"release refused: {exc}")
-        except (UnreachableError, StorageError) as exc:  # the server or this disk: tried again later
-            note(f"fetch interrupted: {exc}")
-            raise
         manifest = fetched.manifest
-        note(
-            f"fetched: {fetched.downloaded} file(s), {fetched.downloaded_bytes} bytes downloaded, "
-            f"{fetched.reused} reused; source {manifest.source_rev or 'unknown'}"
-        )
         self.store.point_release(generation)
         await report(Phase.APPLYING, target=generation, message=f"applying generation {generation}")
         broker_was_up = self.reporter.connected
@@ -236,10 +220,16 @@ class Deployer:
         self._note_install(done, note)
         failed, seconds_taken = await self._rebuild(manifest, fetched.tree, note)
         if failed:
-            return await self._restore(journal, failed, note, started, rolled_back=False)
+            return await self._restore(journal, failed, note, started, rolled_back=False, retry=True)
+        pause.at("rebuilt")
         applied = f"applied generation {generation} in {seconds_taken:.1f}s"
         if done.left_local:
             applied += f"; left in place, changed locally: {' '.join('/' + p for p in done.left_local)}"
+        if done.failed:
+            applied += (
+                f"; not written: {done.failures()}: change these paths on the host, then "
+                f"`herald trigger --action rebuild {self.host}`"
+            )
         if operation is Operation.SWITCH and self.store.deployed() is not None:
             problem = await self._confirm(generation, broker_was_up, note)
             if problem:
@@ -247,6 +237,9 @@ class Deployer:
                 return await self._restore(
                     journal, f"rolled back: {problem}", note, started, rolled_back=True
                 )
+        if self.new_agent_check is not None and (problem := await self.new_agent_check(note)):
+            self.log.error("generation {}: {}; rolling back", generation, problem)
+            return await self._restore(journal, f"rolled back: {problem}", note, started, rolled_back=True)
         # nothing running changed (boot, test), nothing to return to (the first), or confirmed
         keep = {generation} | ({deployed.generation} if (deployed := self.store.deployed()) else set())
         installed = done.record
@@ -256,7 +249,34 @@ class Deployer:
 
         note(applied)
         system = current_system(self.root, operation)
-        return Outcome(generation, version, started, Phase.IDLE, applied, settle, operation, system)
+        return Outcome(
+            generation, version, started, Phase.IDLE, applied, settle, operation, system, journal.id
+        )
+
+    async def _fetch(
+        self, sftp: asyncssh.SFTPClient, verify: Verify, current: Current, note: RunLog
+    ) -> Fetched:
+        """Fetch and verify the release; the server's faults and this disk's are raised (tried
+        again later), a file missing on the server saying so."""
+        try:
+            fetched = await fetch(sftp, current, host=self.host, verify=verify, store=self.store)
+        except UnreachableError as exc:
+            note(f"fetch interrupted: {exc}")
+            if _missing(exc):
+                raise MissingFileError(
+                    f"the server is missing a file of generation {current.generation}: {exc}; "
+                    f"tried again with backoff. If it stays, {self.host}'s chroot on the server is "
+                    "damaged: publish a change to this host, or restore the server's state"
+                ) from exc
+            raise
+        except StorageError as exc:
+            note(f"fetch interrupted: {exc}")
+            raise
+        note(
+            f"fetched: {fetched.downloaded} file(s), {fetched.downloaded_bytes} bytes downloaded, "
+            f"{fetched.reused} reused; source {fetched.manifest.source_rev or 'unknown'}"
+        )
+        return fetched
 
     def _note_install(self, done: Converged, note: RunLog) -> None:
         note(f"installed into {self.config.root}: {done.summary()}")
@@ -264,14 +284,19 @@ class Deployer:
             ("written", done.written),
             ("removed (no longer released)", done.removed),
             ("replaced, changed locally since herald installed it", done.replaced_local),
-            ("replaced, there before herald installed it", done.replaced_other),
+            ("replaced, there before herald installed it (kept, put back later)", done.replaced_other),
+            ("put back as it was before herald installed it", done.restored),
             ("left in place, changed locally since herald installed it", done.left_local),
             ("not installed, no good copy held", done.unavailable),
         ):
             if paths:
                 note(f"{label}: {' '.join('/' + path for path in paths)}")
+        for path, why in done.failed:
+            note(f"not changed: /{path}: {why}")
         if done.left_local:
             self.log.warning("left in place, changed locally: {}", " ".join("/" + p for p in done.left_local))
+        if done.failed:
+            self.log.warning("not changed: {}", done.failures())
 
     async def _rebuild(self, manifest: Manifest, tree: Path, note: RunLog) -> tuple[str, float]:
         """Run the rebuild command: ('', seconds) when it succeeded, else (what failed, seconds)."""
@@ -302,75 +327,45 @@ class Deployer:
         )
 
     async def _restore(
-        self, journal: Journal, message: str, note: RunLog, started: datetime, *, rolled_back: bool
+        self,
+        journal: Journal,
+        message: str,
+        note: RunLog,
+        started: datetime,
+        *,
+        rolled_back: bool,
+        retry: bool = False,
     ) -> Outcome:
-        """The apply of `journal` failed: back to the files and, if the switch happened or the
-        system moved, the exact system from before it."""
-        moved = journal.system is not None and current_system(self.root, journal.operation) != journal.system
+        """The apply of `journal` failed: back to the files and, if the switch happened or a
+        system link moved, the exact system from before it. `retry`: a failed rebuild, tried
+        again by itself a few times (client.outcome)."""
+        moved = self.transitions.moved(journal)
         phase = Phase.ROLLED_BACK if rolled_back else Phase.FAILED
+        attempts = attempts_of(self.store.failed(), journal.generation, journal.version) if retry else 0
+        if attempts:
+            message = f"{message}; {retry_note(attempts, self.config.poll, self.host)}"
         record = Applied(
             generation=journal.generation,
             version=journal.version,
             at=now(),
             message=message,
             phase=phase if rolled_back else None,
+            attempts=attempts,
         )
         restore = self.transitions.restore_journal(journal, record, switch_back=rolled_back or moved)
         if restore.switch_back and not rolled_back:
-            note(f"the system moved; returning to {journal.system}")
-        installed, failure = await self.transitions.restore(restore, note, note.stream)
+            note("the system moved; returning to the system before the rebuild")
+        done, failure = await self.transitions.restore(restore, note, note.stream)
+        self._note_install(done, note)
         if failure:
             phase, message = Phase.FAILED, f"{message}; {failure}"
+        if done.failed:
+            message = f"{message}; could not put back: {done.failures()}"
 
         def settle(_: Applied) -> None:
-            self.transitions.settle_restore(restore, installed, failure)
+            self.transitions.settle_restore(restore, done.record, failure)
 
         note(message)
-        return Outcome(journal.generation, journal.version, started, phase, message, settle)
-
-    async def _finish(self, outcome: Outcome, running_log: Path) -> State:
-        result = {Phase.IDLE: "applied", Phase.ROLLED_BACK: "rolled-back"}.get(outcome.phase, "failed")
-        log_path = running_log.with_name(log_name(outcome.started, outcome.generation, result))
-        running_log.replace(log_path)
-        record = Applied(
-            generation=outcome.generation,
-            version=outcome.version,
-            at=now(),
-            message=outcome.message,
-            operation=outcome.operation,
-            system=outcome.system,
-            phase=Phase.ROLLED_BACK if outcome.phase is Phase.ROLLED_BACK else None,
+        return Outcome(
+            journal.generation, journal.version, started, phase, message, settle, attempts=attempts
         )
-        # The records are fsynced in a thread: the loop keeps answering the broker and the page.
-        # A failed generation is not applied again until a new generation or a forced request.
-        await asyncio.to_thread(outcome.settle or self.store.set_failed, record)
-        self.changed_host = outcome.phase in (Phase.IDLE, Phase.ROLLED_BACK)
-        if outcome.phase is Phase.IDLE:
-            self.log.info("{}", outcome.message)
-        else:
-            self.log.error("generation {}: {}", outcome.generation, outcome.message)
-        await self.chroot.upload_log(log_path)
-        target = max(outcome.generation, self.reporter.state.target_generation)
-        rebooting_before = self.reporter.state.needs_reboot
-        state = await self.reporter.report(
-            outcome.phase, target=target, message=outcome.message, log=log_path.name
-        )
-        await self._tell(outcome, reboot=state.needs_reboot and not rebooting_before)
-        return state
-
-    async def _tell(self, outcome: Outcome, *, reboot: bool) -> None:
-        """The desktop notification for a finished run (with [notify] command set)."""
-        if outcome.phase is Phase.IDLE:
-            summary, urgency = f"System updated to generation {outcome.generation}", "normal"
-            body = outcome.message
-        elif outcome.phase is Phase.ROLLED_BACK:
-            summary, urgency = "System update rolled back", "critical"
-            body = f"generation {outcome.generation}: {outcome.message}"
-        else:
-            summary, urgency = "System update failed", "critical"
-            body = f"generation {outcome.generation}: {outcome.message}"
-        if reboot:
-            window = self.config.reboot.window
-            later = f" herald restarts it between {window.replace('-', ' and ')}." if window else ""
-            body += f"\nA restart is needed to finish the update.{later}"
-        await self.notifier.send(summary, body, urgency)

@@ -11,8 +11,15 @@ restarts it then. Instead it compares, at start and after each confirmed deploym
 
 If any differs it restarts: `[restart] command` if set (the NixOS module asks systemd, which
 then starts the unit's new ExecStart), else it executes itself again with the same arguments.
+
+A restart into an agent that cannot start would leave no agent to roll anything back, so before
+a deployment that changed any of them counts as confirmed, the agent runs the one that would
+start, with `--check-config` (agent.toml loaded strictly, the agent's modules imported), in a
+subprocess bounded in time (`new_agent_problem`); if it fails, the deployment is rolled back.
 """
 
+import asyncio
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -24,6 +31,8 @@ from typing import Final, NoReturn
 
 _PACKAGE: Final = "herald"
 _PROVIDED: Final = "run/current-system/sw/bin/herald"
+CHECK_TIMEOUT: Final = 60.0
+_SAID: Final = 400  # characters of the check's output kept for the state message
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +68,43 @@ def changes(before: Identity, after: Identity) -> list[str]:
     elif after.provided and after.provided != before.provided:
         found.append(f"the system's herald is now {after.provided}")
     return found
+
+
+def restarted_argv(root: Path, restart_command: list[str] | None) -> list[str]:
+    """The command line the restarted agent runs: with a service manager restarting it, the
+    herald the system provides now (the unit's new package) if there is one, with this
+    process's arguments; else this process's own command line (`execute_again`)."""
+    provided = root / _PROVIDED
+    if restart_command is not None and os.path.lexists(provided):
+        return [os.path.realpath(provided), *sys.argv[1:]]
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+async def new_agent_problem(argv: list[str], timeout: float = CHECK_TIMEOUT) -> str | None:
+    """Run `argv --check-config`: None if the agent it names would start, else why not."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            "--check-config",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as exc:
+        return f"the new agent would not start: {argv[0]}: {exc.strerror}"
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await process.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        return f"the new agent would not start: its check did not end within {timeout:g}s"
+    if process.returncode == 0:
+        return None
+    lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+    said = lines[-1].strip()[-_SAID:] if lines else f"exit code {process.returncode}"
+    return f"the new agent would not start: {said}"
 
 
 def execute_again() -> NoReturn:

@@ -1,7 +1,10 @@
 """The running NixOS system: which store path it is, and returning to exactly one.
 
-Before a rebuild the agent records the system that runs (`/run/current-system`, or for `boot`
-the system profile); a rollback switches to exactly that path:
+Before a rebuild the agent records both system links, the system profile (what boots next) and
+`/run/current-system` (what runs): a rebuild can move either, or one and then fail (nix-env set
+the profile, then the activation failed before /run/current-system changed). After a failure
+each link that moved goes back to exactly the path it had (`restore_commands`); a rollback
+switches to exactly the recorded path:
 
     nix-env -p /nix/var/nix/profiles/system --set PATH     (switch and boot)
     PATH/bin/switch-to-configuration switch|boot|test
@@ -14,6 +17,8 @@ two systems (FINDINGS.md). Paths are read under the agent's `root`, as every pat
 from pathlib import Path
 from typing import Final
 
+import msgspec
+
 from protocol.settings import Operation
 
 PROFILE: Final = "nix/var/nix/profiles/system"
@@ -25,6 +30,34 @@ _MAX_LINKS: Final = 40
 def system_link(operation: Operation) -> str:
     """Which link says what the operation changed: the profile for boot, else the running system."""
     return PROFILE if operation is Operation.BOOT else CURRENT
+
+
+class Systems(msgspec.Struct, frozen=True, kw_only=True):
+    """The store paths both system links point to (None: no such link)."""
+
+    profile: str | None  # nix/var/nix/profiles/system: what boots next
+    running: str | None  # run/current-system: what runs
+
+
+def systems(root: Path) -> Systems:
+    return Systems(profile=store_path(root, PROFILE), running=store_path(root, CURRENT))
+
+
+def restore_commands(root: Path, before: Systems, now: Systems) -> list[list[str]]:
+    """The commands that put back each link that moved from `before` (none if none moved)."""
+    profile = before.profile if before.profile is not None and now.profile != before.profile else None
+    running = before.running if before.running is not None and now.running != before.running else None
+    commands = []
+    if profile is not None:
+        commands.append(["nix-env", "--profile", str(root / PROFILE), "--set", profile])
+    if profile is not None and profile == running:
+        commands.append([f"{profile}/bin/switch-to-configuration", Operation.SWITCH.value])
+        return commands
+    if profile is not None:
+        commands.append([f"{profile}/bin/switch-to-configuration", Operation.BOOT.value])
+    if running is not None:
+        commands.append([f"{running}/bin/switch-to-configuration", Operation.TEST.value])
+    return commands
 
 
 def current_system(root: Path, operation: Operation) -> str | None:

@@ -3,11 +3,18 @@
 Every step is written to `journal.json` (durably) before the root is touched:
 
 - APPLY installs a new generation's files, then the rebuild runs. Interrupted anywhere (kill -9,
-  a power cut) it is undone at the next start: the files go back to the record before and, if
-  the system moved, the system goes back to the exact path recorded before the rebuild. The
-  agent's loop then applies the generation again, from the start.
+  a power cut) it is undone at the next start: the files go back to the record before (what
+  herald displaced put back too) and, if a system link moved (the profile, /run/current-system),
+  it goes back to the exact path recorded before the rebuild. The agent's loop then applies the
+  generation again, from the start. An APPLY is finished only when deployed.json names its id:
+  a forced re-apply of what is deployed shares its generation and version, not its id.
 - RESTORE returns to the generation before: after a failed rebuild, a switch that was not
-  confirmed, or the `rollback` command. Interrupted, it is finished at the next start.
+  confirmed, or the `rollback` command. Interrupted, it is finished at the next start. Its
+  switch back is tried once and its failure journaled before anything else moves, so that a
+  kill afterwards is finished as the failure it was.
+
+A path that cannot be written or removed (a link, a directory in its way, a directory someone
+else may write) never stops a step: it is reported, and the step goes on to the system.
 
 Recovery runs before anything else (the local page, the broker, the first check). If the
 rebuild or rollback command of the interrupted step is still running (it runs in a session of
@@ -26,10 +33,13 @@ from typing import Final, TextIO
 import msgspec
 from loguru import logger
 
+from client import pause
 from client.apply import RebuildResult, fill, run_rebuild
-from client.install import Converged, InstallRecord, converge, known_of, missing_dirs, record_of
-from client.store import Applied, Journal, Rebuilding, Step, Store
-from client.system import current_system, rollback_commands
+from client.converge import Converged, StorageFull, converge
+from client.install import Displaced, InstallRecord, displaced_of, known_of, missing_dirs, record_of
+from client.records import Applied, Journal, Rebuilding, Step, journal_id
+from client.store import Store
+from client.system import current_system, restore_commands, rollback_commands, systems
 from protocol.errors import RebuildError, StorageError
 from protocol.messages import Phase
 from protocol.release import Manifest
@@ -37,6 +47,23 @@ from protocol.settings import AgentConfig, Operation, seconds
 
 Note = Callable[[str], None]
 _GONE_POLL: Final = 0.1
+
+
+class _Keeper:
+    """Keeps what a step replaces (and herald had not installed) in the agent's state, and lists
+    it in the step's journal, durably, before the path is replaced."""
+
+    def __init__(self, store: Store, journal: Journal) -> None:
+        self.store = store
+        self.journal = journal
+
+    def keep(self, entry: Displaced, data: bytes) -> None:
+        self.store.keep_displaced(entry, data)
+        self.journal = msgspec.structs.replace(self.journal, displaced=[*self.journal.displaced, entry])
+        self.store.begin(self.journal)
+
+    def content(self, entry: Displaced) -> bytes | None:
+        return self.store.displaced_content(entry)
 
 
 class Transitions:
@@ -50,14 +77,16 @@ class Transitions:
     # ---------------------------------------------------------------- steps
 
     def install(self, manifest: Manifest, tree: Path, operation: Operation) -> tuple[Journal, Converged]:
-        """Begin APPLY: journal, then the new generation's files into the root.
+        """Begin APPLY: journal, then the new generation's files into the root. Paths that cannot
+        be written are in the result's `failed`; the apply goes on without them.
 
-        A write this machine's disk refuses undoes what was written and raises StorageError:
-        nothing about the release is wrong, so it is retried later.
+        A write this machine's storage refuses (full, out of quota) undoes what was written and
+        raises StorageError: nothing about the release is wrong, so it is retried later.
         """
         before = self.store.installed(self.root)
         target = record_of(manifest, self.root)
         journal = Journal(
+            id=journal_id(),
             step=Step.APPLY,
             generation=manifest.generation,
             version=manifest.version,
@@ -66,20 +95,36 @@ class Transitions:
             target=target,
             new_dirs=missing_dirs(self.root, target),
             system=current_system(self.root, operation),
+            systems=systems(self.root),
         )
         self.store.begin(journal)
+        keeper = _Keeper(self.store, journal)
         try:
-            done = converge(self.root, target, tree / "files", known_of(before), dirs=before.dirs)
-        except OSError as exc:
-            self._files_back(journal)
-            self.store.end()
-            raise StorageError(f"cannot install generation {manifest.generation}'s files: {exc}") from exc
+            done = converge(
+                self.root,
+                target,
+                tree / "files",
+                known_of(before),
+                dirs=before.dirs,
+                displaced=displaced_of(before.displaced),
+                keeper=keeper,
+                point="install",
+            )
+        except StorageFull as exc:
+            self._undo(keeper)
+            raise StorageError(
+                f"cannot install generation {manifest.generation}'s files: {exc.strerror}; "
+                "free space on this machine (tried again with backoff)"
+            ) from exc
         if done.unavailable:
-            self._files_back(journal)
-            self.store.end()
+            self._undo(keeper)
             damaged = ", ".join(done.unavailable[:3])
             raise StorageError(f"the fetched tree of generation {manifest.generation} changed: {damaged}")
-        return journal, done
+        return keeper.journal, done
+
+    def _undo(self, keeper: _Keeper) -> None:
+        undone = self._files_to(keeper.journal.before, keeper, "restore")
+        self.store.settle(undone.record)
 
     def running(self, pid: int) -> None:
         """The step's rebuild or rollback command started (recovery waits for it if it outlives us)."""
@@ -91,9 +136,16 @@ class Transitions:
         finally:
             self.store.set_rebuilding(None)
 
+    def moved(self, journal: Journal) -> bool:
+        """Did a system link move since `journal` (an APPLY) recorded them?"""
+        if journal.systems is not None:
+            return bool(restore_commands(self.root, journal.systems, systems(self.root)))
+        return journal.system is not None and current_system(self.root, journal.operation) != journal.system
+
     def restore_journal(self, applied: Journal, outcome: Applied, *, switch_back: bool) -> Journal:
-        """RESTORE after `applied` failed: back to the files (and system) from before it."""
+        """RESTORE after `applied` failed: back to the files (and system links) from before it."""
         return Journal(
+            id=journal_id(),
             step=Step.RESTORE,
             generation=applied.generation,
             version=applied.version,
@@ -102,6 +154,8 @@ class Transitions:
             target=applied.before,
             new_dirs=applied.new_dirs,
             system=applied.system,
+            systems=applied.systems,
+            displaced=applied.displaced,
             switch_back=switch_back,
             outcome=outcome,
         )
@@ -112,6 +166,7 @@ class Transitions:
         operation = previous.operation or deployed.operation or Operation.SWITCH
         message = f"rolled back from generation {deployed.generation} to {previous.generation}"
         return Journal(
+            id=journal_id(),
             step=Step.RESTORE,
             generation=deployed.generation,
             version=deployed.version,
@@ -125,43 +180,60 @@ class Transitions:
             rolled_back=True,
         )
 
-    async def restore(self, journal: Journal, note: Note, log: TextIO) -> tuple[InstallRecord, str]:
-        """Run (or finish) a RESTORE: the files, then the system. Returns what the root now
-        holds and '' or what failed; the caller settles the records (`settle_restore`).
+    async def restore(self, journal: Journal, note: Note, log: TextIO) -> tuple[Converged, str]:
+        """Run (or finish) a RESTORE: the files, then the system. Returns what the files became
+        and '' or what failed; the caller settles the records (`settle_restore`).
 
-        A `rollback` command whose system could not be switched back puts the files back too:
-        the host stays as it was deployed."""
+        The switch back is tried once, and its failure journaled before anything else, so that
+        a kill afterwards is finished as a failure. A `rollback` command whose system could not
+        be switched back puts the files back too: the host stays as it was deployed."""
         self.store.begin(journal)
-        done = await asyncio.to_thread(self._files_to, journal.target, journal)
-        failure = ""
-        if journal.switch_back:
-            failure = await self.switch_to(journal.system, journal.operation, note, log)
-            self.store.begin(msgspec.structs.replace(journal, switch_back=False))  # not tried twice
+        keeper = _Keeper(self.store, journal)
+        failure = journal.switch_failed
+        done = None
+        if not failure:
+            done = await asyncio.to_thread(self._files_to, journal.target, keeper, "restore")
+            if journal.switch_back:
+                failure = await self.switch_to(journal, note, log)
+                keeper.journal = msgspec.structs.replace(
+                    keeper.journal, switch_back=False, switch_failed=failure
+                )
+                await asyncio.to_thread(self.store.begin, keeper.journal)
+                pause.at("switched-back")
         if failure and journal.rolled_back:
-            return (await asyncio.to_thread(self._files_to, journal.before, journal)).record, failure
-        return done.record, failure
+            done = await asyncio.to_thread(self._files_to, journal.before, keeper, "restore")
+        elif done is None:
+            done = await asyncio.to_thread(self._files_to, journal.target, keeper, "restore")
+        return done, failure
 
     def settle_restore(self, journal: Journal, record: InstallRecord, failure: str) -> None:
         """The records that end a RESTORE, then the journal."""
         if journal.rolled_back:
             deployed = self.store.deployed()
-            done = not failure and deployed is not None and deployed.generation == journal.generation
+            pending = (  # `previous` is not deployed again yet (by this step: its id)
+                not failure
+                and deployed is not None
+                and (deployed.journal != journal.id or not journal.id)
+                and deployed.generation == journal.generation
+            )
             self.store.settle(
                 record,
-                rolled_back=done,
+                rolled_back=journal.id if pending else None,
                 failed=journal.outcome if not failure else None,
             )
         else:
             outcome = journal.outcome
             if outcome is not None and failure:
                 message = f"{outcome.message}; {failure}"[:2000]
-                outcome = msgspec.structs.replace(outcome, message=message, phase=None)
+                outcome = msgspec.structs.replace(outcome, message=message, phase=None, attempts=0)
             self.store.settle(record, failed=outcome)
 
-    async def switch_to(self, system: str | None, operation: Operation, note: Note, log: TextIO) -> str:
-        """Make `system` run again (or boot next): rebuild.rollback if set, else exactly that
-        path through nix-env and its switch-to-configuration. '' on success."""
+    async def switch_to(self, journal: Journal, note: Note, log: TextIO) -> str:
+        """Return the system to what `journal` recorded: rebuild.rollback if set; else each
+        link that moved back to exactly its path (a failed apply), or exactly `system` (the
+        rollback command). '' on success."""
         rollback = self.config.rebuild.rollback
+        system, operation = journal.system, journal.operation
         if rollback is not None:
             try:
                 commands = [
@@ -175,6 +247,10 @@ class Transitions:
                 ]
             except RebuildError as exc:
                 return f"rollback failed: {exc}"
+        elif journal.systems is not None:
+            commands = restore_commands(self.root, journal.systems, systems(self.root))
+            if not commands:
+                note("the system links are where they were: nothing to switch back")
         elif system is None:
             return "rollback impossible: no system was recorded before the rebuild"
         else:
@@ -208,40 +284,51 @@ class Transitions:
         generation = journal.generation
         if journal.step is Step.RESTORE:
             note(f"finishing the interrupted return from generation {generation}")
-            record, failure = await self.restore(journal, note, log)
-            await asyncio.to_thread(self.settle_restore, journal, record, failure)
-            return f"finished the interrupted return from generation {generation}" + (
-                f"; {failure}" if failure else ""
-            )
-        deployed = self.store.deployed()
-        if deployed is not None and (deployed.generation, deployed.version) == (generation, journal.version):
-            await asyncio.to_thread(self.store.settle, journal.target)
-            return None  # it was recorded as deployed: only the bookkeeping was left
+            done, failure = await self.restore(journal, note, log)
+            await asyncio.to_thread(self.settle_restore, journal, done.record, failure)
+            return f"finished the interrupted return from generation {generation}" + _problems(done, failure)
+        keeper = _Keeper(self.store, journal)
+        if _recorded(journal, self.store.deployed()):
+            # it was recorded as deployed: only the bookkeeping was left (the root as it is now)
+            done = await asyncio.to_thread(self._files_to, journal.target, keeper, "")
+            await asyncio.to_thread(self.store.settle, done.record)
+            return None
         note(f"undoing the interrupted apply of generation {generation}")
-        done = await asyncio.to_thread(self._files_to, journal.before, journal)
+        done = await asyncio.to_thread(self._files_to, journal.before, keeper, "restore")
         failure = ""
-        moved = journal.system is not None and current_system(self.root, journal.operation) != journal.system
-        if moved:
-            note(f"the system moved during the interrupted rebuild; returning to {journal.system}")
-            failure = await self.switch_to(journal.system, journal.operation, note, log)
+        if self.moved(journal):
+            note("the system moved during the interrupted rebuild; returning to the system before it")
+            failure = await self.switch_to(journal, note, log)
         await asyncio.to_thread(self.store.settle, done.record)
-        return f"undid the interrupted apply of generation {generation}" + (f"; {failure}" if failure else "")
+        return f"undid the interrupted apply of generation {generation}" + _problems(done, failure)
 
     # ---------------------------------------------------------------- helpers
 
-    def _files_to(self, target: InstallRecord, journal: Journal) -> Converged:
-        """Converge on `target`, knowing what either side of `journal` may have left."""
+    def _files_to(self, target: InstallRecord, keeper: _Keeper, point: str) -> Converged:
+        """Converge on `target`, knowing what either side of the keeper's journal may have left
+        and what it displaced. Never stops at a path: what fails is in the result."""
+        journal = keeper.journal
         source = self.store.tree(target.generation) / "files" if target.generation else None
         dirs = set(journal.before.dirs) | set(journal.target.dirs) | set(journal.new_dirs)
-        done = converge(self.root, target, source, known_of(journal.before, journal.target), dirs=dirs)
+        displaced = displaced_of(journal.before.displaced, journal.target.displaced, journal.displaced)
+        done = converge(
+            self.root,
+            target,
+            source,
+            known_of(journal.before, journal.target),
+            dirs=dirs,
+            displaced=displaced,
+            keeper=keeper,
+            point=point,
+            stop_on_full=False,
+        )
         for path in done.unavailable:
             self.log.warning("cannot restore /{}: generation {}'s copy is not held", path, target.generation)
         for path in done.left_local:
             self.log.warning("left /{} in place: changed locally since herald installed it", path)
+        for path, why in done.failed:
+            self.log.warning("cannot change /{}: {}", path, why)
         return done
-
-    def _files_back(self, journal: Journal) -> None:
-        self._files_to(journal.before, journal)
 
     async def _gone(self, running: Rebuilding) -> None:
         """Wait for an earlier run's command to end; at rebuild.timeout, kill its process group."""
@@ -252,6 +339,21 @@ class Transitions:
                     os.killpg(running.pid, signal.SIGKILL)
                 return
             await asyncio.sleep(_GONE_POLL)
+
+
+def _recorded(journal: Journal, deployed: Applied | None) -> bool:
+    """Was this APPLY recorded as deployed? By its id; a journal of an agent that gave none, by
+    what it applied (which a forced re-apply shares with what is deployed: those are undone)."""
+    if deployed is None:
+        return False
+    if journal.id:
+        return deployed.journal == journal.id
+    return (deployed.generation, deployed.version) == (journal.generation, journal.version)
+
+
+def _problems(done: Converged, failure: str) -> str:
+    text = f"; {failure}" if failure else ""
+    return text + (f"; could not change: {done.failures()}" if done.failed else "")
 
 
 def _started(pid: int) -> int | None:

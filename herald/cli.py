@@ -151,6 +151,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from protocol.messages import Phase
 
     agent = Agent(load(args.config, AgentConfig), args.config)
+    if args.check_config:  # what a running agent asks of the one a restart would start
+        console.print(f"{agent.host}: {args.config} loads; the agent starts", markup=False)
+        return 0
     if args.once:
         state = _run(agent.once(urgent=args.now))
         deployed = state.deployed_generation
@@ -476,6 +479,9 @@ def _fleet_commands(commands: _Commands) -> None:
     cmd.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent.toml")
     cmd.add_argument("--once", action="store_true", help="check (and apply) once, then exit")
     cmd.add_argument("--now", action="store_true", help="with --once: apply even when [postpone] says wait")
+    cmd.add_argument(
+        "--check-config", action="store_true", help="load agent.toml and the agent, then exit (0: it starts)"
+    )
 
     cmd = commands.add(
         "enrol", cmd_enrol, "join this machine to the fleet: pin the server, write agent.toml, apply"
