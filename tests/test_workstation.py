@@ -241,7 +241,9 @@ def test_after_a_switch_to_a_new_kernel_a_reboot_is_reported_and_notified(
     assert agent.once().returncode == 1
     summary, body, urgency = recorded(notices)[-1][0]
     assert (summary, urgency) == ("System update failed", "critical")
-    assert body == "generation 2: rebuild failed with exit code 1"
+    assert body == (  # the user is told it is tried again, and when
+        "generation 2: rebuild failed with exit code 1; attempt 1 of 3: tried again at a check 1h from now"
+    )
     assert len(recorded(notices)) == 2  # the up-to-date check told nobody anything
 
 
