@@ -21,7 +21,7 @@ from client.workstation import reboot_needed
 from protocol.credentials import Secret, read_secret
 from protocol.errors import ConfigError, PayloadError, UnreachableError
 from protocol.messages import Action, Command, Desired, Online, Phase, State, decode, encode, now
-from protocol.mqtt import BrokerURL, client_id, connect
+from protocol.mqtt import BrokerURL, client_id, connect, parse_urls, rotation
 from protocol.release import BROKER_SECRET
 from protocol.settings import AgentConfig
 from protocol.topics import Kind, Topics
@@ -50,7 +50,9 @@ class Reporter:
         self.config = config
         self.store = store
         self.root = Path(config.root)
-        self.url = BrokerURL.parse(config.broker.url) if config.broker.url else None
+        # the broker's nodes, from the one this host's name picks; a failure moves to the next
+        self.urls = rotation(parse_urls(config.broker.url), config.host)
+        self._node = 0
         self.topics = Topics(config.broker.prefix)
         self.log = logger.bind(host=config.host)
         deployed = store.deployed()
@@ -121,15 +123,17 @@ class Reporter:
         """For `agent --once`: connect, send state and online=false, disconnect. Best effort."""
         if self.url is None or (self._secret is None and not (self.store.root / BROKER_SECRET).exists()):
             return  # never reached the server: no broker secret yet
-        try:
-            secret = self._secret or read_secret(self.store.root / BROKER_SECRET)
-            async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(self.url, secret, "once") as client:
-                await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
-                await client.publish(
-                    self.topics.online(self.host), encode(Online(online=False, at=now())), qos=1, retain=True
-                )
-        except (aiomqtt.MqttError, ConfigError, TimeoutError, OSError) as exc:
-            self.log.warning("state not reported to the broker: {}", exc)
+        for url in self._in_turn():  # the first node that takes it
+            try:
+                secret = self._secret or read_secret(self.store.root / BROKER_SECRET)
+                async with asyncio.timeout(_FLUSH_TIMEOUT), self._connect(url, secret, "once") as client:
+                    await client.publish(self.topics.state(self.host), encode(self.state), qos=1, retain=True)
+                    offline = encode(Online(online=False, at=now()))
+                    await client.publish(self.topics.online(self.host), offline, qos=1, retain=True)
+            except (aiomqtt.MqttError, ConfigError, TimeoutError, OSError) as exc:
+                self.log.warning("state not reported to the broker {}: {}", url, exc)
+            else:
+                return
 
     # ---------------------------------------------------------------- connection
 
@@ -154,6 +158,18 @@ class Reporter:
         )
 
     @property
+    def url(self) -> BrokerURL | None:
+        """The node in use (or tried next); None without a broker."""
+        return self.urls[self._node] if self.urls else None
+
+    def _next_node(self) -> None:
+        self._node = (self._node + 1) % len(self.urls)
+
+    def _in_turn(self) -> list[BrokerURL]:
+        """Every node, the one in use first."""
+        return [*self.urls[self._node :], *self.urls[: self._node]]
+
+    @property
     def connected(self) -> bool:
         return self._client is not None
 
@@ -161,23 +177,28 @@ class Reporter:
         """A new connection to the broker, closed at once: does the broker answer now?"""
         if self.url is None or self._secret is None:
             return
-        try:
-            async with (
-                asyncio.timeout(_FLUSH_TIMEOUT),
-                connect(
-                    self.url,
-                    username=self.host,
-                    password=self._secret,
-                    identifier=client_id(self.host, "probe"),
-                    ca=self.config.broker.ca,
-                ),
-            ):
-                pass
-        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-            raise UnreachableError(f"broker {self.url}: {exc or exc.__class__.__name__}") from exc
+        failed: list[str] = []
+        for url in self._in_turn():  # a cluster answers if any of its nodes does
+            try:
+                async with (
+                    asyncio.timeout(_FLUSH_TIMEOUT),
+                    connect(
+                        url,
+                        username=self.host,
+                        password=self._secret,
+                        identifier=client_id(self.host, "probe"),
+                        ca=self.config.broker.ca,
+                    ),
+                ):
+                    return
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                failed.append(f"broker {url}: {exc or exc.__class__.__name__}")
+        raise UnreachableError("; ".join(failed))
 
     async def listen(self, agent: Requests) -> None:
-        """Stay connected to the broker (backing off between tries) and hand messages to `agent`."""
+        """Stay connected to the broker (backing off between tries) and hand messages to `agent`.
+        With several nodes, each failure moves to the next one: the publisher announces on every
+        node, so the retained `desired` found there asks for a check if it names another generation."""
         if self.url is None:
             return
         backoff = Backoff(cap=60.0)
@@ -186,10 +207,11 @@ class Reporter:
                 self.set_secret(read_secret(self.store.root / BROKER_SECRET))
         while True:
             await self._secret_ready.wait()
-            if self._secret is None:
+            if self._secret is None or self.url is None:
                 continue
+            url = self.url
             try:
-                async with self._connect(self.url, self._secret) as client:
+                async with self._connect(url, self._secret) as client:
                     backoff.reset()
                     await self._session(client, agent)
             except aiomqtt.MqttCodeError as exc:
@@ -198,16 +220,21 @@ class Reporter:
                     self._secret_ready.clear()
                     agent.secret_refused()
                 else:
-                    self.log.warning("broker {}: {}", self.url, exc)
+                    self.log.warning("broker {}: {}", url, exc)
             except aiomqtt.MqttError as exc:
-                self.log.warning("broker {}: {}", self.url, exc)
+                self.log.warning("broker {}: {}", url, exc)
             finally:
                 self._client = None
+            self._next_node()
             await asyncio.sleep(backoff.next())
 
     async def _session(self, client: aiomqtt.Client, agent: Requests) -> None:
-        await client.subscribe(self.topics.desired(self.host), qos=1)
-        await client.subscribe(self.topics.command(self.host), qos=1)
+        # QoS 0: both topics are retained, so a message lost with a connection comes again at the
+        # next one, which also runs a check. QoS 1 would buy nothing more, and on RabbitMQ 3.10
+        # it makes the subscription a durable queue homed on one node: while that node is down
+        # the agent could reconnect nowhere else (DEVELOPERS.md, "RabbitMQ 3.10").
+        await client.subscribe(self.topics.desired(self.host), qos=0)
+        await client.subscribe(self.topics.command(self.host), qos=0)
         self._client = client
         self.log.info("connected to broker {}", self.url)
         self._send_state()

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
 import time
@@ -13,21 +14,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from herald.fleet import FleetView, as_json, collect, follow, table
+from herald.fleet import FleetView, as_json, broker_hosts, collect, follow, table
 from herald.hostlogs import HostLogs, LogFile
 from herald.output import console, errors, warn
 from herald.rollout import Answer, Order, trigger
 from herald.runner import run
 from protocol.credentials import Secret, parse_passwd, read_secret
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, HeraldError
 from protocol.hosttext import safe
 from protocol.layout import StateDir
 from protocol.messages import Action
-from protocol.mqtt import BrokerURL
+from protocol.mqtt import BrokerURL, parse_urls
 from protocol.release import LOGS
 from protocol.settings import seconds
 from protocol.topics import ADMIN_USER, SERVICE_USERS, Topics
 from publisher.inventory import load_inventory
+from publisher.rollout import read_book
 
 
 def _admin_secret(state: Path) -> Secret:
@@ -37,7 +39,7 @@ def _admin_secret(state: Path) -> Secret:
 # ---------------------------------------------------------------- status
 
 
-async def _watch(url: BrokerURL, password: Secret, view: FleetView) -> None:
+async def _watch(url: list[BrokerURL], password: Secret, view: FleetView) -> None:
     """Redraw the table whenever a message changes it, until interrupted."""
     changed = asyncio.Event()
     follower = asyncio.create_task(follow(url, password, view, on_change=changed.set))
@@ -58,9 +60,18 @@ async def _watch(url: BrokerURL, password: Secret, view: FleetView) -> None:
         follower.cancel()
 
 
+def fleet_view(args: argparse.Namespace) -> FleetView:
+    """Every host's retained messages, and the rollout of the state directory (its wave column)."""
+    urls, hosts = parse_urls(args.broker), broker_hosts(args.state)  # hosts: RabbitMQ's exact topics
+    view = run(collect(urls, _admin_secret(args.state), Topics(args.prefix), hosts=hosts))
+    with contextlib.suppress(HeraldError, OSError):  # no rollout shown, rather than no status
+        view.rollout = read_book(StateDir(args.state)).rollout
+    return view
+
+
 def status(args: argparse.Namespace) -> int:
-    url, password, topics = BrokerURL.parse(args.broker), _admin_secret(args.state), Topics(args.prefix)
-    view = run(collect(url, password, topics))
+    url, password = parse_urls(args.broker), _admin_secret(args.state)
+    view = fleet_view(args)
     if args.fleet is not None:
         view.add_hosts([host.name for host in load_inventory(args.fleet).hosts])
     if args.watch:

@@ -4,13 +4,12 @@ from pathlib import Path
 
 from protocol.credentials import read_secret
 from protocol.layout import StateDir
-from protocol.mqtt import BrokerURL
+from protocol.mqtt import parse_urls
 from protocol.topics import PUBLISHER_USER, Topics
 from publisher.announce import announce, desired_of
 
 
-async def announce_hosts(state: Path, broker: str, hosts: list[str], prefix: str) -> None:
+async def announce_hosts(state: Path, broker: str | list[str], hosts: list[str], prefix: str) -> None:
+    """On the broker, or on each node of a cluster (`--broker` repeated)."""
     password = read_secret(StateDir(state).service_secret(PUBLISHER_USER))
-    await announce(
-        desired_of(state, hosts), url=BrokerURL.parse(broker), password=password, topics=Topics(prefix)
-    )
+    await announce(desired_of(state, hosts), url=parse_urls(broker), password=password, topics=Topics(prefix))

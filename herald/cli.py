@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import msgspec
 from loguru import logger
@@ -20,6 +20,9 @@ from herald.runner import Terminated, run
 from protocol import __version__, log
 from protocol.errors import ConfigError, HeraldError, UnreachableError
 from protocol.settings import AgentConfig, ServerConfig, convert, load, parse_endpoint
+
+if TYPE_CHECKING:
+    from protocol.settings import RolloutPlan
 
 T = TypeVar("T")
 DEFAULT_STATE = "/var/lib/herald"
@@ -59,6 +62,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             progress=progress,
             keep=args.keep,
             allow_dirty=args.allow_dirty,
+            rollout=_rollout_plan(args.rollout),
         )
     if not args.dry_run:
         from protocol.layout import StateDir
@@ -69,17 +73,40 @@ def cmd_publish(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(report_json(report) + b"\n")
     else:
         print_report(report, every_host=args.every_host)
-    changed = [result.host for result in report.of(Status.CHANGED)]
-    if args.broker and changed and not args.dry_run:
+    if args.broker and report.released and not args.dry_run:  # a rollout holds some back
         from herald.announcing import announce_hosts
 
         try:
-            _run(announce_hosts(args.state, args.broker, changed, args.prefix))
+            _run(announce_hosts(args.state, args.broker, report.released, args.prefix))
         except UnreachableError as exc:
             logger.warning(
                 "releases written, announcement skipped: {}; agents pick them up on their timer", exc
             )
     return 1 if report.of(Status.FAILED) else 0
+
+
+def _rollout_plan(value: str | None) -> "RolloutPlan | Literal['off'] | None":
+    """--rollout: None (fleet.toml's [rollout]), 'off', or the [rollout] table of a TOML file."""
+    if value is None or value == "off":
+        return "off" if value == "off" else None
+    from protocol.settings import RolloutPlan, read_toml
+
+    data = read_toml(Path(value))
+    if set(data) != {"rollout"}:
+        raise ConfigError(
+            f"{value}: expected one [rollout] table (with its [[rollout.waves]]), as in fleet.toml"
+        )
+    return convert(data["rollout"], RolloutPlan, source=value, at="rollout")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from herald.rolloutview import change_command, status_command
+
+    if args.action == "status":
+        from herald.admin import fleet_view
+
+        return status_command(args, fleet_view(_admin_defaults(args)))
+    return change_command(_admin_defaults(args, broker=False))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,33 +119,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ("state", args.state),
             ("mqtt", args.mqtt),
             ("sftp", args.sftp),
-            ("broker", args.broker),
             ("http", args.http),
         )
         if value is not None
     }
+    broker: dict[str, object] = {"broker": args.broker} if args.broker is not None else {}
     if args.broker is not None and args.mqtt is None:
         flags["mqtt"] = "off"  # an external broker replaces the embedded one
     if args.config is not None:
         fields = msgspec.structs.asdict(load(args.config, ServerConfig))
         fields = {key: value for key, value in fields.items() if value is not None}
-        config = convert(msgspec.to_builtins(fields) | flags, ServerConfig, source=str(args.config))
+        config = convert(msgspec.to_builtins(fields) | flags | broker, ServerConfig, source=str(args.config))
     elif args.fleet is None or args.state is None:
         raise ConfigError("serve needs --fleet and --state (or --config server.toml)")
     else:
-        config = convert(flags, ServerConfig, source="command line")
+        config = convert(flags | broker, ServerConfig, source="command line")
     with contextlib.suppress(Terminated):
         _run(serve(config))
     return 0
 
 
 def cmd_broker_export(args: argparse.Namespace) -> int:
+    from broker.emqx import export_emqx
     from broker.export import export_mosquitto
+    from broker.rabbitmq import export_rabbitmq
     from protocol.topics import Topics
     from publisher.inventory import load_inventory
 
+    export = {"mosquitto": export_mosquitto, "rabbitmq": export_rabbitmq, "emqx": export_emqx}[args.format]
     hosts = [host.name for host in load_inventory(args.fleet).hosts] if args.fleet else None
-    for path in export_mosquitto(args.state, args.outdir, Topics(args.prefix), hosts):
+    for path in export(args.state, args.outdir, Topics(args.prefix), hosts):
         console.print(f"wrote {path}")
     return 0
 
@@ -243,7 +273,7 @@ def cmd_host_remove(args: argparse.Namespace) -> int:
         args.fleet = Path(server.fleet)
     _admin_defaults(args, broker=False)
     if args.broker is None and server is not None and server.broker is not None:
-        args.broker = server.broker  # an external broker holds the host's retained messages
+        args.broker = _first(server.broker)  # an external broker holds the host's retained messages
     return remove_host(
         args.state,
         args.name,
@@ -275,6 +305,8 @@ def _admin_defaults(args: argparse.Namespace, *, broker: bool = True) -> argpars
         args.state = Path(os.environ.get("HERALD_STATE") or (server.state if server else DEFAULT_STATE))
     if broker and args.broker is None:
         args.broker = os.environ.get("HERALD_BROKER") or (_local_broker(server) if server else None)
+        if not getattr(args, "several_brokers", False) and args.broker is not None:
+            args.broker = _first(args.broker)
         if args.broker is None:
             raise ConfigError(
                 "which broker? pass --broker mqtt://HOST:PORT, set HERALD_BROKER, or run this on the "
@@ -288,7 +320,12 @@ def _admin_defaults(args: argparse.Namespace, *, broker: bool = True) -> argpars
     return args
 
 
-def _local_broker(server: ServerConfig) -> str | None:
+def _first(broker: str | list[str]) -> str:
+    """For a command that talks to one node: the first of a cluster's."""
+    return broker if isinstance(broker, str) else broker[0]
+
+
+def _local_broker(server: ServerConfig) -> str | list[str] | None:
     """The URL of the server's own broker: its external one, or its embedded listener."""
     if server.broker is not None:
         return server.broker
@@ -357,8 +394,18 @@ def _paths(cmd: argparse.ArgumentParser, *, fleet: bool = True) -> None:
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
 
 
-def _broker(cmd: argparse.ArgumentParser, *, what: str = "mqtt://HOST:PORT or mqtts://HOST:PORT") -> None:
-    cmd.add_argument("--broker", metavar="URL", help=what)
+def _broker(
+    cmd: argparse.ArgumentParser,
+    *,
+    what: str = "mqtt://HOST:PORT or mqtts://HOST:PORT",
+    several: bool = False,
+) -> None:
+    """--broker; with `several`, repeated for each node of a cluster (a list)."""
+    if several:
+        cmd.add_argument("--broker", metavar="URL", action="append", help=f"{what}; repeat for each node")
+        cmd.set_defaults(several_brokers=True)
+    else:
+        cmd.add_argument("--broker", metavar="URL", help=what)
     cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
 
 
@@ -367,9 +414,11 @@ _STATE_DEFAULT = (
 )
 
 
-def _admin(cmd: argparse.ArgumentParser) -> None:
+def _admin(cmd: argparse.ArgumentParser, *, several: bool = False) -> None:
     _broker(
-        cmd, what=f"mqtt://HOST:PORT or mqtts://HOST:PORT (default: $HERALD_BROKER, else {SERVER_TOML}'s)"
+        cmd,
+        what=f"mqtt://HOST:PORT or mqtts://HOST:PORT (default: $HERALD_BROKER, else {SERVER_TOML}'s)",
+        several=several,
     )
     cmd.add_argument("--state", type=Path, metavar="DIR", help=_STATE_DEFAULT)
 
@@ -405,7 +454,14 @@ def _server_commands(commands: _Commands) -> None:
         "--verbose", dest="every_host", action="store_true", help="list every host, unchanged ones too"
     )
     cmd.add_argument("--json", action="store_true", help="every host's result as JSON on stdout")
-    _broker(cmd, what="announce the changed hosts on this broker (mqtt:// or mqtts://)")
+    cmd.add_argument(
+        "--rollout",
+        metavar="FILE|off",
+        help=(
+            "roll out by this file's [rollout] instead of fleet.toml's; off: every host gets its release now"
+        ),
+    )
+    _broker(cmd, what="announce the changed hosts on this broker (mqtt:// or mqtts://)", several=True)
 
     cmd = commands.add("serve", cmd_serve, "run the embedded broker and SFTP server, publishing on start")
     cmd.add_argument("--config", type=Path, metavar="FILE", help="server.toml (flags override it)")
@@ -420,7 +476,10 @@ def _server_commands(commands: _Commands) -> None:
     )
     cmd.add_argument("--sftp", metavar="HOST:PORT", help="SFTP listener (default: 127.0.0.1:2222)")
     cmd.add_argument(
-        "--broker", metavar="URL", help="announce on this external broker instead (e.g. Mosquitto)"
+        "--broker",
+        metavar="URL",
+        action="append",
+        help="announce on this external broker instead (e.g. Mosquitto); repeat for each node of a cluster",
     )
     cmd.add_argument(
         "--http", metavar="HOST:PORT", help="fleet page and /metrics (default: 127.0.0.1:8080), or off"
@@ -428,11 +487,15 @@ def _server_commands(commands: _Commands) -> None:
 
     broker = commands.group("broker", "the MQTT side: rules for an external broker")
     cmd = broker.add(
-        "export", cmd_broker_export, "write Mosquitto's password_file, acl_file and a conf fragment"
+        "export",
+        cmd_broker_export,
+        "write another broker's users and rules: Mosquitto's password_file, acl_file and conf "
+        "fragment; RabbitMQ's definitions.json and rabbitmq.conf lines; EMQX's acl.conf, users.json "
+        "and emqx.conf lines",
     )
     cmd.add_argument("--state", type=Path, required=True, metavar="DIR", help="the server's state directory")
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="check every host of fleet.toml has a secret")
-    cmd.add_argument("--format", choices=("mosquitto",), default="mosquitto")
+    cmd.add_argument("--format", choices=("mosquitto", "rabbitmq", "emqx"), default="mosquitto")
     cmd.add_argument("--prefix", default="herald", help="topic prefix (default: herald)")
     cmd.add_argument("outdir", type=Path, metavar="OUTDIR")
 
@@ -506,7 +569,7 @@ def _fleet_commands(commands: _Commands) -> None:
     )
 
     cmd = commands.add("status", cmd_status, "show every host's desired and deployed generation")
-    _admin(cmd)
+    _admin(cmd, several=True)
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="also list hosts never seen")
     cmd.add_argument("--json", action="store_true", help="JSON on stdout")
     cmd.add_argument("--watch", action="store_true", help="redraw as the hosts report, until interrupted")
@@ -568,6 +631,28 @@ def _key_commands(commands: _Commands) -> None:
     )
 
 
+def _rollout_commands(commands: _Commands) -> None:
+    rollout = commands.group("rollout", "the rollout of the last publish: waves, soaks, the failure budget")
+    cmd = rollout.add("status", cmd_rollout, "the waves, hosts per state, budget used, time left in the soak")
+    _admin(cmd)
+    cmd.add_argument("--json", action="store_true", help="JSON on stdout")
+    cmd = rollout.add("pause", cmd_rollout, "start no further wave (hosts already given their release go on)")
+    cmd.add_argument("--state", type=Path, metavar="DIR", help=_STATE_DEFAULT)
+    cmd = rollout.add(
+        "resume", cmd_rollout, "go on: a paused rollout, or a halted one with its failures accepted"
+    )
+    cmd.add_argument("--state", type=Path, metavar="DIR", help=_STATE_DEFAULT)
+    cmd = rollout.add("abort", cmd_rollout, "end the rollout: hosts not given the new generation keep theirs")
+    cmd.add_argument("--state", type=Path, metavar="DIR", help=_STATE_DEFAULT)
+    cmd.add_argument(
+        "--rollback",
+        action="store_true",
+        help=(
+            "send the hosts given it back to their previous content (a new generation: reads the signing key)"
+        ),
+    )
+
+
 def _lifecycle_commands(commands: _Commands) -> None:
     state = commands.group("state", "the server's state: back it up, bring it back")
     cmd = state.add(
@@ -607,6 +692,7 @@ def parser() -> argparse.ArgumentParser:
     _fleet_commands(commands)
     _lifecycle_commands(commands)
     _key_commands(commands)
+    _rollout_commands(commands)
     return top
 
 

@@ -3,10 +3,11 @@ messages; without a broker (`herald serve --mqtt off`), from the chroots and the
 uploaded over SFTP."""
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Final
 
 import aiomqtt
@@ -16,13 +17,15 @@ from rich.table import Table
 from rich.text import Text
 
 from herald.hostlogs import LastRun
-from protocol.credentials import Secret
-from protocol.errors import PayloadError
+from protocol.credentials import Secret, parse_passwd
+from protocol.errors import PayloadError, UnreachableError
 from protocol.hosttext import safe, safe_json
+from protocol.layout import StateDir
 from protocol.messages import Command, Desired, Online, Phase, State, decode, now
 from protocol.mqtt import BrokerURL, confirm_routed, connect, unreachable
-from protocol.topics import ADMIN_USER, Kind, Topics
+from protocol.topics import ADMIN_USER, Kind, Topics, is_host_name
 from publisher.revision import DIRTY
+from publisher.rollout import Rollout
 
 HEARTBEAT: Final = timedelta(seconds=60)
 _RECONNECT: Final = 5.0
@@ -112,6 +115,7 @@ class HostView:
 class FleetView:
     topics: Topics
     hosts: dict[str, HostView] = field(default_factory=dict)
+    rollout: Rollout | None = None  # STATE/run/rollout.json's, for the wave column and the page's strip
 
     def add_hosts(self, names: list[str]) -> None:
         for name in names:
@@ -138,6 +142,24 @@ class FleetView:
             return False
         return True
 
+    def offer(self, topic: str, payload: bytes) -> bool:
+        """Take a retained message read from one node of several only if it is newer than the
+        one held: a node that was down, or that the host has left, still holds its older ones."""
+        parsed = self.topics.parse(topic)
+        if parsed is None or not payload:
+            return False
+        host, kind = parsed
+        held = self.hosts.get(host)
+        current = getattr(held, kind.value, None) if held is not None else None
+        if current is not None:
+            try:
+                offered = decode(payload, type(current))
+            except PayloadError:
+                return False
+            if _freshness(offered) <= _freshness(current):
+                return False
+        return self.update(topic, payload)
+
     def rows(self) -> list[HostView]:
         return [self.hosts[name] for name in sorted(self.hosts)]
 
@@ -145,30 +167,127 @@ class FleetView:
         return any(view.status() in (Status.FAILED, Status.ROLLED_BACK) for view in self.hosts.values())
 
 
+def _freshness(payload: msgspec.Struct) -> tuple[object, ...]:
+    """What makes one retained message of a topic newer than another, for merging nodes."""
+    if isinstance(payload, Desired):
+        return (payload.generation, payload.published_at)
+    if isinstance(payload, State):
+        return (payload.since, payload.deployed_generation, payload.target_generation)
+    if isinstance(payload, Online):
+        return (payload.at,)
+    if isinstance(payload, Command):
+        return (payload.issued_at,)
+    return ()
+
+
+_KINDS: Final = (Kind.DESIRED, Kind.COMMAND, Kind.STATE, Kind.ONLINE)
+_BATCH: Final = 200  # topic filters per SUBSCRIBE packet
+
+
 def subscribe_all(topics: Topics) -> list[str]:
-    return [topics.every(kind) for kind in (Kind.DESIRED, Kind.COMMAND, Kind.STATE, Kind.ONLINE)]
+    return [topics.every(kind) for kind in _KINDS]
 
 
-async def collect(url: BrokerURL, password: Secret, topics: Topics, timeout: float = 10.0) -> FleetView:
-    """Every host's retained messages, read once as the admin user."""
-    view = FleetView(topics)
+def broker_hosts(state: Path) -> list[str]:
+    """The hosts STATE/broker/passwd admits ([] if it cannot be read): whose topics to ask for."""
+    try:
+        users = parse_passwd(StateDir(state).passwd.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return []
+    return sorted(user for user in users if is_host_name(user))
+
+
+async def _snapshot(
+    client: aiomqtt.Client,
+    topics: Topics,
+    hosts: Iterable[str],
+    take: Callable[[aiomqtt.Message], None],
+    *,
+    qos: int,
+    timeout: float,
+    keep: bool,
+) -> None:
+    """Subscribe to every host's topics; return once the broker has sent every retained message.
+
+    The wildcard filters first, then each of `hosts` whose `desired` did not come its own four
+    topics: RabbitMQ 3.10 sends retained messages for filters without wildcards only (DEVELOPERS.md,
+    "RabbitMQ 3.10"), where the other brokers leave that list empty. Unless `keep`, those exact
+    subscriptions are dropped again: the wildcards carry what follows."""
+    seen: set[str] = set()
+
+    def record(message: aiomqtt.Message) -> None:
+        parsed = topics.parse(str(message.topic))
+        if parsed is not None and parsed[1] is Kind.DESIRED:
+            seen.add(parsed[0])
+        take(message)
+
+    await client.subscribe([(topic, qos) for topic in subscribe_all(topics)])
+    await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=record)
+    exact = [topics.of(host, kind) for host in hosts if host not in seen for kind in _KINDS]
+    batches = [exact[at : at + _BATCH] for at in range(0, len(exact), _BATCH)]
+    for batch in batches:
+        await client.subscribe([(topic, qos) for topic in batch])
+    if exact:
+        await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=take)
+    if not keep:
+        for batch in batches:
+            await client.unsubscribe(batch)
+
+
+def _nodes(url: BrokerURL | Sequence[BrokerURL]) -> list[BrokerURL]:
+    return [url] if isinstance(url, BrokerURL) else list(url)
+
+
+async def _read_node(
+    url: BrokerURL, password: Secret, topics: Topics, hosts: Sequence[str], timeout: float
+) -> list[tuple[str, bytes]]:
+    found: list[tuple[str, bytes]] = []
 
     def take(message: aiomqtt.Message) -> None:
         if isinstance(message.payload, bytes):
-            view.update(str(message.topic), message.payload)
+            found.append((str(message.topic), message.payload))
 
     try:
         async with connect(url, username=ADMIN_USER, password=password, timeout=timeout) as client:
-            for topic in subscribe_all(topics):
-                await client.subscribe(topic, qos=1)
-            await confirm_routed(client, topics, ADMIN_USER, timeout, on_message=take)
+            await _snapshot(client, topics, hosts, take, qos=1, timeout=timeout, keep=True)
     except (aiomqtt.MqttError, OSError) as exc:
         raise unreachable(url, ADMIN_USER, exc) from exc
+    return found
+
+
+async def collect(
+    url: BrokerURL | Sequence[BrokerURL],
+    password: Secret,
+    topics: Topics,
+    timeout: float = 10.0,
+    hosts: Sequence[str] = (),
+) -> FleetView:
+    """Every host's retained messages, read once as the admin user (`hosts`: those whose topics
+    to ask for one by one where the wildcards bring nothing). With several nodes, from each
+    that answers, the newest message of each topic kept: RabbitMQ 3.10 keeps a retained message
+    on the node that received it, and a host that moved holds older ones where it was."""
+    nodes = _nodes(url)
+    read = await asyncio.gather(
+        *(_read_node(node, password, topics, hosts, timeout) for node in nodes), return_exceptions=True
+    )
+    failed = [result for result in read if isinstance(result, BaseException)]
+    for error in failed:
+        if not isinstance(error, UnreachableError) or len(failed) == len(nodes):
+            raise error
+        logger.warning("fleet view: {}; read from the other nodes", error)
+    view = FleetView(topics)
+    for messages in read:
+        if not isinstance(messages, BaseException):
+            for topic, payload in messages:
+                if len(nodes) == 1:
+                    view.update(topic, payload)
+                else:
+                    view.offer(topic, payload)
     return view
 
 
 async def follow(
-    url: BrokerURL,
+    url: BrokerURL | Sequence[BrokerURL],
     password: Secret,
     view: FleetView,
     on_change: Callable[[], None] | None = None,
@@ -178,19 +297,47 @@ async def follow(
 
     At QoS 0: a view keeps only the last message of each topic, and a reconnect gets every
     retained one again, so acknowledging each (a PUBACK both ways, an in-flight entry in the
-    broker) buys nothing. (`herald serve` with its embedded broker is told by the broker itself.)"""
+    broker) buys nothing. (`herald serve` with its embedded broker is told by the broker itself.)
+    With several nodes, connected to each: a node that dies leaves the others, and the retained
+    messages a node sends on (re)connection replace only older ones."""
+    nodes = _nodes(url)
+    async with asyncio.TaskGroup() as group:
+        for node in nodes:
+            group.create_task(_follow_node(node, password, view, on_change, ca, merge=len(nodes) > 1))
+
+
+async def _follow_node(
+    url: BrokerURL,
+    password: Secret,
+    view: FleetView,
+    on_change: Callable[[], None] | None,
+    ca: str | None,
+    *,
+    merge: bool,
+) -> None:
+    def take(message: aiomqtt.Message, *, retained: bool = False) -> None:
+        topic, payload = str(message.topic), message.payload
+        changed = isinstance(payload, bytes) and (
+            view.offer(topic, payload) if retained else view.update(topic, payload)
+        )
+        if changed and on_change is not None:
+            on_change()
+
     while True:
         try:
             async with connect(url, username=ADMIN_USER, password=password, ca=ca) as client:
-                for topic in subscribe_all(view.topics):
-                    await client.subscribe(topic, qos=0)
+                await _snapshot(
+                    client,
+                    view.topics,
+                    list(view.hosts),
+                    lambda message: take(message, retained=merge and message.retain),
+                    qos=0,
+                    timeout=10.0,
+                    keep=False,
+                )
                 async for message in client.messages:
-                    changed = isinstance(message.payload, bytes) and view.update(
-                        str(message.topic), message.payload
-                    )
-                    if changed and on_change is not None:
-                        on_change()
-        except (aiomqtt.MqttError, OSError) as exc:
+                    take(message)
+        except (aiomqtt.MqttError, OSError, UnreachableError) as exc:
             logger.debug("fleet view: broker {}: {}; reconnecting", url, exc)
         await asyncio.sleep(_RECONNECT)
 
@@ -210,9 +357,10 @@ class Row:
     log: str
     command: str = ""  # the retained command not yet taken: "rebuild by herald-admin, expires in 5h"
     dirty: bool = False  # the desired release was published from a work tree with uncommitted changes
+    wave: str = ""  # its wave in the running rollout: "2/3 office, held"
 
     @classmethod
-    def of(cls, view: HostView, at: datetime) -> "Row":
+    def of(cls, view: HostView, at: datetime, rollout: Rollout | None = None) -> "Row":
         state, run = view.state, view.last_run
         if state is not None:
             message, log = safe(state.message[:MESSAGE_WIDTH]), safe(state.log or "")
@@ -232,6 +380,7 @@ class Row:
             log,
             command_cell(view.pending_command(at), at),
             dirty=bool(view.desired and (view.desired.source_rev or "").endswith(DIRTY)),
+            wave=wave_label(rollout, view.host),
         )
 
 
@@ -242,9 +391,21 @@ def command_cell(command: Command | None, at: datetime) -> str:
     return safe(f"{command.action} by {command.by or 'unknown'}, {expiry}"[:MESSAGE_WIDTH])
 
 
+def wave_label(rollout: Rollout | None, host: str) -> str:
+    """The wave column: '2/3 office', with ', held' until the host is given its release."""
+    if rollout is None or not rollout.status.active:
+        return ""
+    index = rollout.wave_of(host)
+    if index is None:
+        return ""
+    target = rollout.hosts.get(host)
+    held = ", held" if target is not None and not target.given else ""
+    return f"{index + 1}/{len(rollout.waves)} {rollout.waves[index].name}{held}"
+
+
 def rows(view: FleetView) -> list[Row]:
     at = now()
-    return [Row.of(host, at) for host in view.rows()]
+    return [Row.of(host, at, view.rollout) for host in view.rows()]
 
 
 def ago(then: datetime | None, at: datetime | None = None) -> str:
@@ -267,11 +428,16 @@ def until(then: datetime, at: datetime | None = None) -> str:
 
 COLUMNS: Final = ("host", "desired", "deployed", "status", "reboot", "last seen", "command", "message", "log")
 LOG_COLUMN: Final = COLUMNS.index("log")
+WAVE: Final = "wave"  # a last column, while a rollout runs
 
 
-def cells(row: Row) -> tuple[str, ...]:
-    """The row as text, in COLUMNS' order."""
-    return (
+def columns(view: FleetView) -> tuple[str, ...]:
+    return (*COLUMNS, WAVE) if view.rollout is not None and view.rollout.status.active else COLUMNS
+
+
+def cells(row: Row, *, wave: bool = False) -> tuple[str, ...]:
+    """The row as text, in COLUMNS' order (then the wave's, with `wave`)."""
+    return *(
         row.host,
         (f"{row.desired} (dirty)" if row.dirty else str(row.desired)) if row.desired is not None else "-",
         str(row.deployed) if row.deployed is not None else "-",
@@ -281,15 +447,16 @@ def cells(row: Row) -> tuple[str, ...]:
         row.command,
         row.message,
         row.log,
-    )
+    ), *((row.wave,) if wave else ())
 
 
 def table(view: FleetView) -> Table:
     grid = Table(title=None, header_style="bold", box=None, pad_edge=False)
-    for column in COLUMNS:
+    shown = columns(view)
+    for column in shown:
         grid.add_column(column)
     for row in rows(view):
-        text = [Text(cell) for cell in cells(row)]  # Text: never read as markup
+        text = [Text(cell) for cell in cells(row, wave=WAVE in shown)]  # Text: never read as markup
         text[3].stylize(_STYLE[row.status])
         grid.add_row(*text)
     return grid
@@ -313,6 +480,7 @@ def as_json(view: FleetView) -> bytes:
             "state": _every_field(row.state),
             "online": _every_field(row.online),
             "command": row.pending_command(at),
+            "wave": wave_label(view.rollout, row.host) or None,
         }
         for row in view.rows()
     ]

@@ -31,19 +31,20 @@ from herald import control
 from herald.fleet import FleetView, follow
 from herald.hostlogs import HostLogs, LastRun
 from herald.output import print_report
+from herald.rollouts import Runner
 from herald.web import FleetWeb
 from protocol.credentials import read_secret
 from protocol.errors import HeraldError, UnreachableError
 from protocol.files import write_atomic
 from protocol.layout import StateDir
 from protocol.messages import Desired
-from protocol.mqtt import BrokerURL, connect
+from protocol.mqtt import BrokerURL, connect, parse_urls
 from protocol.settings import ServerConfig, parse_endpoint
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 from publisher.announce import announce, desired_of
 from publisher.hostkeys import distribute
 from publisher.inventory import load_inventory
-from publisher.publish import Report, Status, publish, read_floors, write_floors
+from publisher.publish import Report, publish, read_floors, write_floors
 from publisher.sftp import SFTPService
 
 _RETRY = 5.0
@@ -82,7 +83,7 @@ class Server:
                 tls=tls,
                 websocket=websocket,
             )
-        self.external = BrokerURL.parse(config.broker) if config.broker else None
+        self.external = parse_urls(config.broker)  # the external broker, or its nodes; [] for none
         self.sftp: SFTPService | None = None
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
@@ -95,13 +96,21 @@ class Server:
         self._control: asyncio.AbstractServer | None = None
         self._ahead: dict[str, int] = {}  # hosts that reported a generation above the one served
         self._background: set[asyncio.Task[object]] = set()
+        self.rollouts = Runner(self.state, self.view, self._announce_hosts)  # moves the rollout on
+        self._rolling: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> BrokerURL | None:
         """Where announcements go: the embedded broker, the external one, or None."""
         if self.broker is not None:
             return BrokerURL(self.broker.host, self.broker.port)
-        return self.external
+        return self.external[0] if self.external else None
+
+    @property
+    def urls(self) -> list[BrokerURL]:
+        """Every node announcements go to and the view reads: a cluster's nodes each keep their
+        own retained messages (RabbitMQ 3.10)."""
+        return self.external or ([self.url] if self.url is not None else [])
 
     async def start(self) -> Report:
         # Listeners first, serving the releases already on disk: publishing may take long (checks,
@@ -118,11 +127,12 @@ class Server:
         on_disk = self._hosts_on_disk()
         self.view.add_hosts(on_disk)
         self._follow()
-        if self.external is not None:
+        if self.external:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
         else:
             await self._announce(desired_of(self.state.root, on_disk))
         report = await self.publish()  # announces the hosts whose release changed
+        self._rolling = asyncio.create_task(self.rollouts.run(), name="rollout")
         if self.url is None:  # no broker: what the chroots hold is all the page can show
             self._uploads = asyncio.create_task(self._watch_uploads(), name="sftp-view")
         # Written last, as the sign that the server is ready: a client that waits for it finds every
@@ -168,31 +178,44 @@ class Server:
         if self.url is None:
             for host, desired in desired_of(self.state.root, list(self.view.hosts)).items():
                 self.view.hosts[host].desired = desired
-        if announce_changes:
-            changed = [result.host for result in report.of(Status.CHANGED)]
-            await self._announce(desired_of(self.state.root, changed))
+        if announce_changes:  # the hosts whose `current` moved: a rollout holds others back
+            await self._announce(desired_of(self.state.root, report.released))
         return report
 
-    async def _announce(self, desired: Mapping[str, Desired]) -> None:
+    async def _announce_hosts(self, hosts: list[str]) -> None:
+        try:
+            await self._announce(desired_of(self.state.root, hosts))
+        except UnreachableError as exc:
+            logger.warning("not announced (agents find it on their timer): {}", exc)
+
+    async def _announce(self, desired: Mapping[str, Desired], node: BrokerURL | None = None) -> None:
+        """On every node (or on `node` only)."""
+        self.rollouts.known.update({host: each.generation for host, each in desired.items()})
         if self.url is None or not desired:
             return
         password = read_secret(self.state.service_secret(PUBLISHER_USER))
-        await announce(desired, url=self.url, password=password, topics=self.topics)
+        await announce(desired, url=node or self.urls, password=password, topics=self.topics)
 
     async def _keep_external_announced(self) -> None:
-        """Stay connected to the external broker; on every (re)connection announce every host."""
-        assert self.external is not None  # noqa: S101 - only started with one
+        """Stay connected to each node of the external broker; on every (re)connection to one,
+        announce every host there: a node that restarts, or was down during an announcement,
+        holds every host's `desired` again without anyone acting."""
+        async with asyncio.TaskGroup() as group:
+            for node in self.external:
+                group.create_task(self._keep_node_announced(node), name=f"external-broker {node}")
+
+    async def _keep_node_announced(self, node: BrokerURL) -> None:
         while True:
             try:
                 password = read_secret(self.state.service_secret(PUBLISHER_USER))
-                async with connect(self.external, username=PUBLISHER_USER, password=password) as watch:
+                async with connect(node, username=PUBLISHER_USER, password=password) as watch:
                     hosts = [host.name for host in load_inventory(Path(self.config.fleet)).hosts]
-                    await self._announce(desired_of(self.state.root, hosts))
-                    logger.info("announced every host to {}; watching the connection", self.external)
+                    await self._announce(desired_of(self.state.root, hosts), node)
+                    logger.info("announced every host to {}; watching the connection", node)
                     async for _ in watch.messages:  # nothing is subscribed: this ends on disconnect
                         pass
             except (aiomqtt.MqttError, OSError, HeraldError) as exc:
-                logger.warning("external broker {}: {}; trying again in {:.0f}s", self.external, exc, _RETRY)
+                logger.warning("external broker {}: {}; trying again in {:.0f}s", node, exc, _RETRY)
             await asyncio.sleep(_RETRY)
 
     async def _watch_uploads(self) -> None:
@@ -214,7 +237,7 @@ class Server:
             return
         password = read_secret(self.state.service_secret(ADMIN_USER))
         self._follower = asyncio.create_task(
-            follow(self.url, password, self.view, on_change=self._notice_every_host), name="fleet-view"
+            follow(self.urls, password, self.view, on_change=self._notice_every_host), name="fleet-view"
         )
 
     # ---------------------------------------------------------------- hosts ahead, hosts removed
@@ -224,10 +247,13 @@ class Server:
         may say it runs a later generation than this server serves."""
         self.view.update(topic, payload)
         parsed = self.topics.parse(topic)
+        if parsed is not None and parsed[1] in (Kind.STATE, Kind.ONLINE):
+            self.rollouts.notice()
         if parsed is not None and parsed[1] is Kind.STATE:
             self._notice(parsed[0])
 
     def _notice_every_host(self) -> None:
+        self.rollouts.notice()
         for host in list(self.view.hosts):
             self._notice(host)
 
@@ -290,7 +316,7 @@ class Server:
         if self._control is not None:
             self._control.close()
             control.socket_path(self.state.root).unlink(missing_ok=True)
-        for task in (self._follower, self._uploads, *self._background):
+        for task in (self._follower, self._uploads, self._rolling, *self._background):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -2,7 +2,8 @@
 
     GET /                    the fleet table, refreshing itself every 5 seconds (no script needed)
     GET /status.json         what `herald status --json` prints
-    GET /metrics             Prometheus text: generations, status, last seen per host; publish figures
+    GET /metrics             Prometheus text: generations, status, last seen per host; publish
+                             figures; the rollout (herald_rollout_*)
     GET /logs/<host>/<name>  one log the host uploaded (the table's log column links to it)
 
 Everything shown comes from the retained MQTT messages (herald.fleet.follow) and fleet.toml (or,
@@ -24,8 +25,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from herald.fleet import COLUMNS, LOG_COLUMN, FleetView, Status, as_json, cells, rows
+from herald.fleet import LOG_COLUMN, WAVE, FleetView, Status, as_json, cells, columns, rows
 from herald.hostlogs import HostLogs
+from herald.rolloutview import metrics as rollout_metrics
+from herald.rolloutview import strip
 from protocol.errors import ConfigError
 from protocol.hosttext import safe
 from protocol.listen import cannot_listen
@@ -41,6 +44,10 @@ td.status-failed, td.status-rolled-back { color: #b00020; font-weight: bold; }
 td.status-pending, td.status-applying, td.status-postponed { color: #a05a00; }
 td.status-up-to-date { color: #1b7f3b; }
 td.status-offline, td.status-never-seen, td.status-sftp-only { color: #777; }
+ol.waves { display: flex; gap: 1.2em; list-style: none; padding: 0; }
+li.wave { border: 1px solid #ccc; padding: 0.4em 0.7em; }
+li.wave-passed { border-color: #1b7f3b; }
+li.wave-started, li.wave-soaking { border-color: #a05a00; }
 """
 # A log, as the browser gets it: text it must not sniff as HTML, that runs and loads nothing.
 _LOG_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"}
@@ -55,10 +62,11 @@ def _log_cell(host: str, name: str) -> str:
 
 
 def page(view: FleetView) -> str:
-    header = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
+    shown = columns(view)
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in shown)
     body = []
     for row in rows(view):
-        text = cells(row)
+        text = cells(row, wave=WAVE in shown)
         css = "status-" + row.status.value.replace(" ", "-")
         tds = [f"<td>{html.escape(cell)}</td>" for cell in text]
         tds[3] = f'<td class="{css}">{html.escape(text[3])}</td>'
@@ -68,6 +76,7 @@ def page(view: FleetView) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>herald: the fleet</title>
 <meta http-equiv="refresh" content="5"><style>{_CSS}</style></head>
 <body><h1>herald: the fleet</h1>
+{strip(view.rollout, view)}
 <table><thead><tr>{header}</tr></thead>
 <tbody>
 {chr(10).join(body)}
@@ -108,6 +117,8 @@ class _Collector(Collector):
                 seen.add_metric([row.host], row.last_seen.timestamp())
             reboot.add_metric([row.host], 1.0 if row.needs_reboot else 0.0)
         yield from (desired, deployed, status, seen, reboot)
+        view = self._view()
+        yield from rollout_metrics(view.rollout, view)
         figures = read_figures(self._figures)
         yield CounterMetricFamily(
             "herald_publish_runs", "Publish runs (herald publish and herald serve)", value=figures.runs

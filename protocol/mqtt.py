@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -45,6 +45,22 @@ class BrokerURL:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def parse_urls(value: str | Sequence[str] | None) -> list[BrokerURL]:
+    """One URL or several (the nodes of a cluster), parsed; [] for None."""
+    if value is None:
+        return []
+    return [BrokerURL.parse(url) for url in ([value] if isinstance(value, str) else value)]
+
+
+def rotation(urls: Sequence[BrokerURL], key: str) -> list[BrokerURL]:
+    """The nodes in the order one client tries them: from one that `key` (a host's name) fixes,
+    so that a fleet spreads over a cluster's nodes, then each of the others in turn."""
+    if not urls:
+        return []
+    start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % len(urls)
+    return [*urls[start:], *urls[:start]]
 
 
 _REFUSED: Final = (4, 5, 134, 135)  # CONNACK: bad user name or password, not authorised

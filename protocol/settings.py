@@ -221,14 +221,58 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
             )
 
 
+Budget = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+
+
+class Health(StrEnum):
+    """What a wave must show before the next one starts (publisher.rollout)."""
+
+    CONFIRMED = "confirmed"  # every host idle on the new generation (its agent confirmed the switch)
+    SOAK = "soak"  # that, and none of them failing or rolling back until the soak is over
+
+
+class RolloutWave(_Settings, frozen=True, kw_only=True):
+    """One `[[rollout.waves]]` of fleet.toml: the hosts it takes (named, by tag, and the first
+    `percent` of the fleet in an order fixed by a hash of each name), less those of the waves
+    before it; how long it soaks; its own failure budget; when it may start."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    hosts: list[str] = []
+    tags: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = []
+    percent: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    soak: Duration | None = None
+    budget: Budget | None = None
+    window: Window | None = None  # the server's local time; the wave starts only inside it
+    health: Health = Health.CONFIRMED
+
+    def __post_init__(self) -> None:
+        if not (self.hosts or self.tags or self.percent):
+            raise ValueError(f"waves: {self.name}: choose its hosts with hosts, tags or percent")
+
+
+class RolloutPlan(_Settings, frozen=True, kw_only=True):
+    """`[rollout]`: a new generation reaches the fleet wave by wave. `budget` is how many hosts
+    failing or rolling back halt it (1: the first)."""
+
+    budget: Budget = 1
+    waves: Annotated[list[RolloutWave], msgspec.Meta(min_length=1, max_length=100)]
+
+    def __post_init__(self) -> None:
+        names = [wave.name for wave in self.waves]
+        if len(set(names)) != len(names):
+            raise ValueError("waves: each wave needs a name of its own")
+
+
 class FleetConfig(_Settings, frozen=True, kw_only=True):
     """fleet.toml. `files` declares modes of files/ for every host (see publisher.modes): git
-    keeps only the executable bit, so what is not declared is private."""
+    keeps only the executable bit, so what is not declared is private. `rollout` holds new
+    generations back, wave by wave (publisher.rollout)."""
 
     format: ConfigFormat = 1
     hosts: dict[str, HostEntry]
     publish: PublishSettings = PublishSettings()
     files: DeclaredModes = {}
+    rollout: RolloutPlan | None = None
 
     def __post_init__(self) -> None:
         declared_modes(self.files)
@@ -238,6 +282,16 @@ class FleetConfig(_Settings, frozen=True, kw_only=True):
 
 
 BrokerUrl = Annotated[str, msgspec.Meta(pattern=r"^mqtts?://")]
+# One broker, or the nodes of a cluster (RabbitMQ, EMQX): a client uses one at a time and moves
+# to the next when it fails; the publisher announces on each (README: "Past one machine").
+BrokerUrls = BrokerUrl | Annotated[list[BrokerUrl], msgspec.Meta(min_length=1, max_length=64)]
+
+
+def broker_urls(value: str | list[str] | None) -> list[str]:
+    """A `broker`/`broker.url` setting as a list (empty when unset)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 class ServerTLS(_Settings, frozen=True, kw_only=True):
@@ -265,7 +319,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     prefix: Prefix = DEFAULT_PREFIX
     tls: ServerTLS | None = None
     websocket: Endpoint | None = None
-    broker: BrokerUrl | None = None
+    broker: BrokerUrls | None = None
     http: Listener = "127.0.0.1:8080"  # the fleet page, status.json and /metrics; or "off"
     publish: bool = True  # publish on start and on SIGHUP
 
@@ -296,7 +350,7 @@ class AgentServer(_Settings, frozen=True, kw_only=True):
 
 
 class AgentBroker(_Settings, frozen=True, kw_only=True):
-    url: BrokerUrl | None = None
+    url: BrokerUrls | None = None
     keepalive: Annotated[int, msgspec.Meta(ge=5, le=60)] = 60
     prefix: Prefix = DEFAULT_PREFIX
     ca: str | None = None  # for mqtts:// with a private CA; else the system's CAs

@@ -44,7 +44,7 @@ from protocol.release import (
 from publisher.materialise import Source
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
 _CHUNK: Final = 1 << 20
 _TMP: Final = ".tmp-"
@@ -259,8 +259,10 @@ class Chroot:
         write_atomic(path, current.encode(), mode=0o644, durable=False)
         self._wrote(path)
 
-    def prune(self, keep: int, known: dict[int, list[str]]) -> set[str]:
-        """Keep the newest `keep` releases and the objects they name; drop leftovers of crashes.
+    def prune(self, keep: int, known: dict[int, list[str]], held: "Collection[int]" = ()) -> set[str]:
+        """Keep the newest `keep` releases at or below `current`, the ones a rollout holds back
+        above it (`held`: not named by `current` yet), and the objects they name; drop the rest
+        above `current` (leftovers of crashes, held releases a newer one replaced).
 
         `known` holds the objects of releases already in memory, by generation, so that they
         are not read again. Returns the names of the objects removed (their pool entries may
@@ -270,6 +272,7 @@ class Chroot:
         names = os.listdir(self.releases)
         generations = sorted((int(name) for name in names if name.isdigit()), reverse=True)
         kept = [g for g in generations if current is None or g <= current.generation][:keep]
+        kept += [g for g in generations if g in held and g not in kept]
         doomed = [
             name for name in names if name.startswith(_TMP) or (name.isdigit() and int(name) not in kept)
         ]

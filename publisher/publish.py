@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 import msgspec
 from loguru import logger
@@ -27,13 +27,14 @@ from protocol.files import Flusher, write_atomic
 from protocol.layout import Access, StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
-from protocol.settings import size_bytes
+from protocol.settings import RolloutPlan, size_bytes
 from protocol.topics import SERVICE_USERS, is_host_name
 from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Listed, Pool
 from publisher.figures import add_run
 from publisher.hashcache import HashCache, tree_key
+from publisher.holdback import Gate
 from publisher.inventory import Host, Inventory, load_inventory
 from publisher.keyring import Keys, load_keys, recount
 from publisher.keys import authorized_key_line
@@ -74,6 +75,7 @@ class Report:
     files_hashed: int = 0
     dry_run: bool = False
     source_rev: str | None = None
+    released: list[str] = field(default_factory=list)  # hosts whose `current` changed: to announce
 
     def of(self, status: Status) -> list[HostResult]:
         return [result for result in self.hosts if result.status is status]
@@ -158,7 +160,9 @@ class Publisher:
         progress: Progress | None = None,
         keep: int | None = None,
         allow_dirty: bool = False,
+        rollout: RolloutPlan | Literal["off"] | None = None,
     ) -> None:
+        self.rollout = rollout  # None: fleet.toml's [rollout]; "off": every release given at once
         self.keep = keep  # releases kept per host; None: fleet.toml's [publish] keep
         self.fleet = fleet
         self.allow_dirty = allow_dirty  # publish a git work tree with uncommitted changes, marked dirty
@@ -190,7 +194,17 @@ class Publisher:
             cache = HashCache(self.state.publisher / "hashes.msgpack")
             generations = self._generations()
             self._format = inventory.config.publish.format
-            results, plans = self._plan(inventory, cache, generations)
+            waves = (
+                inventory.config.rollout
+                if self.rollout is None
+                else None
+                if self.rollout == "off"
+                else self.rollout
+            )
+            gate = Gate(
+                self.state, waves, source=str(inventory.root / "fleet.toml"), off=self.rollout == "off"
+            )
+            results, plans = self._plan(inventory, cache, generations, gate)
             revision.confirm()  # a dirty work tree stops the run here, before any check or write
             checker = Checker(inventory.config.publish, self.state.publisher / "parsed.msgpack")
             for plan, failure in self._check(checker, plans):
@@ -207,7 +221,7 @@ class Publisher:
                     results[plan.host.name] = plan.result()
             passed = [plan for plan in plans if results[plan.host.name].status is Status.CHANGED]
             if not dry_run:
-                self._write(inventory, passed, results, report, generations)
+                self._write(inventory, passed, results, report, generations, gate)
                 checker.save()
                 cache.save(keep=self._seen, hosts={host.name for host in inventory.hosts})
                 self._flusher.flush()
@@ -262,7 +276,7 @@ class Publisher:
             return {}
 
     def _plan(
-        self, inventory: Inventory, cache: HashCache, generations: dict[str, int]
+        self, inventory: Inventory, cache: HashCache, generations: dict[str, int], gate: Gate
     ) -> tuple[dict[str, HostResult], list[_Plan]]:
         """Materialise and hash every host; unchanged and broken hosts are settled here.
         A declaration of fleet.toml's `files` that matches no file stops the run (ConfigError)."""
@@ -280,7 +294,9 @@ class Publisher:
             ahead = min(floors.get(host.name, 0), _MAX_GENERATION)
             try:
                 sources = materialise(inventory.root, host.name, host.directory, listings)
-                current = chroot.current()
+                # A release a rollout holds back is the host's next: content equal to it is unchanged.
+                current = gate.head(host.name) or chroot.current()
+                aborted = gate.aborted.get(host.name, "")  # what an abort held back: not released again
                 behind = current is not None and current.generation < ahead  # the host runs a later one
                 # The declared modes are part of the key: a change of fleet.toml's `files` alone
                 # must not keep the version the files had (a cache hit also means that the host's
@@ -289,7 +305,7 @@ class Publisher:
                 if (
                     current is not None
                     and not behind
-                    and cache.version(host.name, key) == current.version
+                    and cache.version(host.name, key) in (current.version, aborted)
                     and self._kept(current)
                 ):
                     self._seen.update(source.real for source in sources)
@@ -314,7 +330,12 @@ class Publisher:
                 results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
                 continue
             self._seen.update(source.real for source in sources)
-            if current is not None and current.version == version and self._kept(current) and not behind:
+            if (
+                current is not None
+                and version in (current.version, aborted)
+                and self._kept(current)
+                and not behind
+            ):
                 results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
                 continue
             _say_behind(host.name, ahead, current, behind=behind)
@@ -368,8 +389,9 @@ class Publisher:
         results: dict[str, HostResult],
         report: Report,
         generations: dict[str, int],
+        gate: Gate,
     ) -> None:
-        """Write releases, then switch every `current` at once, then prune."""
+        """Write releases, then switch every `current` at once (those the rollout lets), then prune."""
         keys = load_keys(self.state)
         signer = keys.signer
         pool = Pool(self.state.objects, self._flusher)
@@ -401,11 +423,25 @@ class Publisher:
                 # Every object and release is on disk before any `current` names it; then the
                 # renames of `current` are made durable too.
                 self._flusher.flush()
-                list(files.map(partial(_switch, keys=keys.count), switches))
+                releases = {plan.host.name: _current(plan, None) for plan, _ in switches}
+                tags = {host.name: host.entry.tags for host in inventory.hosts}
+                go = gate.admit(releases, tags, report.source_rev)
+                list(
+                    files.map(
+                        partial(_switch, keys=keys.count), [s for s in switches if s[0].host.name in go]
+                    )
+                )
+                report.released = [name for name in releases if name in go] + gate.given
                 for plan, _ in switches:
                     generations[plan.host.name] = plan.generation
+                    if plan.host.name not in go:
+                        results[plan.host.name] = plan.result(gate.notes.get(plan.host.name, "held back"))
                 self._flusher.flush()
-                unlinked: set[str] = set().union(*files.map(partial(_prune, keep=keep), switches))
+                prune = partial(_prune, keep=keep, go=go)
+                unlinked: set[str] = set().union(*files.map(prune, switches))
+            elif self.rollout == "off":  # no new release, and still: what a rollout holds back goes now
+                gate.admit({}, {}, report.source_rev)
+                report.released = gate.given
         if switches:
             pool.prune(unlinked)
             generations_file = self.state.publisher / "generations.json"
@@ -634,20 +670,24 @@ def _attempt(write: Callable[..., _T], plan: "_Plan", **kwargs: object) -> _T | 
         return exc
 
 
-def _switch(item: tuple["_Plan", Manifest], *, keys: int) -> None:
-    plan = item[0]
+def _current(plan: "_Plan", keys: int | None) -> Current:
     counted = keys if plan.release_format >= 2 else None  # a format-1 `current` is two words
-    plan.chroot.set_current(Current(plan.generation, plan.version, plan.release_format, counted))
+    return Current(plan.generation, plan.version, plan.release_format, counted)
 
 
-def _prune(item: tuple["_Plan", Manifest], *, keep: int) -> set[str]:
+def _switch(item: tuple["_Plan", Manifest], *, keys: int) -> None:
+    item[0].chroot.set_current(_current(item[0], keys))
+
+
+def _prune(item: tuple["_Plan", Manifest], *, keep: int, go: set[str]) -> set[str]:
     plan, manifest = item
+    held = () if plan.host.name in go else (plan.generation,)  # written, not yet named by `current`
     known = {manifest.generation: [entry.sha256 for entry in manifest.content.files]}
     if plan.previous is not None:
         generation, files = plan.previous
         known[generation] = [file[3] for file in files]
     try:
-        return plan.chroot.prune(keep, known)
+        return plan.chroot.prune(keep, known, held)
     except (HeraldError, OSError) as exc:
         logger.bind(host=plan.host.name).warning("published; pruning old releases failed: {}", exc)
         return set()
@@ -665,5 +705,8 @@ def publish(
     progress: Progress | None = None,
     keep: int | None = None,
     allow_dirty: bool = False,
+    rollout: RolloutPlan | Literal["off"] | None = None,
 ) -> Report:
-    return Publisher(fleet, state, progress=progress, keep=keep, allow_dirty=allow_dirty).run(dry_run=dry_run)
+    return Publisher(
+        fleet, state, progress=progress, keep=keep, allow_dirty=allow_dirty, rollout=rollout
+    ).run(dry_run=dry_run)

@@ -95,7 +95,7 @@ def test_every_toml_example_decodes_also_with_its_commented_settings_on():
         for text in (block, _uncommented(block)):
             data = tomllib.loads(text)  # a TOML error names the block's line
             kind = _kind(data)
-            if kind is None and set(data) <= {"publish", "files"}:  # fleet.toml fragments
+            if kind is None and set(data) <= {"publish", "files", "rollout"}:  # fleet.toml fragments
                 data = {"hosts": {"alpha": {"ssh_key": SSH_KEY}}} | data
                 kind = FleetConfig
             if kind is FleetConfig:  # README abbreviates keys ("AAAA..."), or leaves them out
