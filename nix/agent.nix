@@ -44,10 +44,10 @@ in
       description = "This host's SSH key; its public half is the host's ssh_key in fleet.toml.";
     };
     brokerUrl = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr (types.either types.str (types.nonEmptyListOf types.str));
       default = null;
       example = "mqtts://herald.example.org:8883";
-      description = "The MQTT broker; without one the timer alone keeps the host converging.";
+      description = "The MQTT broker, or a list of a cluster's nodes; without one the timer alone keeps the host converging.";
     };
     poll = mkOption { type = types.str; default = "15m"; description = "How often to check (each host at its own offset)."; };
     operation = mkOption {
