@@ -5,6 +5,7 @@ Agents run as real `herald agent` processes, or many to a process (bench.agents_
 benchmark runs them) where a test needs dozens. Soaks and polls are short.
 """
 
+import base64
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from brokers import free_port
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers import (
     REPO,
     TIMEOUT,
@@ -35,6 +37,7 @@ from helpers import (
     read_release,
     start_serve,
     wait_until,
+    write_release,
 )
 
 from protocol.messages import Phase, State, encode, now
@@ -169,6 +172,33 @@ def test_a_held_release_is_kept_and_finding_it_again_writes_nothing(fleet: Fleet
     assert gone.released == ["beta", "gamma"]
     assert [current_generation(state, host) for host in fleet.hosts] == [3, 3, 3]
     assert rollout(state)["status"] == "superseded"
+
+
+def test_abort_rollback_never_signs_a_previous_release_it_cannot_verify(fleet: Fleet, state: Path):
+    """Whoever can write a chroot but holds no key (a compromised `herald serve`, a mirror) plants
+    content as the release a rollback returns to: the rollback must not sign it."""
+    with_plan(fleet, 'name = "canary"\nhosts = ["alpha", "beta"]\nsoak = "1h"')
+    publish(fleet.root, state)
+    change(fleet, "regret")
+    assert publish(fleet.root, state).released == ["alpha", "beta"]
+    manifest, signature = read_release(state, "alpha", 1)
+    planted = json.loads(manifest)
+    planted["source_rev"] = "planted"  # any change: the signature no longer verifies
+    write_release(state, "alpha", 1, json.dumps(planted).encode(), signature)
+    stranger = Ed25519PrivateKey.generate()  # and signed by a key the publisher never trusted
+    forged = json.loads(read_release(state, "beta", 1)[0])
+    forged["source_rev"] = "forged"
+    data = json.dumps(forged).encode()
+    write_release(state, "beta", 1, data, base64.b64encode(stranger.sign(data)))
+
+    aborted = rollout_cli(state, "abort", "--rollback")
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert "0 host(s) sent back" in aborted.stdout
+    assert "2 kept what they run (alpha, beta)" in aborted.stdout
+    assert "signature verifies against no key the publisher trusts" in aborted.stderr
+    for host in ("alpha", "beta"):
+        assert current_generation(state, host) == 2
+        assert not (state / "chroot" / host / "releases" / "3").exists()
 
 
 # ---------------------------------------------------------------- real agents
