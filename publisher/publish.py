@@ -275,6 +275,16 @@ class Publisher:
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return {}
 
+    def _unchanged(self, current: Current, version: str | None, aborted: str, *, behind: bool) -> bool:
+        """Nothing to release: the host's content is what `current` (or the rollout's held
+        release) names, in the format wanted, at a generation no host outran; or it is what an
+        abort held back, which is never released again, not even to lift or reformat it."""
+        if version is None:
+            return False
+        if aborted and version == aborted:
+            return True
+        return version == current.version and self._kept(current) and not behind
+
     def _plan(
         self, inventory: Inventory, cache: HashCache, generations: dict[str, int], gate: Gate
     ) -> tuple[dict[str, HostResult], list[_Plan]]:
@@ -302,11 +312,8 @@ class Publisher:
                 # must not keep the version the files had (a cache hit also means that the host's
                 # own declarations all matched when it was stored: they and the paths are the key).
                 key = tree_key((host.entry.operation, host.flake, modes.key), sources)
-                if (
-                    current is not None
-                    and not behind
-                    and cache.version(host.name, key) in (current.version, aborted)
-                    and self._kept(current)
+                if current is not None and self._unchanged(
+                    current, cache.version(host.name, key), aborted, behind=behind
                 ):
                     self._seen.update(source.real for source in sources)
                     results[host.name] = HostResult(
@@ -330,13 +337,10 @@ class Publisher:
                 results[host.name] = HostResult(host.name, Status.FAILED, message=str(exc))
                 continue
             self._seen.update(source.real for source in sources)
-            if (
-                current is not None
-                and version in (current.version, aborted)
-                and self._kept(current)
-                and not behind
-            ):
-                results[host.name] = HostResult(host.name, Status.UNCHANGED, current.generation, version)
+            if current is not None and self._unchanged(current, version, aborted, behind=behind):
+                results[host.name] = HostResult(
+                    host.name, Status.UNCHANGED, current.generation, current.version
+                )
                 continue
             _say_behind(host.name, ahead, current, behind=behind)
             previous = _listed(chroot, current.generation) if current else None

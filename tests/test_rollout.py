@@ -45,7 +45,7 @@ from protocol.release import Current
 from protocol.settings import Health, RolloutPlan, RolloutWave
 from protocol.topics import Kind, Topics
 from publisher.inventory import load_inventory
-from publisher.publish import Status, publish
+from publisher.publish import Status, publish, write_floors
 from publisher.rollout import order, resolve, until_window
 
 
@@ -199,6 +199,25 @@ def test_abort_rollback_never_signs_a_previous_release_it_cannot_verify(fleet: F
     for host in ("alpha", "beta"):
         assert current_generation(state, host) == 2
         assert not (state / "chroot" / host / "releases" / "3").exists()
+
+
+def test_what_an_abort_held_back_is_not_released_by_a_hosts_report_of_a_later_generation(
+    fleet: Fleet, state: Path
+):
+    """A host that says it runs generation 50 (its own report, which serve records to publish
+    above it) must not get the content an abort held back, nor restart a rollout for others."""
+    with_plan(fleet, 'name = "canary"\nhosts = ["alpha"]\nsoak = "1h"')
+    publish(fleet.root, state)
+    change(fleet, "regret")
+    publish(fleet.root, state)
+    aborted = rollout_cli(state, "abort")
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    write_floors(state / "run" / "reported.json", {"gamma": 50})
+    report = publish(fleet.root, state)
+    assert {r.host: r.status for r in report.hosts}["gamma"] is Status.UNCHANGED
+    assert current_generation(state, "gamma") == 1
+    assert rollout(state)["status"] == "aborted"  # no new rollout started by gamma's word
+    assert "gamma" in book(state)["aborted"]
 
 
 # ---------------------------------------------------------------- real agents
