@@ -48,7 +48,7 @@ from publisher.rollout import (
     begin,
     book_path,
     give,
-    locked,
+    locked_async,
     read_book,
     until_window,
     write_book,
@@ -245,8 +245,12 @@ class Runner:
                 await self.step()
             except Exception as exc:  # noqa: BLE001 - the server goes on; the next wake tries again
                 logger.error("rollout: {}", exc)
+                self._stamp = None  # what a failed step decided in memory is dropped: read the file again
 
     async def _reload(self, *, first: bool = False) -> None:
+        """Read the file again. Every host it says was given its target is given it again (it only
+        moves `current` forward): a publish or a serve that stopped between writing the file and
+        replacing `current` left such hosts behind."""
         self._stamp_now()
         self.book = await asyncio.to_thread(read_book, self.state)
         self.view.rollout = self.book.rollout
@@ -254,9 +258,9 @@ class Runner:
         if rollout is None:
             return
         given = [host for host, target in rollout.hosts.items() if target.given]
-        if first and given:
-            with locked(self.state):
-                again = give(self.state, rollout, given)
+        if given and (first or rollout.status.active):
+            async with locked_async(self.state):
+                again = await asyncio.to_thread(give, self.state, rollout, given)
             if again:
                 logger.info("rollout {}: gave {} host(s) their target again", rollout.id, len(again))
         moved = await asyncio.to_thread(self._moved, list(rollout.hosts))
@@ -285,7 +289,7 @@ class Runner:
         if not changed:
             return
         # Again under the lock, on what the file holds now (a `herald rollout` may have run).
-        with locked(self.state):
+        async with locked_async(self.state):
             book = read_book(self.state)
             if book.rollout is None or book.rollout.id != rollout.id:
                 self.book = book

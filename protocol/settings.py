@@ -248,6 +248,8 @@ class RolloutWave(_Settings, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not (self.hosts or self.tags or self.percent):
             raise ValueError(f"waves: {self.name}: choose its hosts with hosts, tags or percent")
+        if self.window is not None and self.window[:5] == self.window[6:]:
+            raise ValueError(f"waves: {self.name}: window {self.window} starts where it ends: it never opens")
 
 
 class RolloutPlan(_Settings, frozen=True, kw_only=True):

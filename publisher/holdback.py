@@ -59,6 +59,12 @@ class Gate:
         self.notes: dict[str, str] = {}  # host -> why its release waits
         self.given: list[str] = []  # hosts this publish did not change whose `current` it moved
 
+    def check(self, tags: Mapping[str, list[str]]) -> None:
+        """The plan over this fleet, resolved before anything is planned or written: a wave
+        naming a host the fleet lacks stops the run here (ConfigError), not after the releases."""
+        if self.plan is not None:
+            resolve(self.plan, dict(tags), source=self.source)
+
     def head(self, host: str) -> Current | None:
         """The release a rollout holds back for `host`: what it will run next."""
         return self.held.get(host)

@@ -204,6 +204,7 @@ class Publisher:
             gate = Gate(
                 self.state, waves, source=str(inventory.root / "fleet.toml"), off=self.rollout == "off"
             )
+            gate.check({host.name: host.entry.tags for host in inventory.hosts})
             results, plans = self._plan(inventory, cache, generations, gate)
             revision.confirm()  # a dirty work tree stops the run here, before any check or write
             checker = Checker(inventory.config.publish, self.state.publisher / "parsed.msgpack")

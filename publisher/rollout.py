@@ -14,13 +14,14 @@ says a wave started before any of its hosts is given, and every start of `serve`
 a started wave holds, so a crash between the two gives it at the next start.
 """
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -38,6 +39,7 @@ from publisher.keyring import read_chain
 
 REST: Final = "(rest)"  # the wave of the hosts no wave chose: not a name fleet.toml can give
 MESSAGE: Final = 200  # characters kept of what a failing host said
+_LOCK_POLL: Final = 0.05  # seconds between tries of the lock from an event loop
 
 
 class Status(StrEnum):
@@ -159,6 +161,26 @@ def locked(state: StateDir) -> Iterator[None]:
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only suffices for flock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def locked_async(state: StateDir) -> AsyncIterator[None]:
+    """The same lock for an event loop (`herald serve`): it waits without blocking the loop, so
+    the broker and SFTP server go on while another process (a publish, `herald rollout abort
+    --rollback`) holds it."""
+    path = state.root / "run" / "rollout.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(_LOCK_POLL)
         yield
     finally:
         os.close(fd)

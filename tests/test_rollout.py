@@ -40,9 +40,10 @@ from helpers import (
     write_release,
 )
 
+from protocol.errors import ConfigError
 from protocol.messages import Phase, State, encode, now
 from protocol.release import Current
-from protocol.settings import Health, RolloutPlan, RolloutWave
+from protocol.settings import Health, RolloutPlan, RolloutWave, convert
 from protocol.topics import Kind, Topics
 from publisher.inventory import load_inventory
 from publisher.publish import Status, publish, write_floors
@@ -136,12 +137,24 @@ def test_a_wave_naming_a_host_the_fleet_lacks_is_one_line():
         resolve(plan, {"alpha": []}, source="fleet.toml")
 
 
+def test_a_plan_naming_a_host_the_fleet_lacks_stops_the_publish_before_any_release(fleet: Fleet, state: Path):
+    publish(fleet.root, state)
+    with_plan(fleet, 'name = "canary"\nhosts = ["zeta"]')
+    change(fleet, "never written")
+    with pytest.raises(ConfigError, match="no host 'zeta'"):
+        publish(fleet.root, state)
+    for host in fleet.hosts:
+        assert os.listdir(state / "chroot" / host / "releases") == ["1"]
+
+
 def test_a_maintenance_window_may_cross_midnight():
     at = datetime(2026, 11, 25, 23, 30).astimezone()
     assert until_window(None, at) == 0
     assert until_window("23:00-01:00", at) == 0
     assert until_window("02:00-04:00", at) == 2.5 * 3600
     assert until_window("23:45-23:50", at) == 15 * 60
+    with pytest.raises(ConfigError, match="starts where it ends"):  # it would never open
+        convert({"name": "w", "hosts": ["alpha"], "window": "02:00-02:00"}, RolloutWave, source="fleet.toml")
 
 
 def test_a_held_release_is_kept_and_finding_it_again_writes_nothing(fleet: Fleet, state: Path):
