@@ -273,7 +273,7 @@ def cmd_host_remove(args: argparse.Namespace) -> int:
         args.fleet = Path(server.fleet)
     _admin_defaults(args, broker=False)
     if args.broker is None and server is not None and server.broker is not None:
-        args.broker = _first(server.broker)  # an external broker holds the host's retained messages
+        args.broker = server.broker  # an external broker (each node of a cluster) holds its messages
     return remove_host(
         args.state,
         args.name,
@@ -673,7 +673,7 @@ def _lifecycle_commands(commands: _Commands) -> None:
         "remove", cmd_host_remove, "remove a host from the server: access, sessions, chroot, messages"
     )
     cmd.add_argument("name", metavar="NAME")
-    _admin(cmd)
+    _admin(cmd, several=True)
     cmd.add_argument("--fleet", type=Path, metavar="DIR", help="checked not to name the host any more")
     cmd.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     cmd.add_argument(

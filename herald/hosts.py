@@ -42,13 +42,14 @@ from protocol.credentials import Secret, format_passwd, parse_passwd, read_secre
 from protocol.errors import ConfigError, UnreachableError
 from protocol.files import write_atomic
 from protocol.layout import Access, StateDir
-from protocol.mqtt import BrokerURL
+from protocol.mqtt import BrokerURL, parse_urls
 from protocol.release import BROKER_SECRET, CREDENTIALS, LOGS, OBJECTS
 from protocol.settings import load_fleet
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 from publisher.accounts import MARK
 from publisher.chroot import Pool
 from publisher.publish import publish_lock
+from publisher.rollout import book_path, forget, read_book
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class Removal:
         host: str,
         *,
         archive: Path | None = None,
-        broker: BrokerURL | None = None,
+        brokers: list[BrokerURL] | None = None,
         topics: Topics | None = None,
     ) -> None:
         if not is_host_name(host):
@@ -72,7 +73,7 @@ class Removal:
         self.state = StateDir(state.absolute())
         self.host = host
         self.archive = archive
-        self.broker = broker
+        self.brokers = brokers or []  # an external broker, or each node of a cluster
         self.topics = topics or Topics()
         self.chroot = self.state.chroot(host)
         self.served: Answer | None = None
@@ -89,6 +90,10 @@ class Removal:
         if host in self._access():
             steps.append(Step(f"remove {host} from {self.state.access}", self._drop_access))
         steps.append(Step(f"drop {host}'s live sessions and retained messages", self._drop_sessions))
+        if self._in_rollout():
+            steps.append(
+                Step(f"remove {host} from the rollout ({book_path(self.state)})", self._leave_rollout)
+            )
         account = _account(host)
         if account is not None:
             steps.append(Step(f"end {host}'s processes (its sshd sessions)", lambda: _kill_user(account)))
@@ -149,23 +154,39 @@ class Removal:
                 f"herald serve closed {answer.sftp_sessions} SFTP connection(s), dropped "
                 f"{answer.mqtt_sessions} MQTT session(s), cleared {len(answer.retained)} retained message(s)"
             )
-        if self.broker is not None and (answer is None or not answer.broker):
-            said.append(self._clear_external())
+        if self.brokers and (answer is None or not answer.broker):
+            said.extend(self._clear_external(url) for url in self.brokers)  # each node keeps its own
         return "; ".join(said) or "no herald serve runs on this state and no broker was named: none to drop"
 
-    def _clear_external(self) -> str:
+    def _clear_external(self, url: BrokerURL) -> str:
         from herald.runner import run  # noqa: PLC0415 - MQTT only when a broker is named
 
-        assert self.broker is not None  # noqa: S101 - checked by the caller
         try:
-            run(self._clear_retained(self.broker))
+            run(self._clear_retained(url))
         except UnreachableError as exc:
             warn(f"{self.host}'s retained messages not cleared: {exc}")
-            return f"retained messages on {self.broker} not cleared"
+            return f"retained messages on {url} not cleared"
         return (
-            f"cleared {self.host}'s retained messages on {self.broker}; it keeps admitting {self.host} "
+            f"cleared {self.host}'s retained messages on {url}; it keeps admitting {self.host} "
             "until you export its users again (herald broker export) and restart it"
         )
+
+    # ---------------------------------------------------------------- the rollout
+
+    def _in_rollout(self) -> bool:
+        try:
+            book = read_book(self.state)
+        except ConfigError:
+            return False
+        rollout = book.rollout
+        return self.host in book.aborted or (
+            rollout is not None
+            and (self.host in rollout.hosts or any(self.host in wave.hosts for wave in rollout.waves))
+        )
+
+    def _leave_rollout(self) -> str:
+        forget(self.state, self.host)
+        return f"{self.host} is in no rollout any more: given its name again, a host starts afresh"
 
     async def _clear_retained(self, url: BrokerURL) -> None:
         import aiomqtt  # noqa: PLC0415
@@ -328,7 +349,7 @@ def remove_host(
     fleet: Path | None,
     dry_run: bool,
     archive: Path | None,
-    broker: str | None,
+    broker: str | list[str] | None,
     prefix: str,
 ) -> int:
     if fleet is not None and still_in_fleet(fleet, host):
@@ -342,7 +363,7 @@ def remove_host(
         state,
         host,
         archive=archive,
-        broker=BrokerURL.parse(broker) if broker else None,
+        brokers=parse_urls(broker),
         topics=Topics(prefix),
     )
     removal.run(dry_run=dry_run, say=lambda line: console.print(line, markup=False, soft_wrap=True))

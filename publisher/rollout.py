@@ -259,6 +259,8 @@ def give(
         chroot = Chroot(state.chroot(host), own)
         try:
             current = chroot.current()
+            if not (chroot.releases / str(target.generation)).is_file():
+                continue  # never name a release that is not there (a chroot made afresh since)
             if current is None or current.generation < target.generation:
                 if target.format >= 2 and keys is None:
                     keys = read_chain(state).count(b"\n")  # what a format-2 `current` counts now
@@ -302,6 +304,26 @@ def startable(rollout: Rollout, at: float) -> int | None:
     if until_window(rollout.waves[index].window, datetime.fromtimestamp(at).astimezone()) > 0:
         return None
     return index
+
+
+def forget(state: StateDir, host: str) -> bool:
+    """`herald host remove`: the host leaves the rollout (its target, its place in a wave, what
+    an abort held back for it), so that a host given the same name later starts afresh; True if
+    the rollout file named it."""
+    with locked(state):
+        book = read_book(state)
+        named = host in book.aborted
+        book.aborted.pop(host, None)
+        if book.rollout is not None:
+            named = named or host in book.rollout.hosts
+            book.rollout.hosts.pop(host, None)
+            for wave in book.rollout.waves:
+                if host in wave.hosts:
+                    wave.hosts.remove(host)
+                    named = True
+        if named:
+            write_book(state, book)
+    return named
 
 
 # ---------------------------------------------------------------- pause, resume, abort

@@ -153,6 +153,18 @@ def current_generation(state: Path, host: str) -> int:
     return int(path.read_text().split()[0]) if path.exists() else 0
 
 
+def delete_from_fleet(fleet: Fleet, host: str) -> None:
+    """What the admin does in the fleet repository: the host's table and directory go."""
+    toml = fleet.root / "fleet.toml"
+    text = toml.read_text()
+    start = text.index(f"[hosts.{host}]")
+    end = text.find("\n[", start + 1)
+    toml.write_text(text[:start] + (text[end + 1 :] if end >= 0 else ""))
+    for path in sorted((fleet.root / "hosts" / host).rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    (fleet.root / "hosts" / host).rmdir()
+
+
 def read_release(state: Path, host: str, generation: int) -> tuple[bytes, bytes]:
     """(MANIFEST, signature) of releases/<generation> in the host's chroot, not yet verified."""
     return split_release((state / "chroot" / host / "releases" / str(generation)).read_bytes())

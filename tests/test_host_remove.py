@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import Fleet, Serve, Watcher, herald, make_agent, start_serve
+from helpers import Fleet, Serve, Watcher, delete_from_fleet, herald, make_agent, start_serve
 from openssh import remove_host_users, start_sshd
 
 from protocol.messages import Phase
@@ -34,18 +34,6 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
         return response.read().decode()
-
-
-def delete_from_fleet(fleet: Fleet, host: str) -> None:
-    """What the admin does in the fleet repository: the host's table and directory go."""
-    toml = fleet.root / "fleet.toml"
-    text = toml.read_text()
-    start = text.index(f"[hosts.{host}]")
-    end = text.find("\n[", start + 1)
-    toml.write_text(text[:start] + (text[end + 1 :] if end >= 0 else ""))
-    for path in sorted((fleet.root / "hosts" / host).rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-    (fleet.root / "hosts" / host).rmdir()
 
 
 def refused(port: int, host: str, key: Path) -> bool:

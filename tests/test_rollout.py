@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from helpers import (
     Serve,
     Watcher,
     current_generation,
+    delete_from_fleet,
     herald,
     make_agent,
     read_release,
@@ -231,6 +233,31 @@ def test_what_an_abort_held_back_is_not_released_by_a_hosts_report_of_a_later_ge
     assert current_generation(state, "gamma") == 1
     assert rollout(state)["status"] == "aborted"  # no new rollout started by gamma's word
     assert "gamma" in book(state)["aborted"]
+
+
+def test_a_host_removed_mid_rollout_and_given_its_name_again_starts_afresh(
+    fleet: Fleet, state: Path, tmp_path: Path
+):
+    with_plan(fleet, 'name = "canary"\nhosts = ["alpha"]\nsoak = "1h"')
+    publish(fleet.root, state)
+    change(fleet, "held")
+    publish(fleet.root, state)  # gamma's generation 2 is held back
+    toml, saved = fleet.root / "fleet.toml", tmp_path / "gamma-saved"
+    kept_toml = toml.read_text()
+    shutil.copytree(fleet.root / "hosts" / "gamma", saved, symlinks=True)
+    delete_from_fleet(fleet, "gamma")
+    removed = herald("host", "remove", "gamma", "--state", str(state), "--fleet", str(fleet.root))
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "gamma is in no rollout any more" in removed.stdout
+    assert "gamma" not in rollout(state)["hosts"]
+    assert all("gamma" not in wave["hosts"] for wave in rollout(state)["waves"])
+
+    toml.write_text(kept_toml)  # a new machine given the same name
+    shutil.copytree(saved, fleet.root / "hosts" / "gamma", symlinks=True)
+    report = publish(fleet.root, state)
+    assert {r.host: r.status for r in report.hosts}["gamma"] is Status.CHANGED
+    current = current_generation(state, "gamma")
+    assert (state / "chroot" / "gamma" / "releases" / str(current)).is_file()  # `current` names a release
 
 
 # ---------------------------------------------------------------- real agents
