@@ -28,6 +28,7 @@ from publisher.revision import DIRTY
 from publisher.rollout import Rollout
 
 HEARTBEAT: Final = timedelta(seconds=60)
+SKEW: Final = timedelta(minutes=5)  # how far ahead of this clock a host's own timestamps may be
 _RECONNECT: Final = 5.0
 MESSAGE_WIDTH: Final = 60  # characters of a host's message that the table and the page show
 
@@ -85,7 +86,9 @@ class HostView:
         return command
 
     def is_online(self, at: datetime) -> bool:
-        return self.online is not None and self.online.online and at - self.online.at < 3 * HEARTBEAT
+        """Online, and said so within three heartbeats; a time far ahead of this clock is no
+        proof of anything (a host could otherwise look online, and hold its wave, for ever)."""
+        return self.online is not None and self.online.online and -SKEW < at - self.online.at < 3 * HEARTBEAT
 
     def status(self, at: datetime | None = None) -> Status:
         if self.state is None:
@@ -168,16 +171,27 @@ class FleetView:
 
 
 def _freshness(payload: msgspec.Struct) -> tuple[object, ...]:
-    """What makes one retained message of a topic newer than another, for merging nodes."""
+    """What makes one retained message of a topic newer than another, for merging nodes. A time
+    beyond this clock's (and SKEW) makes a message the oldest, not the newest: a host's clock
+    must not pin its row for ever to what it said once, on a node it has left."""
     if isinstance(payload, Desired):
         return (payload.generation, payload.published_at)
     if isinstance(payload, State):
-        return (payload.since, payload.deployed_generation, payload.target_generation)
+        return (
+            _plausible(payload.since),
+            payload.since,
+            payload.deployed_generation,
+            payload.target_generation,
+        )
     if isinstance(payload, Online):
-        return (payload.at,)
+        return (_plausible(payload.at), payload.at)
     if isinstance(payload, Command):
         return (payload.issued_at,)
     return ()
+
+
+def _plausible(at: datetime) -> bool:
+    return at - now() < SKEW
 
 
 _KINDS: Final = (Kind.DESIRED, Kind.COMMAND, Kind.STATE, Kind.ONLINE)

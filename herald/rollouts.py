@@ -7,15 +7,17 @@ What a host's state means for the rollout (`seen`), and only for that host's own
 - `failed`: `failed` or `rolled_back` for its target generation (counted once, however often
   it says so);
 - `away`: offline, stopped, postponed (on battery, a metered link) or never seen: not waited for;
-  its result counts whenever it comes;
+  its result counts whenever it comes (a wave needs one host done, though, so a wave of hosts
+  all away waits for one of them, or for its `deadline`);
 - anything else, `waiting`.
 
 A host's state counts only once its own `current` names its target (its wave started): a report
 of a generation it was never given, or another host's, is `waiting` at best. A wave passes when
 each of its hosts is done, failed within the budget or away, at least one done, and that has held
-for its soak (with `health = "soak"`, a host that fails during the soak counts as failed). The
-failure budgets (the wave's, the rollout's) halt it. So a host can fail its own part, or claim it,
-and no more.
+for its soak (with `health = "soak"`, a host that fails during the soak counts as failed). A
+host with no result by the wave's `deadline` has failed. The failure budgets (the wave's, the
+rollout's) halt it, and so does a wave whose every host failed (nothing would pass it). So a
+host can fail its own part, claim it, or take its time up to the deadline, and no more.
 
 The runner wakes on every state or presence message (coalesced), at the end of a soak or the
 opening of a window, and twice a second to look at the rollout file, which `herald publish` and
@@ -111,6 +113,10 @@ def observe(rollout: Rollout, view: FleetView, at: float) -> bool:
             target.outcome, target.at = Outcome.FAILED, at
             target.message = (state.message if state is not None else "")[:MESSAGE]
             changed = True
+        elif target.outcome is Outcome.NONE and wave.deadline and at >= wave.started + wave.deadline:
+            target.outcome, target.at = Outcome.FAILED, at  # away or busy, it holds the rollout no longer
+            target.message = f"no result within the wave's deadline of {wave.deadline:.0f}s ({now_seen})"
+            changed = True
     return changed
 
 
@@ -119,7 +125,7 @@ def decide(rollout: Rollout, view: FleetView, at: float, *, say: bool = True) ->
     changed = observe(rollout, view, at)
     if rollout.status not in (Status.RUNNING, Status.PAUSED):
         return changed, []
-    if (reason := _over_budget(rollout)) is not None:
+    if (reason := _halt(rollout)) is not None:
         rollout.status, rollout.reason = Status.HALTED, reason
         if say:
             logger.error("rollout {}: {}", rollout.id, reason)
@@ -144,18 +150,51 @@ def decide(rollout: Rollout, view: FleetView, at: float, *, say: bool = True) ->
 
 
 def _condition(rollout: Rollout, index: int, view: FleetView, at: datetime) -> bool:
-    """Every host of the wave done, failed (within the budget: checked first) or away; one done."""
+    """Every host of the wave done, failed (within the budget: checked first) or away; one done,
+    or else every one failed and those failures accepted by `herald rollout resume`."""
     wave = rollout.waves[index]
-    done = False
+    done, accepted = False, False
     for host in wave.hosts:
         target = rollout.hosts.get(host)
         if target is None:
             continue
         if target.outcome is Outcome.DONE:
             done = True
-        elif target.outcome is Outcome.NONE and seen(target, view.hosts.get(host), at) is not Seen.AWAY:
+        elif target.outcome is Outcome.FAILED:
+            accepted = accepted or target.accepted
+        elif seen(target, view.hosts.get(host), at) is not Seen.AWAY:
             return False
-    return done
+    return done or (accepted and _finished(rollout, index))
+
+
+def _finished(rollout: Rollout, index: int) -> bool:
+    """Every host of the wave has an outcome (none is waiting or away)."""
+    return all(
+        rollout.hosts[host].outcome is not Outcome.NONE
+        for host in rollout.waves[index].hosts
+        if host in rollout.hosts
+    )
+
+
+def _nobody_done(rollout: Rollout, index: int) -> str | None:
+    """The one line halting a wave whose every host failed within the budget: nothing would
+    ever pass it. None while a host may still be done, or the failures are accepted."""
+    wave = rollout.waves[index]
+    targets = [rollout.hosts[host] for host in wave.hosts if host in rollout.hosts]
+    if not targets or not _finished(rollout, index) or any(t.outcome is Outcome.DONE for t in targets):
+        return None
+    failed = sorted(host for host in wave.hosts if host in rollout.hosts and not rollout.hosts[host].accepted)
+    if not failed:
+        return None
+    return _halted(f"wave {index + 1} ({wave.name}): none of its hosts is up to date", failed)
+
+
+def _halt(rollout: Rollout) -> str | None:
+    """Why the rollout must halt now, in one line naming the hosts; None if it need not."""
+    if (reason := _over_budget(rollout)) is not None:
+        return reason
+    index = rollout.current_wave()
+    return _nobody_done(rollout, index) if index is not None and rollout.waves[index].started else None
 
 
 def _over_budget(rollout: Rollout) -> str | None:
@@ -188,6 +227,8 @@ def next_wake(rollout: Rollout | None, at: float) -> float:
         wake = min(wake, max(0.0, wave.healthy + wave.soak - at))
     elif not wave.started:
         wake = min(wake, until_window(wave.window, datetime.fromtimestamp(at).astimezone()))
+    elif wave.deadline:
+        wake = min(wake, max(0.0, wave.started + wave.deadline - at))
     return wake
 
 

@@ -234,7 +234,8 @@ class Health(StrEnum):
 class RolloutWave(_Settings, frozen=True, kw_only=True):
     """One `[[rollout.waves]]` of fleet.toml: the hosts it takes (named, by tag, and the first
     `percent` of the fleet in an order fixed by a hash of each name), less those of the waves
-    before it; how long it soaks; its own failure budget; when it may start."""
+    before it; how long it soaks; its own failure budget; when it may start; how long a host of
+    it may take before it counts as failed."""
 
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
     hosts: list[str] = []
@@ -244,6 +245,7 @@ class RolloutWave(_Settings, frozen=True, kw_only=True):
     budget: Budget | None = None
     window: Window | None = None  # the server's local time; the wave starts only inside it
     health: Health = Health.CONFIRMED
+    deadline: Duration | None = None  # from the wave's start: a host with no result by then has failed
 
     def __post_init__(self) -> None:
         if not (self.hosts or self.tags or self.percent):

@@ -83,6 +83,7 @@ class Wave(msgspec.Struct, kw_only=True):
     budget: int | None = None
     window: str | None = None
     health: Health = Health.CONFIRMED
+    deadline: float = 0.0  # seconds from `started` a host may take (0: no deadline)
     started: float = 0.0  # when its hosts were given their targets (0: not yet)
     healthy: float = 0.0  # since when its condition holds, the soak's start (0: it does not)
     passed: float = 0.0
@@ -217,6 +218,7 @@ def resolve(plan: RolloutPlan, tags: dict[str, list[str]], *, source: str) -> li
                 name=wave.name,
                 hosts=hosts,
                 soak=float(seconds(wave.soak) if wave.soak else 0),
+                deadline=float(seconds(wave.deadline) if wave.deadline else 0),
                 budget=wave.budget,
                 window=wave.window,
                 health=wave.health,

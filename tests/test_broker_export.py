@@ -1,4 +1,5 @@
-"""`herald broker export --format rabbitmq|emqx` says what broker.acl says, for every user.
+"""`herald broker export --format rabbitmq|emqx` says what broker.acl says, for every user; the
+fleet view merges what several nodes hold.
 
 EMQX is not installable here, so its files are read back by a small evaluator of EMQX's file
 authorization (first match wins, `${username}` expanded, `all` for every user) and compared with
@@ -11,12 +12,15 @@ import base64
 import hashlib
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from helpers import Fleet, herald
 
 from broker.acl import covers, matches, may_publish, may_subscribe
+from herald.fleet import FleetView
+from protocol.messages import Online, Phase, State, encode, now
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, SERVICE_USERS, Topics
 
 T = Topics()
@@ -168,3 +172,28 @@ def test_rabbitmq_hashes_verify_their_own_secret_only(exported: tuple[Path, Path
         assert hashlib.sha256(salt + secret(state, name).encode()).digest() == digest
         other = ADMIN_USER if name != ADMIN_USER else PUBLISHER_USER
         assert hashlib.sha256(salt + secret(state, other).encode()).digest() != digest
+
+
+# ---------------------------------------------------------------- reading several nodes
+
+
+def test_merging_nodes_keeps_the_newest_message_and_a_clock_far_ahead_never_wins():
+    """On a cluster each node keeps its own retained messages: the fleet view takes the newest
+    of each topic. A host that once published times far ahead must not pin its row to that."""
+    view = FleetView(Topics())
+    honest_then = now() - timedelta(minutes=2)
+    old = State(phase=Phase.IDLE, deployed_generation=1, since=honest_then)
+    new = State(phase=Phase.IDLE, deployed_generation=2, since=now())
+    assert view.offer("herald/alpha/state", encode(new))
+    assert not view.offer("herald/alpha/state", encode(old))  # the node alpha left: older, ignored
+    assert view.hosts["alpha"].state.deployed_generation == 2
+
+    ahead = now() + timedelta(days=365)
+    pinned = State(phase=Phase.APPLYING, deployed_generation=1, since=ahead)
+    view.offer("herald/beta/state", encode(pinned))
+    view.offer("herald/beta/online", encode(Online(online=True, at=ahead)))
+    assert view.offer("herald/beta/state", encode(new))  # the honest one replaces it
+    assert view.offer("herald/beta/online", encode(Online(online=True, at=now())))
+    assert view.hosts["beta"].state.phase is Phase.IDLE
+    assert view.hosts["beta"].is_online(now())
+    assert not view.offer("herald/beta/state", encode(pinned))  # and it never wins again

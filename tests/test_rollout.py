@@ -42,14 +42,17 @@ from helpers import (
     write_release,
 )
 
+from herald.fleet import FleetView
+from herald.rollouts import decide
 from protocol.errors import ConfigError
-from protocol.messages import Phase, State, encode, now
+from protocol.layout import StateDir
+from protocol.messages import Online, Phase, State, encode, now
 from protocol.release import Current
 from protocol.settings import Health, RolloutPlan, RolloutWave, convert
 from protocol.topics import Kind, Topics
 from publisher.inventory import load_inventory
 from publisher.publish import Status, publish, write_floors
-from publisher.rollout import order, resolve, until_window
+from publisher.rollout import Book, order, read_book, resolve, resume, until_window, write_book
 
 
 def plan_toml(*waves: str, budget: int = 1) -> str:
@@ -258,6 +261,44 @@ def test_a_host_removed_mid_rollout_and_given_its_name_again_starts_afresh(
     assert {r.host: r.status for r in report.hosts}["gamma"] is Status.CHANGED
     current = current_generation(state, "gamma")
     assert (state / "chroot" / "gamma" / "releases" / str(current)).is_file()  # `current` names a release
+
+
+def test_a_wave_no_host_can_pass_halts_and_a_canary_that_never_answers_fails_at_its_deadline(
+    fleet: Fleet, state: Path
+):
+    """A compromised canary says `applying` for ever, with an online time far ahead of the
+    server's clock: it holds its wave only until the deadline, then counts as failed, and the
+    wave halts (none of its hosts is up to date) instead of waiting for ever."""
+    with_plan(fleet, 'name = "canary"\nhosts = ["alpha"]\ndeadline = "10m"', budget=5)
+    publish(fleet.root, state)
+    change(fleet, "stalled")
+    publish(fleet.root, state)
+    layout = StateDir(state)
+    plan = read_book(layout).rollout
+    assert plan is not None
+    target, started = plan.hosts["alpha"], plan.waves[0].started
+    view = FleetView(Topics())
+    busy = State(
+        phase=Phase.APPLYING, deployed_generation=1, target_generation=target.generation, since=now()
+    )
+    view.update("herald/alpha/state", encode(busy))
+    view.update("herald/alpha/online", encode(Online(online=True, at=datetime(9999, 1, 1).astimezone())))
+    assert not view.hosts["alpha"].is_online(now())  # a time that far ahead proves nothing
+
+    decide(plan, view, started + 60)
+    assert (plan.status, target.outcome) == ("running", "")
+    decide(plan, view, started + 601)
+    assert target.outcome == "failed"
+    assert "deadline of 600s" in target.message
+    assert plan.status == "halted"
+    assert "wave 1 (canary): none of its hosts is up to date: alpha" in plan.reason
+
+    write_book(layout, Book(rollout=plan))
+    resume(layout)  # the admin accepts the failure: the wave passes, the rest is given
+    plan = read_book(layout).rollout
+    assert plan is not None
+    _, given = decide(plan, view, started + 602)
+    assert sorted(given) == ["beta", "gamma"]
 
 
 # ---------------------------------------------------------------- real agents
