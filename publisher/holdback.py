@@ -27,6 +27,7 @@ from protocol.settings import RolloutPlan
 from publisher.chroot import Chroot
 from publisher.rollout import (
     Book,
+    Outcome,
     Rollout,
     Status,
     Target,
@@ -150,7 +151,7 @@ class Gate:
         assert self.plan is not None  # noqa: S101 - only called with one
         waves = resolve(self.plan, dict(tags), source=self.source)
         new = Rollout(
-            id=time.strftime("%Y%m%dT%H%M%S", time.localtime(at)) + (f"-{rev[:12]}" if rev else ""),
+            id=_new_id(at, rev, old),
             created=at,
             source_rev=rev,
             budget=self.plan.budget,
@@ -170,6 +171,7 @@ class Gate:
             carried = old.hosts.get(host) if old is not None else None
             if host in same and (carried is None or carried.given):
                 go.add(host)  # its content is out already: nothing to roll out
+                _still_counted(new, host, carried, release)
                 continue
             current = running[host]
             previous = carried.previous if carried is not None and not carried.given else None
@@ -188,6 +190,26 @@ class Gate:
                 self.notes[host] = _waiting(new, target)
         book.rollout = new
         return go
+
+
+def _new_id(at: float, rev: str | None, old: Rollout | None) -> str:
+    """The time, the commit; never the id of the rollout it replaces (two publishes in a second)."""
+    base = time.strftime("%Y%m%dT%H%M%S", time.localtime(at)) + (f"-{rev[:12]}" if rev else "")
+    made, count = base, 1
+    while old is not None and made == old.id:
+        count += 1
+        made = f"{base}.{count}"
+    return made
+
+
+def _still_counted(rollout: Rollout, host: str, carried: Target | None, release: Current) -> None:
+    """A host the old rollout gave its release, whose result has not come yet, stays in the new
+    one (given, at its new generation): its failure must still count against a budget."""
+    if carried is None or carried.outcome is not Outcome.NONE:
+        return
+    kept = _carried(carried)
+    kept.wave, kept.generation, kept.format = rollout.wave_of(host) or 0, release.generation, release.format
+    rollout.hosts[host] = kept
 
 
 def _carried(target: Target) -> Target:

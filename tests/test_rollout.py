@@ -301,6 +301,25 @@ def test_a_wave_no_host_can_pass_halts_and_a_canary_that_never_answers_fails_at_
     assert sorted(given) == ["beta", "gamma"]
 
 
+def test_a_host_given_its_release_and_not_yet_heard_from_stays_counted_when_a_rollout_is_replaced(
+    fleet: Fleet, state: Path
+):
+    with_plan(fleet, 'name = "canary"\nhosts = ["alpha"]\nsoak = "1h"', 'name = "second"\nhosts = ["beta"]')
+    publish(fleet.root, state)
+    change(fleet, "first")
+    publish(fleet.root, state)  # alpha given its release; no result yet
+    first = rollout(state)["id"]
+    write_floors(state / "run" / "reported.json", {"alpha": 50})  # alpha's release is lifted above 50
+    fleet.edit("beta", "files/etc/motd", "beta changes again\n")  # and beta's change replaces the rollout
+    publish(fleet.root, state)
+    now_ = rollout(state)
+    assert now_["id"] != first
+    alpha = now_["hosts"]["alpha"]
+    assert alpha["given"] is True
+    assert alpha["generation"] > 50
+    assert alpha["outcome"] == ""  # its result, when it comes, counts in the new rollout
+
+
 # ---------------------------------------------------------------- real agents
 
 
