@@ -244,7 +244,7 @@ def _latency(root: Path, keys: dict[str, Path], *, apart: bool) -> Latency:
             share = [str(path) for path in configs[index : index + AGENTS_PER_PROCESS]]
             workers.append(subprocess.Popen([*nice, sys.executable, "-m", "bench.agents_process", *share]))
         started = [root / "agents" / name / "started" for name in keys]
-        _wait(lambda: all(path.exists() for path in started), "every agent at generation 1")
+        wait_for(lambda: all(path.exists() for path in started), "every agent at generation 1")
         time.sleep(1)
         (root / "fleet" / "shared.nix").write_text("{ ... }: { changed = true; }\n")
         for name in keys:
@@ -258,7 +258,7 @@ def _latency(root: Path, keys: dict[str, Path], *, apart: bool) -> Latency:
         asyncio.run(
             announce(desired_of(root / "state", list(keys)), url=url, password=password, topics=Topics())
         )
-        _wait(
+        wait_for(
             lambda: all(len(path.read_text().splitlines()) == 2 for path in started),
             "every agent's second rebuild",
         )
@@ -281,7 +281,7 @@ def _latency(root: Path, keys: dict[str, Path], *, apart: bool) -> Latency:
         server.wait(30)
 
 
-def _wait(condition: "object", what: str, limit: float = 300.0) -> None:
+def wait_for(condition: "object", what: str, limit: float = 300.0) -> None:
     deadline = time.monotonic() + limit
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:

@@ -8,6 +8,7 @@ these two cores with them, where real hosts would bring their own.
 
 Commands are JSON lines on stdin, answers JSON lines on stdout:
     {"do": "connect"}     connect and subscribe every host to its desired  -> {"at": time}
+                          (at QoS 0, as agents subscribe)
     {"do": "fanout"}      wait until every host received its desired       -> {"received": {host: time}}
     {"do": "disconnect"}  DISCONNECT every host                            -> {"disconnected": n}
 Every wait is bounded; a failure is answered as {"error": ...}.
@@ -45,7 +46,7 @@ def _connect(host: str, secret: str) -> bytes:
         _string("MQTT")
         + bytes([4, flags])
         + struct.pack("!H", 60)
-        + _string(host)
+        + _string(f"{host}.bench")  # a client id of the user's own (protocol.mqtt.client_id)
         + _string(host)
         + _string(secret),
     )
@@ -77,7 +78,7 @@ class Client:
         if kind != 0x20 or body[1] != 0:
             raise RuntimeError(f"{self.host}: CONNACK {body!r}")
         self.writer.write(
-            _packet(0x82, struct.pack("!H", 1) + _string(f"herald/{self.host}/desired") + b"\x01")
+            _packet(0x82, struct.pack("!H", 1) + _string(f"herald/{self.host}/desired") + b"\x00")
         )
         kind, body = await _read(reader)
         if kind != 0x90 or body[2] == 0x80:
