@@ -239,10 +239,7 @@ def _latency(root: Path, keys: dict[str, Path], *, apart: bool) -> Latency:
     server, info = serve(root)
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        configs = agent_configs(root, keys, info)
-        for index in range(0, len(configs), AGENTS_PER_PROCESS):
-            share = [str(path) for path in configs[index : index + AGENTS_PER_PROCESS]]
-            workers.append(subprocess.Popen([*nice, sys.executable, "-m", "bench.agents_process", *share]))
+        workers = start_agents(agent_configs(root, keys, info), nice)
         started = [root / "agents" / name / "started" for name in keys]
         wait_for(lambda: all(path.exists() for path in started), "every agent at generation 1")
         time.sleep(1)
@@ -273,12 +270,32 @@ def _latency(root: Path, keys: dict[str, Path], *, apart: bool) -> Latency:
             agents_cpu,
         )
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(30)
-        server.terminate()
-        server.wait(30)
+        stop_all(workers, server)
+
+
+def start_agents(configs: list[Path], nice: list[str]) -> list[subprocess.Popen[bytes]]:
+    """The agents of `configs`, AGENTS_PER_PROCESS to a process, run through `nice`."""
+    return [
+        subprocess.Popen(
+            [
+                *nice,
+                sys.executable,
+                "-m",
+                "bench.agents_process",
+                *map(str, configs[i : i + AGENTS_PER_PROCESS]),
+            ]
+        )
+        for i in range(0, len(configs), AGENTS_PER_PROCESS)
+    ]
+
+
+def stop_all(workers: list[subprocess.Popen[bytes]], server: subprocess.Popen[bytes]) -> None:
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.wait(30)
+    server.terminate()
+    server.wait(30)
 
 
 def wait_for(condition: "object", what: str, limit: float = 300.0) -> None:

@@ -14,17 +14,19 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from bench import agent
 from bench.fleetgen import make_fleet
 from publisher.publish import Status, publish
+
+if TYPE_CHECKING:
+    import subprocess
 
 SOAK = 2.0
 ROUNDS = 3
@@ -56,13 +58,8 @@ def handoff(agents: int) -> Handoff:
         server, info = agent.serve(root)
         workers: list[subprocess.Popen[bytes]] = []
         try:
-            configs = agent.agent_configs(root, keys, info)
             nice = ["nice", "-n", str(agent.AGENTS_NICE)]
-            for index in range(0, len(configs), agent.AGENTS_PER_PROCESS):
-                share = [str(path) for path in configs[index : index + agent.AGENTS_PER_PROCESS]]
-                workers.append(
-                    subprocess.Popen([*nice, sys.executable, "-m", "bench.agents_process", *share])
-                )
+            workers = agent.start_agents(agent.agent_configs(root, keys, info), nice)
             started = {name: root / "agents" / name / "started" for name in keys}
             agent.wait_for(
                 lambda: all(path.exists() for path in started.values()), "every agent at generation 1"
@@ -88,12 +85,7 @@ def handoff(agents: int) -> Handoff:
                 sum(1 for at in later if at < second["started"]),
             )
         finally:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.wait(30)
-            server.terminate()
-            server.wait(30)
+            agent.stop_all(workers, server)
 
 
 def _timed(fleet: Path, state: Path, rollout: Literal["off"] | None, expect: Status) -> float:

@@ -21,6 +21,8 @@
 import time
 from collections.abc import Mapping
 
+import msgspec
+
 from protocol.layout import StateDir
 from protocol.release import Current
 from protocol.settings import RolloutPlan
@@ -207,9 +209,9 @@ def _still_counted(rollout: Rollout, host: str, carried: Target | None, release:
     one (given, at its new generation): its failure must still count against a budget."""
     if carried is None or carried.outcome is not Outcome.NONE:
         return
-    kept = _carried(carried)
-    kept.wave, kept.generation, kept.format = rollout.wave_of(host) or 0, release.generation, release.format
-    rollout.hosts[host] = kept
+    rollout.hosts[host] = msgspec.structs.replace(
+        carried, wave=rollout.wave_of(host) or 0, generation=release.generation, format=release.format
+    )
 
 
 def _carried(target: Target) -> Target:

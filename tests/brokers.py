@@ -5,10 +5,100 @@ on it). The `broker` fixture (conftest.py) gives each test both."""
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import paho.mqtt.client as mqtt
 from helpers import Fleet, Proc, Serve, herald, need, start_serve, wait_until
+
+
+def broker_secret(state: Path, user: str) -> str:
+    """A broker user's secret as the server keeps it: the service users' in STATE/broker/, a
+    host's in its chroot's credentials/."""
+    if user.startswith("herald-"):
+        return (state / "broker" / f"{user}.secret").read_text().strip()
+    return (state / "chroot" / user / "credentials" / "broker.secret").read_text().strip()
+
+
+class Received(NamedTuple):
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass
+class Session:
+    """One paho connection, its CONNACK and what it receives."""
+
+    client: mqtt.Client
+    code: list[object] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    granted: list[list[int]] = field(default_factory=list)
+    closed: bool = False  # the broker closed the connection
+
+    @property
+    def refused(self) -> bool:
+        """The broker answered the CONNECT with a refusal, or closed the connection instead
+        (Mosquitto does so for a will that names no valid topic)."""
+        return (bool(self.code) and self.code[0].is_failure) or (self.closed and not self.code)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def drop(self) -> None:
+        """End the TCP connection without DISCONNECT, as a crash or a pulled cable does."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def open_session(
+    port: int,
+    user: str | None,
+    password: str | None,
+    *,
+    identifier: str,
+    will: tuple[str, bytes] | None = None,
+    subscribe: tuple[str, ...] = (),
+    qos: int = 1,
+    keepalive: int = 30,
+    where: str = "",
+) -> Session:
+    """Connect (and subscribe) as `user`; returns once the broker answered the CONNECT (and the
+    SUBSCRIBE, if any)."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=identifier, reconnect_on_failure=False)
+    made = Session(c)
+    if user is not None:
+        c.username_pw_set(user, password)
+    if will is not None:
+        c.will_set(will[0], will[1], qos=1, retain=True)
+
+    def on_connect(client: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        made.code.append(rc)
+        if not rc.is_failure:  # type: ignore[attr-defined]
+            for topic in subscribe:
+                client.subscribe(topic, qos=qos)
+
+    def on_disconnect(*_args: object) -> None:
+        made.closed = True
+
+    c.on_connect = on_connect
+    c.on_disconnect = on_disconnect
+    c.on_subscribe = lambda _c, _u, _m, codes, _p: made.granted.append([int(code.value) for code in codes])
+    c.on_message = lambda _c, _u, m: made.received.append(
+        Received(m.topic, bytes(m.payload), m.qos, bool(m.retain))
+    )
+    c.connect("127.0.0.1", port, keepalive=keepalive)
+    c.loop_start()
+    wait_until(lambda: made.code or made.closed, f"CONNACK for {user}{where}")
+    if not made.refused and subscribe:
+        wait_until(lambda: made.granted, f"SUBACK for {user}{where}")
+    return made
 
 
 def free_port() -> int:
@@ -38,9 +128,7 @@ class Broker:
         return self.serve
 
     def secret(self, user: str) -> str:
-        if user.startswith("herald-"):
-            return (self.state / "broker" / f"{user}.secret").read_text().strip()
-        return (self.state / "chroot" / user / "credentials" / "broker.secret").read_text().strip()
+        return broker_secret(self.state, user)
 
     def start(self) -> None:
         if not self.mosquitto:  # the embedded broker, on the same ports as before

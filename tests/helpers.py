@@ -3,6 +3,7 @@
 Every wait is bounded and waits on something observable (a file, a message, a process exit).
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -165,6 +166,27 @@ def delete_from_fleet(fleet: Fleet, host: str) -> None:
     (fleet.root / "hosts" / host).rmdir()
 
 
+def sftp_login(port: int, user: str, key: Path) -> None:
+    """Log in over SFTP with `key` and stat the chroot; asyncssh's error if refused."""
+
+    async def attempt() -> None:
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                port,
+                username=user,
+                client_keys=[asyncssh.read_private_key(str(key))],
+                known_hosts=None,
+                config=None,
+                agent_path=None,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            await sftp.stat(".")
+
+    asyncio.run(attempt())
+
+
 def read_release(state: Path, host: str, generation: int) -> tuple[bytes, bytes]:
     """(MANIFEST, signature) of releases/<generation> in the host's chroot, not yet verified."""
     return split_release((state / "chroot" / host / "releases" / str(generation)).read_bytes())
@@ -198,7 +220,7 @@ def start_serve(
     *,
     mqtt: str | None = "127.0.0.1:0",
     sftp: str = "127.0.0.1:0",
-    broker: str | None = None,
+    broker: str | list[str] | None = None,
     http: str = "127.0.0.1:0",
     wrap: tuple[str, ...] = (),
 ) -> Serve:
@@ -220,7 +242,8 @@ def start_serve(
         http,
     ]
     argv += ["--mqtt", mqtt] if mqtt is not None else []
-    argv += ["--broker", broker] if broker is not None else []
+    for url in [broker] if isinstance(broker, str) else broker or []:  # a cluster: each node
+        argv += ["--broker", url]
     proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")
 
     def ready() -> dict[str, Any] | None:

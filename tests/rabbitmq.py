@@ -19,10 +19,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from brokers import free_port
-from helpers import HERALD, Fleet, Proc, Serve, need, wait_until
+from helpers import Fleet, Proc, Serve, need, start_serve, wait_until
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -228,21 +227,7 @@ def start_cluster(root: Path, fragment: str, size: int = 3) -> Cluster:
 def start_serve_on(fleet: Fleet, state: Path, logs: Path, urls: list[str]) -> Serve:
     """`herald serve` with no broker of its own, announcing on (and following) every node:
     `--broker` once per node."""
-    run_file = state / "run" / "serve.json"
-    run_file.unlink(missing_ok=True)
-    argv = [*HERALD, "serve", "--fleet", str(fleet.root), "--state", str(state)]
-    argv += ["--sftp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--mqtt", "off"]
-    for url in urls:
-        argv += ["--broker", url]
-    proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")
-
-    def ready() -> dict[str, Any] | None:
-        if not proc.alive():
-            raise AssertionError(f"herald serve exited:\n{proc.output()}")
-        return json.loads(run_file.read_text()) if run_file.exists() else None
-
-    info = wait_until(ready, "herald serve listening")
-    return Serve(proc, state, info["mqtt"], info["sftp_port"], info["sftp_host_key"], info.get("http", ""))
+    return start_serve(fleet, state, logs, mqtt="off", broker=urls)
 
 
 def on_every_node(agent_toml: Path, urls: list[str]) -> None:

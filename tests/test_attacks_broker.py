@@ -12,12 +12,10 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from brokers import Broker
+from brokers import Broker, Session, open_session
 from helpers import Fleet, Serve, Watcher, make_agent, start_serve, wait_until
 
 from protocol.credentials import Secret
@@ -28,35 +26,6 @@ from protocol.topics import ADMIN_USER, PUBLISHER_USER, Topics
 T = Topics()
 ROLLBACK = encode(Command(id="forged-rollback", action=Action.ROLLBACK, issued_at=now(), by="alpha"))
 FORGED_STATE = encode(State(phase=Phase.IDLE, deployed_generation=999999, since=now(), message="forged"))
-
-
-@dataclass
-class Session:
-    """One paho connection, its CONNACK and what it receives."""
-
-    client: mqtt.Client
-    code: list[object] = field(default_factory=list)
-    received: list[tuple[str, bytes, int]] = field(default_factory=list)
-    granted: list[list[int]] = field(default_factory=list)
-    closed: bool = False  # the broker closed the connection
-
-    @property
-    def refused(self) -> bool:
-        """The broker answered the CONNECT with a refusal, or closed the connection instead
-        (Mosquitto does so for a will that names no valid topic)."""
-        return (bool(self.code) and self.code[0].is_failure) or (self.closed and not self.code)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-    def drop(self) -> None:
-        """End the TCP connection without DISCONNECT, as a crash or a pulled cable does."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def session(
@@ -70,36 +39,15 @@ def session(
     qos: int = 1,
 ) -> Session:
     """Connect (and subscribe) as `user`; returns once the broker answered the CONNECT."""
-    c = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=identifier or f"{user}.{time.monotonic_ns()}",
-        reconnect_on_failure=False,
+    return open_session(
+        broker.port,
+        user,
+        password if password is not None else broker.secret(user) if user is not None else None,
+        identifier=identifier or f"{user}.{time.monotonic_ns()}",
+        will=will,
+        subscribe=subscribe,
+        qos=qos,
     )
-    made = Session(c)
-    if user is not None:
-        c.username_pw_set(user, password if password is not None else broker.secret(user))
-    if will is not None:
-        c.will_set(will[0], will[1], qos=1, retain=True)
-
-    def on_connect(client: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
-        made.code.append(rc)
-        if not rc.is_failure:  # type: ignore[attr-defined]
-            for topic in subscribe:
-                client.subscribe(topic, qos=qos)
-
-    def on_disconnect(*_args: object) -> None:
-        made.closed = True
-
-    c.on_connect = on_connect
-    c.on_disconnect = on_disconnect
-    c.on_subscribe = lambda _c, _u, _m, codes, _p: made.granted.append([int(code.value) for code in codes])
-    c.on_message = lambda _c, _u, m: made.received.append((m.topic, bytes(m.payload), m.qos))
-    c.connect("127.0.0.1", broker.port, keepalive=30)
-    c.loop_start()
-    wait_until(lambda: made.code or made.closed, f"CONNACK for {user}")
-    if not made.refused and subscribe:
-        wait_until(lambda: made.granted, f"SUBACK for {user}")
-    return made
 
 
 @pytest.fixture
@@ -235,7 +183,7 @@ def test_no_login_takes_over_another_hosts_session(
     )
     try:
         wait_until(
-            lambda: any(t == T.desired("beta") for t, _, _ in victim.received), "beta's retained desired"
+            lambda: any(m.topic == T.desired("beta") for m in victim.received), "beta's retained desired"
         )
         if identifier == "victim":
             identifier = agent_id(broker, "beta")
@@ -254,7 +202,9 @@ def test_no_login_takes_over_another_hosts_session(
         marker = encode(Command(id=f"after-{time.monotonic_ns()}", action=Action.CHECK, issued_at=now()))
         admin.client.publish(T.command("beta"), marker, qos=1, retain=True).wait_for_publish(10)
         admin.close()
-        wait_until(lambda: any(p == marker for _, p, _ in victim.received), "beta still receives its command")
+        wait_until(
+            lambda: any(m.payload == marker for m in victim.received), "beta still receives its command"
+        )
         assert victim.client.is_connected()
         assert not victim.closed
     finally:
@@ -296,7 +246,7 @@ def test_a_host_subscribing_to_wildcards_and_sys_learns_nothing_of_others(
         )
         watcher.marker()
         time.sleep(0.3)  # what was routed before the marker has arrived; a little more for alpha's socket
-        leaked = [t for t, _, _ in spy.received if not t.startswith("herald/alpha/")]
+        leaked = [m.topic for m in spy.received if not m.topic.startswith("herald/alpha/")]
         assert leaked == []
         if broker.kind == "embedded":
             assert all(code >= 0x80 for code in spy.granted[0])  # refused outright
@@ -343,9 +293,9 @@ def test_a_qos0_message_is_delivered_at_qos0_to_a_qos2_subscriber(broker: Broker
         alpha.client.publish(T.state("alpha"), b"at qos 1", qos=1).wait_for_publish(10)
         alpha.close()
         wait_until(
-            lambda: len([m for m in admin.received if not m[1].startswith(b"{")]) == 2, "both messages"
+            lambda: len([m for m in admin.received if not m.payload.startswith(b"{")]) == 2, "both messages"
         )
-        by_payload = {payload: qos for _, payload, qos in admin.received}
+        by_payload = {m.payload: m.qos for m in admin.received}
         assert by_payload[b"at qos 0"] == 0
         assert by_payload[b"at qos 1"] == 1
     finally:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from brokers import broker_secret
 from helpers import Fleet, herald
 
 from broker.acl import covers, matches, may_publish, may_subscribe
@@ -60,12 +61,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
         assert done.returncode == 0, done.stderr
         out[kind] = root / kind
     return state, out["rabbitmq"], out["emqx"]
-
-
-def secret(state: Path, user: str) -> str:
-    if user in SERVICE_USERS:
-        return (state / "broker" / f"{user}.secret").read_text().strip()
-    return (state / "chroot" / user / "credentials" / "broker.secret").read_text().strip()
 
 
 # ---------------------------------------------------------------- EMQX
@@ -123,9 +118,9 @@ def test_emqx_users_verify_their_own_secret_only(exported: tuple[Path, Path, Pat
         name = user["user_id"]
         assert user["is_superuser"] is False
         check = lambda s, u=user: hashlib.sha256(u["salt"].encode() + s.encode()).hexdigest()  # noqa: E731
-        assert check(secret(state, name)) == user["password_hash"]
+        assert check(broker_secret(state, name)) == user["password_hash"]
         other = "beta" if name != "beta" else "alpha"
-        assert check(secret(state, other)) != user["password_hash"]
+        assert check(broker_secret(state, other)) != user["password_hash"]
     conf = (emqx / "emqx.conf").read_text()
     assert "salt_position = prefix" in conf
     assert str((emqx / "acl.conf").resolve()) in conf
@@ -169,9 +164,9 @@ def test_rabbitmq_hashes_verify_their_own_secret_only(exported: tuple[Path, Path
     for name in USERS:
         stored = base64.b64decode(users[name]["password_hash"])
         salt, digest = stored[:4], stored[4:]
-        assert hashlib.sha256(salt + secret(state, name).encode()).digest() == digest
+        assert hashlib.sha256(salt + broker_secret(state, name).encode()).digest() == digest
         other = ADMIN_USER if name != ADMIN_USER else PUBLISHER_USER
-        assert hashlib.sha256(salt + secret(state, other).encode()).digest() != digest
+        assert hashlib.sha256(salt + broker_secret(state, other).encode()).digest() != digest
 
 
 # ---------------------------------------------------------------- reading several nodes

@@ -2,7 +2,6 @@
 successor only from a connection the agent already trusts; a host's own key replaced without
 a lockout, the old one refused once fleet.toml's new key is published."""
 
-import asyncio
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import Agent, Fleet, Serve, Watcher, herald, make_agent, start_serve, wait_until
+from helpers import Agent, Fleet, Serve, Watcher, herald, make_agent, sftp_login, start_serve, wait_until
 from openssh import remove_host_users
 
 from protocol.hostkeys import ANSWER, STATEMENT
@@ -161,23 +160,7 @@ def test_a_successor_announced_over_an_untrusted_channel_is_refused(
 
 def login(serve: Serve, user: str, key: Path) -> None:
     """Log in over SFTP with `key`; asyncssh.PermissionDenied if refused."""
-
-    async def attempt() -> None:
-        async with (
-            asyncssh.connect(
-                "127.0.0.1",
-                serve.sftp_port,
-                username=user,
-                client_keys=[asyncssh.read_private_key(str(key))],
-                known_hosts=None,
-                config=None,
-                agent_path=None,
-            ) as conn,
-            conn.start_sftp_client() as sftp,
-        ):
-            await sftp.stat(".")
-
-    asyncio.run(attempt())
+    sftp_login(serve.sftp_port, user, key)
 
 
 def test_a_hosts_new_key_takes_over_without_a_lockout_and_the_old_is_refused_after_publish(

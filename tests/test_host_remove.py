@@ -1,7 +1,6 @@
 """`herald host remove NAME`: every trace of a host leaves the server, with the embedded SFTP
 server and with OpenSSH; a publish after its table was deleted by hand refuses and says so."""
 
-import asyncio
 import grp
 import json
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from helpers import Fleet, Serve, Watcher, delete_from_fleet, herald, make_agent, start_serve
+from helpers import Fleet, Serve, Watcher, delete_from_fleet, herald, make_agent, sftp_login, start_serve
 from openssh import remove_host_users, start_sshd
 
 from protocol.messages import Phase
@@ -37,26 +36,11 @@ def fetch(url: str) -> str:
 
 
 def refused(port: int, host: str, key: Path) -> bool:
-    async def attempt() -> bool:
-        try:
-            async with (
-                asyncssh.connect(
-                    "127.0.0.1",
-                    port,
-                    username=host,
-                    client_keys=[asyncssh.read_private_key(str(key))],
-                    known_hosts=None,
-                    config=None,
-                    agent_path=None,
-                ) as conn,
-                conn.start_sftp_client() as sftp,
-            ):
-                await sftp.stat(".")
-        except (asyncssh.PermissionDenied, asyncssh.ChannelOpenError, asyncssh.SFTPError):
-            return True
-        return False
-
-    return asyncio.run(attempt())
+    try:
+        sftp_login(port, host, key)
+    except (asyncssh.PermissionDenied, asyncssh.ChannelOpenError, asyncssh.SFTPError):
+        return True
+    return False
 
 
 def retained_of(serve: Serve, state: Path, host: str) -> dict[str, bytes]:

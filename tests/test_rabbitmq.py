@@ -8,17 +8,17 @@ node runs last.
 """
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from brokers import Session, broker_secret, open_session
 from helpers import (
     HERALD,
     Agent,
@@ -59,9 +59,7 @@ class Setup:
         return self.serve
 
     def secret(self, user: str) -> str:
-        if user.startswith("herald-"):
-            return (self.state / "broker" / f"{user}.secret").read_text().strip()
-        return (self.state / "chroot" / user / "credentials" / "broker.secret").read_text().strip()
+        return broker_secret(self.state, user)
 
     def brokers(self) -> list[str]:
         return [arg for url in self.cluster.urls for arg in ("--broker", url)]
@@ -111,30 +109,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 # ---------------------------------------------------------------- one MQTT connection
 
 
-@dataclass
-class Session:
-    client: mqtt.Client
-    code: list[object] = field(default_factory=list)
-    received: list[tuple[str, bytes, bool]] = field(default_factory=list)
-    closed: list[float] = field(default_factory=list)
-
-    @property
-    def refused(self) -> bool:
-        return (bool(self.code) and self.code[0].is_failure) or (bool(self.closed) and not self.code)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-    def drop(self) -> None:
-        """End the TCP connection without DISCONNECT, as a crash does."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
 def connect(
     setup: Setup,
     node: Node,
@@ -144,23 +118,15 @@ def connect(
     will: tuple[str, bytes] | None = None,
     keepalive: int = 30,
 ) -> Session:
-    c = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
-        client_id=f"{user}.t{time.monotonic_ns()}",
-        reconnect_on_failure=False,
+    return open_session(
+        node.mqtt,
+        user,
+        password if password is not None else setup.secret(user) if user is not None else None,
+        identifier=f"{user}.t{time.monotonic_ns()}",
+        will=will,
+        keepalive=keepalive,
+        where=f" on {node.name}",
     )
-    made = Session(c)
-    if user is not None:
-        c.username_pw_set(user, password if password is not None else setup.secret(user))
-    if will is not None:
-        c.will_set(will[0], will[1], qos=1, retain=True)
-    c.on_connect = lambda _c, _u, _f, rc, _p: made.code.append(rc)
-    c.on_disconnect = lambda *_args: made.closed.append(time.monotonic())
-    c.on_message = lambda _c, _u, m: made.received.append((m.topic, bytes(m.payload), bool(m.retain)))
-    c.connect("127.0.0.1", node.mqtt, keepalive=keepalive)
-    c.loop_start()
-    wait_until(lambda: made.code or made.closed, f"CONNACK for {user} on {node.name}")
-    return made
 
 
 def retained_on(setup: Setup, node: Node, topics: list[str]) -> dict[str, bytes]:
@@ -173,8 +139,8 @@ def retained_on(setup: Setup, node: Node, topics: list[str]) -> dict[str, bytes]
         admin.client.subscribe(marker, qos=1)
         time.sleep(0.2)  # the SUBSCRIBEs are handled in order, before the marker's PUBLISH
         admin.client.publish(marker, b"1", qos=1)
-        wait_until(lambda: any(t == marker for t, _, _ in admin.received), "marker")
-        return {t: p for t, p, is_retained in admin.received if is_retained and t in topics}
+        wait_until(lambda: any(m.topic == marker for m in admin.received), "marker")
+        return {m.topic: m.payload for m in admin.received if m.retain and m.topic in topics}
     finally:
         admin.close()
 
@@ -200,7 +166,7 @@ def test_a_host_reads_its_own_desired_on_every_node_and_nothing_of_others(setup:
         assert T.desired("alpha") in retained_on(setup, node, [T.desired("alpha")])
         own = connect(setup, node, "alpha")
         own.client.subscribe(T.desired("alpha"), qos=1)
-        wait_until(lambda s=own: any(t == T.desired("alpha") for t, _, _ in s.received), "alpha's desired")
+        wait_until(lambda s=own: any(m.topic == T.desired("alpha") for m in s.received), "alpha's desired")
         own.close()
         for topic in (T.desired("beta"), T.command("beta"), "herald/+/desired", "herald/#", "#", "$SYS/#"):
             reader = connect(setup, node, "alpha")
@@ -306,9 +272,9 @@ def test_retained_messages_stay_on_the_node_that_received_them_and_wildcards_get
     wildcard = connect(setup, first, ADMIN_USER)
     wildcard.client.subscribe("herald/+/online", qos=1)
     wildcard.client.subscribe(topic, qos=1)  # its retained message comes after the wildcard's answer
-    wait_until(lambda: any(t == topic for t, _, is_retained in wildcard.received if is_retained), "exact")
+    wait_until(lambda: any(m.topic == topic for m in wildcard.received if m.retain), "exact")
     wildcard.close()
-    assert [(t, p) for t, p, is_retained in wildcard.received if is_retained] == [(topic, b"pinned")]
+    assert [(m.topic, m.payload) for m in wildcard.received if m.retain] == [(topic, b"pinned")]
     cleared = connect(setup, first, user)
     cleared.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
     cleared.close()
