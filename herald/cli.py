@@ -704,6 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     except HeraldError as exc:
         fail(str(exc))
         return exc.exit_code
+    except OSError as exc:  # a file herald may not read or write: one line, naming it
+        if args.verbose:
+            raise
+        fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
     except Terminated:  # SIGTERM: stopped as asked, no traceback

@@ -72,10 +72,12 @@ class HostLogs:
     def _directory(self) -> int:
         try:
             return os.open(self.path, _DIRECTORY)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ConfigError(
                 f"{self.path}: no such host chroot (is {self.host} in fleet.toml, and published?)"
             ) from None
+        except OSError as exc:  # e.g. a confined `herald serve` without CAP_DAC_READ_SEARCH (OpenSSH)
+            raise ConfigError(f"{self.path}: {exc.strerror}") from None
 
     def listed(self) -> list[LogFile]:
         """The logs, newest first (an agent's names sort by time)."""

@@ -131,7 +131,15 @@ class Server:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
         else:
             await self._announce(desired_of(self.state.root, on_disk))
-        report = await self.publish()  # announces the hosts whose release changed
+        try:
+            report = await self.publish()  # announces the hosts whose release changed
+        except Exception as exc:
+            if not on_disk:
+                raise  # nothing to serve: say why and stop
+            # A bad push, or a state this process may not write, must not take down the broker
+            # and SFTP server of a fleet that runs on the releases already published.
+            logger.error("publish failed: {}; serving the releases on disk, SIGHUP publishes again", exc)
+            report = Report()
         self._rolling = asyncio.create_task(self.rollouts.run(), name="rollout")
         if self.url is None:  # no broker: what the chroots hold is all the page can show
             self._uploads = asyncio.create_task(self._watch_uploads(), name="sftp-view")

@@ -170,7 +170,8 @@ class FleetWeb:
 
         try:
             data = await asyncio.to_thread(HostLogs(self._state, host, skipped).read, name)
-        except ConfigError:  # no chroot
+        except ConfigError as exc:  # no chroot, or one this process may not read
+            logger.bind(host=host).warning("/logs: {}", exc)
             data = None
         if data is None:
             return _not_found(f"no such log: {host}/{name}")

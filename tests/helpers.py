@@ -223,9 +223,11 @@ def start_serve(
     broker: str | list[str] | None = None,
     http: str = "127.0.0.1:0",
     wrap: tuple[str, ...] = (),
+    config: Path | None = None,
 ) -> Serve:
     """`herald serve` as a process; with `broker`, announcing on that external broker; `wrap`
-    runs it through a command that execs it (same PID), e.g. `prlimit --nofile=256:256`."""
+    runs it through a command that execs it (same PID), e.g. `prlimit --nofile=256:256`;
+    `config`, a server.toml under the flags."""
     run_file = state / "run" / "serve.json"
     run_file.unlink(missing_ok=True)
     argv = [
@@ -242,6 +244,7 @@ def start_serve(
         http,
     ]
     argv += ["--mqtt", mqtt] if mqtt is not None else []
+    argv += ["--config", str(config)] if config is not None else []
     for url in [broker] if isinstance(broker, str) else broker or []:  # a cluster: each node
         argv += ["--broker", url]
     proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")

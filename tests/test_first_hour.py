@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HERALD, Fleet, Proc, Serve, herald, make_agent, wait_until
+from helpers import HERALD, Fleet, Proc, Serve, herald, make_agent, start_serve, wait_until
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -47,6 +47,39 @@ def test_serve_on_a_port_in_use_is_one_line_naming_the_port_and_the_flag(
     assert f"127.0.0.1:{taken_port}" in line
     assert f"--{flag}" in line
     assert "in use" in line
+
+
+def test_a_serve_whose_first_publish_fails_serves_the_releases_already_published(
+    fleet: Fleet, state: Path, logs: Path, tmp_path: Path
+):
+    """A bad push, then a restart of serve: the fleet keeps its broker and SFTP server and the
+    releases it runs; with nothing published yet, serve stops with the one line instead."""
+    toml = fleet.root / "fleet.toml"
+    good = toml.read_text()
+    toml.write_text("[hosts.alpha\n")
+    line = one_line_error(herald(*serve_argv(fleet, state / "new")))
+    assert "fleet.toml" in line
+    toml.write_text(good)
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
+    toml.write_text("[hosts.alpha\n")
+    serve = start_serve(fleet, state, logs)
+    try:
+        assert "publish failed:" in serve.proc.output()
+        assert "serving the releases on disk" in serve.proc.output()
+        alpha = make_agent(fleet, "alpha", serve, tmp_path)
+        assert alpha.once().returncode == 0
+        assert alpha.deployed() == 1
+    finally:
+        serve.stop()
+
+
+def test_a_state_herald_may_not_write_is_one_line_naming_the_file(fleet: Fleet, state: Path):
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
+    lock = state / "publisher" / "lock"
+    lock.unlink()
+    lock.mkdir()  # what a read-only state or a stray directory gives: open() fails
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert f"{lock}: Is a directory" in one_line_error(done, code=1)
 
 
 # ---------------------------------------------------------------- publish
