@@ -127,6 +127,26 @@ rec {
     // (if cfg.mqtt.tls != null then { tls = cfg.mqtt.tls; } else { })
     // (if cfg.mqtt.websocket != null then { websocket = cfg.mqtt.websocket; } else { });
 
+  # Where `herald publish` announces (the server module's herald-publish unit): serve's
+  # external broker, each node of it, if server.toml names one; else the embedded broker's plain
+  # listener, reached over the loopback when it listens on every address; [ ] with none.
+  announceUrls = settings:
+    if settings ? broker then (if builtins.isList settings.broker then settings.broker else [ settings.broker ])
+    else if settings.mqtt == "off" then [ ]
+    else
+      let
+        parts = builtins.match "(.*):([0-9]+)" settings.mqtt;
+        host = builtins.elemAt parts 0;
+        local = if builtins.elem host [ "" "0.0.0.0" "[::]" ] then "127.0.0.1" else host;
+      in
+      [ "mqtt://${local}:${builtins.elemAt parts 1}" ];
+
+  # True if publishing may need more network than the loopback broker: fleet.toml's [publish]
+  # check or build commands (flake inputs, substituters), or an external broker.
+  publishNeedsNetwork = { fleet, settings }:
+    let publish = fleet.publish or { };
+    in publish ? check || publish ? build || settings ? broker;
+
   tmpfilesRules = layout: map (d: "d ${d.path} ${d.mode} ${d.user} ${d.group} -") layout;
 
   # Settings keys that agent.toml / server.toml do not know, checked against the JSON schema

@@ -17,10 +17,37 @@ let
   };
   layout = herald.chrootLayout { inherit fleet; state = cfg.stateDir; };
 
-  # server.toml, from the options below (nix/lib.nix); `settings` is merged over them.
-  settings = lib.recursiveUpdate (herald.serverSettings cfg) cfg.settings;
+  # server.toml, from the options below (nix/lib.nix); `settings` is merged over them. With
+  # publishUnit, serve never publishes: herald-publish does, the only unit with the signing key.
+  settings = lib.recursiveUpdate
+    (herald.serverSettings cfg // lib.optionalAttrs cfg.publishUnit { publish = false; })
+    cfg.settings;
   unknown = herald.unknownKeys schema settings;
   port = listen: lib.toInt (lib.last (lib.splitString ":" listen));
+  exe = lib.getExe cfg.package;
+  state = cfg.stateDir;
+
+  # What herald-serve may still do when it does not publish (tests/test_privilege.py runs it so):
+  # write the rollouts' `current` and the embedded server's uploads (chroot/), its run files, its
+  # SFTP host key; with OpenSSH, read the logs the hosts' users uploaded (the page shows them).
+  listeners = lib.filter (l: l != "off")
+    ([ cfg.mqtt.listen ] ++ lib.optional (cfg.sftp == "embedded") cfg.embeddedSftpListen
+      ++ lib.optional (cfg.mqtt.tls != null) cfg.mqtt.tls.listen
+      ++ lib.optional (cfg.mqtt.websocket != null) cfg.mqtt.websocket ++ [ cfg.http ]);
+  capabilities = lib.optional (cfg.sftp == "openssh") "CAP_DAC_READ_SEARCH"
+    ++ lib.optional (lib.any (l: port l < 1024) listeners) "CAP_NET_BIND_SERVICE";
+  confined = {
+    CapabilityBoundingSet = lib.concatStringsSep " " capabilities; # "": none
+    InaccessiblePaths = [ "-${state}/publisher/signing.key" "-${state}/publisher/signing.key.new" ];
+    ReadWritePaths = [ "${state}/chroot" "${state}/run" ] ++ lib.optional (cfg.sftp == "embedded") "${state}/sftp";
+  };
+  writableDirs = [ "d ${state}/run 0755 root root -" ]
+    ++ lib.optionals (cfg.sftp == "embedded")
+      [ "d ${state} 0755 root root -" "d ${state}/chroot 0755 root root -" "d ${state}/sftp 0755 root root -" ];
+
+  publishCommand = lib.escapeShellArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
+    ++ lib.concatMap (url: [ "--broker" url ]) (herald.announceUrls settings));
+  network = herald.publishNeedsNetwork { inherit fleet settings; };
 in
 {
   options.services.herald.server = {
@@ -70,8 +97,25 @@ in
       default = null;
       example = "5min";
       description = ''
-        Publish again on this systemd calendar/interval (SIGHUP to herald-serve). Publishing also
-        happens on start; a git hook (deploy/git/post-receive) publishes on push.
+        Publish again on this systemd interval: the timer starts herald-publish (with publishUnit
+        = false, it reloads herald-serve, which publishes). Publishing also happens on start; a
+        git hook (deploy/git/post-receive) publishes on push, and must then read the signing key:
+        run it as root, or have it `systemctl start herald-publish` (README "The publisher key").
+      '';
+    };
+    publishUnit = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Publish from herald-publish.service, the only unit that reads the signing key (README
+        "The publisher key"). It runs after herald-serve starts, on publishEvery, and on
+        `systemctl start herald-publish`; herald-serve (broker, SFTP, page, rollouts) then runs
+        with publish = false, no capabilities (CAP_DAC_READ_SEARCH with OpenSSH, to show the
+        logs the hosts' users upload; CAP_NET_BIND_SERVICE for a port below 1024), the key
+        absent from its mount namespace, and only chroot/, run/ and sftp/ of stateDir writable.
+        herald-publish has no network but the loopback unless fleet.toml's [publish] runs a
+        check or build, or the broker is external. false: herald-serve publishes (on start and
+        on reload), as one root process.
       '';
     };
     openFirewall = mkOption { type = types.bool; default = false; description = "Open the SFTP and MQTT ports."; };
@@ -110,13 +154,15 @@ in
       environment.systemPackages = [ cfg.package ];
 
       systemd.services.herald-serve = {
-        description = "herald: publish the fleet, announce releases, serve the broker";
+        description = if cfg.publishUnit
+          then "herald: the broker, SFTP server and fleet page (herald-publish publishes)"
+          else "herald: publish the fleet, announce releases, serve the broker";
         wantedBy = [ "multi-user.target" ];
         after = [ "network-online.target" ];
         wants = [ "network-online.target" ];
         path = [ config.nix.package pkgs.git ];
         serviceConfig = {
-          ExecStart = "${lib.getExe cfg.package} serve --config ${format.generate "server.toml" settings}";
+          ExecStart = "${exe} serve --config ${format.generate "server.toml" settings}";
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "on-failure";
           RestartSec = 5;
@@ -135,16 +181,41 @@ in
           RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
           LockPersonality = true;
           MemoryDenyWriteExecute = false; # cffi (cryptography) needs it
-        };
+        } // lib.optionalAttrs cfg.publishUnit confined;
       };
 
       systemd.timers.herald-publish = mkIf (cfg.publishEvery != null) {
         wantedBy = [ "timers.target" ];
         timerConfig = { OnUnitActiveSec = cfg.publishEvery; OnBootSec = cfg.publishEvery; };
       };
-      systemd.services.herald-publish = mkIf (cfg.publishEvery != null) {
-        serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };
-      };
+      systemd.services.herald-publish =
+        if cfg.publishUnit then {
+          description = "herald: publish the fleet (the only unit that reads the signing key)";
+          wantedBy = [ "multi-user.target" ];
+          # After serve: it serves what is on disk at once, and this announces on its broker.
+          after = [ "herald-serve.service" "network-online.target" ];
+          wants = [ "network-online.target" ];
+          path = [ config.nix.package pkgs.git ];
+          serviceConfig = {
+            Type = "oneshot";
+            ExecStart = publishCommand;
+            ReadWritePaths = [ state ];
+            ProtectSystem = "strict";
+            ProtectHome = "read-only";
+            PrivateTmp = true;
+            NoNewPrivileges = true;
+            ProtectKernelTunables = true;
+            ProtectKernelModules = true;
+            ProtectControlGroups = true;
+            RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+            LockPersonality = true;
+          } // lib.optionalAttrs (!network) { IPAddressDeny = "any"; IPAddressAllow = "localhost"; };
+        }
+        else mkIf (cfg.publishEvery != null) {
+          serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };
+        };
+
+      systemd.tmpfiles.rules = mkIf cfg.publishUnit writableDirs;
 
       networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
         lib.optional (cfg.mqtt.listen != "off") (port cfg.mqtt.listen)

@@ -197,6 +197,34 @@ def write_release(state: Path, host: str, generation: int, manifest: bytes, sign
     (state / "chroot" / host / "releases" / str(generation)).write_bytes(encode_release(manifest, signature))
 
 
+# ---------------------------------------------------------------- Nix
+
+
+def nix_eval(expression: str) -> Any:
+    """The JSON value of a Nix expression, evaluated in the repository (no store is written)."""
+    nix = need("nix-instantiate")
+    done = subprocess.run(
+        [nix, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expression],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def nixos(module: str, values: str) -> dict[str, Any]:
+    """The `config` a NixOS module of nix/ makes from option `values` (a Nix attribute set),
+    evaluated with tests/nixos.nix, the stand-in for nixpkgs; its assertions must all hold."""
+    config: dict[str, Any] = nix_eval(
+        f"import ./tests/nixos.nix {{ module = ./nix/{module}.nix; values = {values}; }}"
+    )
+    failed = [entry["message"] for entry in config.get("assertions", []) if not entry["assertion"]]
+    assert not failed, failed
+    return config
+
+
 # ---------------------------------------------------------------- server
 
 

@@ -2,31 +2,21 @@
 the builtins-only logic of nix/lib.nix agrees with herald's Python code on the same inputs."""
 
 import json
+import shlex
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
-from helpers import EXAMPLE_FLEET, REPO, need, need_root
+from helpers import EXAMPLE_FLEET, REPO, need, need_root, nix_eval, nixos
 from openssh import provision
 
+from herald.cli import parser
 from protocol import schema
 from protocol.settings import AgentConfig, ServerConfig, convert
 from publisher.inventory import load_inventory
 from publisher.provision import sshd_fragment
-
-
-def nix_eval(expression: str) -> object:
-    nix = need("nix-instantiate")
-    done = subprocess.run(
-        [nix, "--store", "dummy://", "--eval", "--strict", "--json", "--expr", expression],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def with_lib(body: str, fleet: Path = EXAMPLE_FLEET) -> str:
@@ -172,36 +162,14 @@ ssh_key = "k"
 ssh_key = "k"
 """
 
-# Just enough of nixpkgs' lib and pkgs for nix/server.nix to produce its config (no nixpkgs
-# here): mkIf and mkMerge keep what they wrap, so the test can read the assertions.
-STUB = """
-  lib = {
-    mkEnableOption = _: null; mkOption = _: null; mkIf = cond: content: { inherit cond content; };
-    mkMerge = parts: { inherit parts; }; recursiveUpdate = a: b: a // b;
-    concatStringsSep = builtins.concatStringsSep; genAttrs = names: f: { };
-    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
-    toInt = builtins.fromJSON; last = l: builtins.elemAt l (builtins.length l - 1);
-    splitString = sep: s: builtins.filter builtins.isString (builtins.split sep s);
-    optional = c: x: if c then [ x ] else [ ]; getExe = _: "herald";
-    types = { package = null; str = null; path = null; bool = null; enum = _: null;
-      nullOr = _: null; submodule = _: null; };
-  };
-  pkgs = { callPackage = _: _: null; formats.toml = _: { type = null; generate = _: _: "server.toml"; }; };
-"""
-
 
 def server_assertions(fleet_toml: Path, ids: str) -> list[str]:
     """The messages of the assertions that fail in nix/server.nix for `fleet_toml`."""
-    cfg = f"""{{
-      enable = true; fleetToml = {fleet_toml}; fleet = "/srv/fleet"; stateDir = "/var/lib/herald";
-      sftp = "openssh"; embeddedSftpListen = "0.0.0.0:2222"; http = "127.0.0.1:8080"; settings = {{ }};
-      mqtt = {{ listen = "0.0.0.0:1883"; tls = null; websocket = null; }};
-    }}"""
+    values = f'{{ services.herald.server = {{ enable = true; fleetToml = {fleet_toml}; fleet = "/srv/fleet"; }}; }}'
     found = nix_eval(
-        f"let {STUB} module = import ./nix/server.nix {{ inherit lib pkgs; "
-        f"config = {{ services.herald.server = {cfg}; ids = {ids}; }}; }}; "
-        "checks = (builtins.head module.config.content.parts).assertions; "
-        "in map (a: a.message) (builtins.filter (a: !a.assertion) checks)"
+        f"let config = import ./tests/nixos.nix {{ module = ./nix/server.nix; values = {values}; "
+        f"config = {{ ids = {ids}; }}; }}; "
+        "in map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions)"
     )
     assert isinstance(found, list)
     return found
@@ -218,3 +186,91 @@ def test_the_server_module_refuses_hosts_named_as_system_users_or_groups(tmp_pat
     assert "rename the host" in message
     toml.write_text('[hosts.alpha]\nssh_key = "k"\n')
     assert server_assertions(toml, "{ uids = { }; gids = { }; }") == []
+
+
+# ---------------------------------------------------------------- the modules, on a stand-in
+
+
+def server_values(**options: str) -> str:
+    """services.herald.server's options: the example fleet's, with `options` (Nix values)."""
+    given = {"fleet": '"/srv/fleet"', "fleetToml": f"{EXAMPLE_FLEET}/fleet.toml", **options}
+    body = " ".join(f"{name} = {value};" for name, value in given.items())
+    return f"{{ services.herald.server = {{ enable = true; {body} }}; }}"
+
+
+def server_toml(unit: dict[str, Any]) -> ServerConfig:
+    """The server.toml herald-serve's ExecStart names (tests/nixos.nix puts it in the name)."""
+    command, _, data = unit["serviceConfig"]["ExecStart"].partition("#")
+    argv = shlex.split(command)
+    assert argv[1:3] == ["serve", "--config"]
+    parser().parse_args(argv[1:])  # herald's own parser takes the unit's flags
+    return convert(json.loads(data), ServerConfig, source="herald-serve")
+
+
+def test_the_server_module_runs_publishing_apart_from_serving_by_default():
+    config = nixos("server", server_values())
+    units = config["systemd"]["services"]
+    serve, publish = units["herald-serve"]["serviceConfig"], units["herald-publish"]["serviceConfig"]
+    assert server_toml(units["herald-serve"]).publish is False
+    assert serve["CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"  # OpenSSH: the hosts' logs
+    assert serve["InaccessiblePaths"] == [
+        "-/var/lib/herald/publisher/signing.key",
+        "-/var/lib/herald/publisher/signing.key.new",
+    ]
+    assert serve["ReadWritePaths"] == ["/var/lib/herald/chroot", "/var/lib/herald/run"]
+    argv = shlex.split(publish["ExecStart"])
+    args = parser().parse_args(argv[1:])
+    assert (args.command, str(args.fleet), str(args.state)) == ("publish", "/srv/fleet", "/var/lib/herald")
+    assert args.broker == ["mqtt://127.0.0.1:1883"]  # serve's embedded broker, over the loopback
+    assert publish["Type"] == "oneshot"
+    assert (publish["IPAddressDeny"], publish["IPAddressAllow"]) == ("any", "localhost")
+    assert "herald-serve.service" in units["herald-publish"]["after"]
+    assert "multi-user.target" in units["herald-publish"]["wantedBy"]
+    assert "d /var/lib/herald/run 0755 root root -" in config["systemd"]["tmpfiles"]["rules"]
+
+
+def test_the_server_module_gives_the_embedded_server_what_it_needs_and_no_more(tmp_path: Path):
+    config = nixos("server", server_values(sftp='"embedded"', embeddedSftpListen='"0.0.0.0:22"'))
+    serve = config["systemd"]["services"]["herald-serve"]["serviceConfig"]
+    assert serve["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"  # port 22, and nothing to read
+    assert serve["ReadWritePaths"][-1] == "/var/lib/herald/sftp"
+    rules = config["systemd"]["tmpfiles"]["rules"]
+    assert {f"d /var/lib/herald/{name} 0755 root root -" for name in ("run", "chroot", "sftp")} <= set(rules)
+    assert "users" not in config  # no host accounts without OpenSSH
+
+    checked = tmp_path / "fleet.toml"  # a check may fetch flake inputs: the publisher keeps the network
+    checked.write_text((EXAMPLE_FLEET / "fleet.toml").read_text() + '\n[publish]\ncheck = ["true"]\n')
+    publish = nixos("server", server_values(fleetToml=str(checked)))["systemd"]["services"]["herald-publish"]
+    assert "IPAddressDeny" not in publish["serviceConfig"]
+    external = server_values(
+        settings='{ broker = [ "mqtts://a:8883" "mqtts://b:8883" ]; }', mqtt='{ listen = "off"; }'
+    )
+    publish = nixos("server", external)["systemd"]["services"]["herald-publish"]["serviceConfig"]
+    assert parser().parse_args(shlex.split(publish["ExecStart"])[1:]).broker == [
+        "mqtts://a:8883",
+        "mqtts://b:8883",
+    ]
+
+
+def test_the_server_module_publishes_in_serve_when_asked():
+    config = nixos("server", server_values(publishUnit="false"))
+    units = config["systemd"]["services"]
+    assert "herald-publish" not in units
+    assert server_toml(units["herald-serve"]).publish is True
+    assert "InaccessiblePaths" not in units["herald-serve"]["serviceConfig"]
+    assert units["herald-serve"]["serviceConfig"]["ReadWritePaths"] == ["/var/lib/herald"]
+    timed = nixos("server", server_values(publishUnit="false", publishEvery='"5min"'))["systemd"]
+    assert "reload herald-serve.service" in timed["services"]["herald-publish"]["serviceConfig"]["ExecStart"]
+    assert timed["timers"]["herald-publish"]["timerConfig"]["OnUnitActiveSec"] == "5min"
+
+
+def test_the_agent_module_writes_an_agent_toml_the_agent_accepts():
+    values = f"{{ services.herald.agent = {AGENT_OPTIONS} // {{ enable = true; }}; }}"
+    config = nixos("agent", values)
+    source = config["environment"]["etc"]["herald/agent.toml"]["source"]
+    decoded = convert(json.loads(source.split("#", 1)[1]), AgentConfig, source="agent.nix")
+    assert decoded.host == "alpha"
+    assert decoded.restart.command is not None
+    assert decoded.restart.command[-1] == "herald-agent.service"
+    unit = config["systemd"]["services"]["herald-agent"]
+    assert parser().parse_args(shlex.split(unit["serviceConfig"]["ExecStart"])[1:]).command == "agent"

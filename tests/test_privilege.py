@@ -1,19 +1,31 @@
 """The least-privilege split the NixOS module sets up (nix/server.nix, README "The publisher
 key"): `herald publish` runs on its own and alone reads the signing key; `herald serve` (broker,
 page, rollouts) runs as root with no capabilities, the key absent from its mount namespace and
-only chroot/ and run/ writable; OpenSSH serves the chroots. The fleet converges, takes a change,
-and moves through a rollout's waves with serve confined so."""
+only chroot/ and run/ (and sftp/) writable, as the module's unit says. The fleet converges, takes
+a change, and moves through a rollout's waves with serve confined so."""
 
 import json
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import TIMEOUT, Fleet, Serve, Watcher, herald, make_agent, start_serve, wait_until
+from helpers import (
+    EXAMPLE_FLEET,
+    TIMEOUT,
+    Fleet,
+    Serve,
+    Watcher,
+    herald,
+    make_agent,
+    nixos,
+    start_serve,
+    wait_until,
+)
 from openssh import OpenSSH, remove_host_users, start_sshd
 
 from protocol.messages import Phase
 
+MODULE_STATE = Path("/var/lib/herald")  # the module's default stateDir
 PLAN = """
 [rollout]
 [[rollout.waves]]
@@ -31,16 +43,33 @@ def fetch(url: str) -> str:
         return answer.read().decode()
 
 
-def confined(state: Path, denied: Path, *, writable: tuple[str, ...], caps: str) -> tuple[str, ...]:
-    """What the module's unit does to `herald serve`, for a command that execs it (same PID):
-    ReadOnlyPaths=STATE, ReadWritePaths=STATE/<writable>, InaccessiblePaths=the key, the
-    capability bounding set `caps` and NoNewPrivileges."""
+def confined(sftp: str, state: Path, denied: Path) -> tuple[str, ...]:
+    """What nix/server.nix's herald-serve unit does to `herald serve` (evaluated here with the
+    stand-in for nixpkgs, tests/nixos.nix), for a command that execs it (same PID): the state
+    read-only (ProtectSystem=strict) but its ReadWritePaths, its InaccessiblePaths hidden by an
+    empty file, its CapabilityBoundingSet, and NoNewPrivileges."""
+    values = (
+        f'{{ enable = true; fleet = "/srv/fleet"; fleetToml = {EXAMPLE_FLEET}/fleet.toml; sftp = "{sftp}"; }}'
+    )
+    unit = nixos("server", f"{{ services.herald.server = {values}; }}")["systemd"]["services"]["herald-serve"]
+    config = unit["serviceConfig"]
+    assert config["ProtectSystem"] == "strict"
+    assert config["NoNewPrivileges"] is True
+
+    def here(path: str) -> Path:
+        return state / Path(path.removeprefix("-")).relative_to(MODULE_STATE)
+
     steps = [f"mount --bind {state} {state}", f"mount -o remount,bind,ro {state}"]
-    steps.append(f"mount --bind {denied} {state}/publisher/signing.key")
-    for name in writable:
-        path = state / name
+    steps += [
+        f"if [ -e {path} ]; then mount --bind {denied} {path}; fi"
+        for path in map(here, config["InaccessiblePaths"])
+    ]
+    for path in map(here, config["ReadWritePaths"]):
         steps += [f"mount --bind {path} {path}", f"mount -o remount,bind,rw {path}"]
-    steps.append(f'exec setpriv --no-new-privs --bounding-set={caps} --inh-caps=-all -- "$@"')
+    caps = "".join(
+        f",+{name.removeprefix('CAP_').lower()}" for name in config["CapabilityBoundingSet"].split()
+    )
+    steps.append(f'exec setpriv --no-new-privs --bounding-set=-all{caps} --inh-caps=-all -- "$@"')
     return ("unshare", "--mount", "--propagation", "private", "sh", "-ec", " && ".join(steps), "confined")
 
 
@@ -55,8 +84,8 @@ def start_confined(
     config.write_text(f'fleet = "{fleet.root}"\nstate = "{state}"\npublish = false\n')
     if sftp == "openssh":
         sshd = start_sshd(fleet, state, tmp_path, logs)  # provisions, and publishes generation 1
-        wrap = confined(state, denied, writable=("chroot", "run"), caps="-all,+dac_read_search")
-        return start_serve(fleet, state, logs, sftp="off", config=config, wrap=wrap), sshd.serve(), sshd
+        serve = start_serve(fleet, state, logs, sftp="off", config=config, wrap=confined(sftp, state, denied))
+        return serve, sshd.serve(), sshd
     # No host accounts, as on a server that never ran OpenSSH for herald (an OpenSSH test of
     # this session made them; with them the publisher gives logs/ to the hosts' users).
     remove_host_users(fleet.hosts)
@@ -64,8 +93,7 @@ def start_confined(
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("run", "sftp"):  # the module's tmpfiles rules make them
         (state / name).mkdir(exist_ok=True)
-    wrap = confined(state, denied, writable=("chroot", "run", "sftp"), caps="-all")
-    serve = start_serve(fleet, state, logs, config=config, wrap=wrap)
+    serve = start_serve(fleet, state, logs, config=config, wrap=confined(sftp, state, denied))
     return serve, serve, None
 
 
