@@ -34,7 +34,7 @@ let
     ([ cfg.mqtt.listen ] ++ lib.optional (cfg.sftp == "embedded") cfg.embeddedSftpListen
       ++ lib.optional (cfg.mqtt.tls != null) cfg.mqtt.tls.listen
       ++ lib.optional (cfg.mqtt.websocket != null) cfg.mqtt.websocket ++ [ cfg.http ]);
-  capabilities = lib.optional (cfg.sftp == "openssh") "CAP_DAC_READ_SEARCH"
+  capabilities = lib.optional (cfg.sftp == "openssh" || cfg.mqtt.tls != null) "CAP_DAC_READ_SEARCH" # a TLS key may be ACME's
     ++ lib.optional (lib.any (l: port l < 1024) listeners) "CAP_NET_BIND_SERVICE";
   confined = {
     CapabilityBoundingSet = lib.concatStringsSep " " capabilities; # "": none
@@ -111,7 +111,8 @@ in
         "The publisher key"). It runs after herald-serve starts, on publishEvery, and on
         `systemctl start herald-publish`; herald-serve (broker, SFTP, page, rollouts) then runs
         with publish = false, no capabilities (CAP_DAC_READ_SEARCH with OpenSSH, to show the
-        logs the hosts' users upload; CAP_NET_BIND_SERVICE for a port below 1024), the key
+        logs the hosts' users upload, or with mqtt.tls, whose key may belong to ACME's user;
+        CAP_NET_BIND_SERVICE for a port below 1024), the key
         absent from its mount namespace, and only chroot/, run/ and sftp/ of stateDir writable.
         herald-publish has no network but the loopback unless fleet.toml's [publish] runs a
         check or build, or the broker is external. false: herald-serve publishes (on start and
