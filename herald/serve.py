@@ -42,6 +42,7 @@ from protocol.mqtt import BrokerURL, connect, parse_urls
 from protocol.settings import ServerConfig, parse_endpoint
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 from publisher.announce import announce, desired_of
+from publisher.chroot import Chroot
 from publisher.hostkeys import distribute
 from publisher.inventory import load_inventory
 from publisher.publish import Report, publish, read_floors, write_floors
@@ -275,6 +276,11 @@ class Server:
         reported = max(view.state.deployed_generation, view.state.target_generation)
         if reported <= view.desired.generation or reported <= self._ahead.get(host, 0):
             return
+        # The announcement lags the chroot: a publish of its own (or one that has not announced
+        # yet) wrote `current` first, and a host's timer may find the release before the broker
+        # hears of it. Only a generation above every one on disk is one this server lacks.
+        if reported <= self._served(host):
+            return
         self._ahead[host] = reported
         logger.bind(host=host).warning(
             "reports generation {}, above the {} served here: its next release starts above it",
@@ -285,6 +291,17 @@ class Server:
         floors = read_floors(path) | self._ahead
         write_floors(path, floors)
         self._in_background(self._publish_again(), "publish above a host's generation")
+
+    def _served(self, host: str) -> int:
+        """The highest generation on disk for `host`: its `current`, or a release kept there."""
+        chroot = Chroot(self.state.chroot(host))
+        try:
+            current = chroot.current()
+            names = os.listdir(chroot.releases)
+        except (OSError, HeraldError):
+            return 0
+        kept = [int(name) for name in names if name.isdigit()]
+        return max([current.generation if current else 0, *kept])
 
     async def _publish_again(self) -> None:
         await _republish(self)

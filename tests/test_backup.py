@@ -2,12 +2,13 @@
 and generations never go backwards: every host applies the next one."""
 
 import os
+import re
 import shutil
 import signal
 import tarfile
 from pathlib import Path
 
-from helpers import Fleet, Serve, Watcher, herald, make_agent, start_serve
+from helpers import Fleet, Serve, Watcher, herald, make_agent, start_serve, wait_until
 
 from protocol.messages import Phase
 
@@ -136,3 +137,32 @@ def test_a_backup_is_its_owners_only_and_holds_no_link_a_host_planted(
                 data = archive.extractfile(member)
                 assert data is not None
                 assert b"root's secret" not in data.read()
+
+
+def test_a_host_that_sees_a_release_before_its_announcement_is_not_taken_for_one_ahead(
+    fleet: Fleet, state: Path, logs: Path, tmp_path: Path
+):
+    """`herald publish` (its own unit, or a publish that has not announced yet) writes `current`
+    before serve's broker hears of it: a host whose timer finds it first reports the new
+    generation. That is the one served, not a generation above it (as after a restore): serve
+    must not release the host again above it, a new generation and a rebuild for no change."""
+    serve = start_serve(fleet, state, logs)
+    watcher = Watcher(serve.mqtt, state)
+    alpha = make_agent(fleet, "alpha", serve, tmp_path, poll="2s").start()
+    try:
+        at(watcher, ["alpha"], 1)
+        (fleet.root / "common" / "unannounced.nix").write_text("{ ... }: { }\n")
+        done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))  # no --broker
+        assert done.returncode == 0, done.stdout + done.stderr
+        at(watcher, ["alpha"], 2)  # found by its timer
+        watcher.marker()  # serve's broker has routed that state (and told serve) by now
+        os.kill(serve.proc.pid, signal.SIGHUP)  # a publish with nothing changed
+        wait_until(lambda: len(re.findall(r"\d+ unchanged", serve.proc.output())) >= 2, "published again")
+        assert "above the" not in serve.proc.output()
+        assert not (state / "run" / "reported.json").exists()
+        assert int((state / "chroot" / "alpha" / "current").read_text().split()[0]) == 2
+        assert len(alpha.rebuilds()) == 2
+    finally:
+        alpha.stop()
+        watcher.close()
+        serve.stop()
