@@ -41,6 +41,7 @@ from protocol.release import LOG_NAME, LOGS
 from protocol.topics import ADMIN_USER, Topics, is_host_name
 from publisher.accounts import host_accounts
 from publisher.publish import publish_lock, read_floors, write_floors
+from publisher.signing import settle_key
 
 MANIFEST: Final = "herald-backup.json"
 FORMAT: Final = 1
@@ -131,6 +132,7 @@ def _generations(state: StateDir) -> dict[str, int]:
 def backup(state_dir: Path, target: Path) -> tuple[int, int]:
     """Write the archive; (hosts, members) in it."""
     state = StateDir(state_dir)
+    settle_key(state)
     if not (state.root / "chroot").is_dir() or not state.signing_key.exists():
         raise ConfigError(f"--state {state_dir}: not a herald state directory (no chroot/ or signing key)")
     gzip = target.name.endswith((".gz", ".tgz"))
@@ -238,7 +240,11 @@ def restore(archive_path: Path, state_dir: Path, *, force: bool) -> tuple[Path |
                 floors[host] = max(floors.get(host, 0), generation)
             for host, generation in read_floors(state_dir / "publisher" / "floor.json").items():
                 floors[host] = max(floors.get(host, 0), generation)
-            aside = state_dir.with_name(f"{state_dir.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+            # Kept in one directory beside it, which a unit can hide from `herald serve` (the old
+            # state holds the signing key): STATE.before-restore/<time>.
+            kept = state_dir.with_name(f"{state_dir.name}.before-restore")
+            kept.mkdir(mode=0o700, exist_ok=True)
+            aside = kept / time.strftime("%Y%m%dT%H%M%S")
             state_dir.rename(aside)
         elif state_dir.exists():
             state_dir.rmdir()

@@ -696,6 +696,9 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+_DAEMONS = ("agent", "serve")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     log.setup("DEBUG" if args.verbose else "INFO")
@@ -704,10 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     except HeraldError as exc:
         fail(str(exc))
         return exc.exit_code
-    except OSError as exc:  # a file herald may not read or write: one line, naming it
-        if args.verbose:
-            raise
-        fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+    except OSError as exc:
+        if exc.filename is None or args.verbose or args.command in _DAEMONS:
+            raise  # not about a file, or in a daemon's journal: the traceback says where
+        # A file herald may not read or write (a read-only state, a directory in its place).
+        names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+        fail(f"{names}: {exc.strerror}")
         return 1
     except KeyboardInterrupt:
         return 130

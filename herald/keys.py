@@ -7,11 +7,12 @@ from protocol.errors import ConfigError
 from protocol.layout import StateDir
 from publisher.keyring import links, retire, rotate, trusted
 from publisher.publish import publish_lock
-from publisher.signing import Signer
+from publisher.signing import Signer, settle_key
 
 
 def key_command(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
+    settle_key(state)
     if not state.signing_key.exists():
         raise ConfigError(f"--state {args.state}: no publisher key there (is this the server's state?)")
     if args.action == "show":

@@ -18,6 +18,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 
@@ -128,14 +129,15 @@ class Server:
         on_disk = self._hosts_on_disk()
         self.view.add_hosts(on_disk)
         self._follow()
+        served = desired_of(self.state.root, on_disk)  # hosts with a release (a chroot may be empty)
         if self.external:
             self._keeper = asyncio.create_task(self._keep_external_announced(), name="external-broker")
         else:
-            await self._announce(desired_of(self.state.root, on_disk))
+            await self._announce(served)
         try:
             report = await self.publish()  # announces the hosts whose release changed
-        except Exception as exc:
-            if not on_disk:
+        except (HeraldError, OSError) as exc:
+            if not served:
                 raise  # nothing to serve: say why and stop
             # A bad push, or a state this process may not write, must not take down the broker
             # and SFTP server of a fleet that runs on the releases already published.
@@ -148,6 +150,7 @@ class Server:
         # `desired` retained, instead of subscribing while the announcement is being routed (amqtt
         # then sends such a message twice: once as retained, once as it passes).
         self._write_run_info()
+        notify_ready()
         return report
 
     def _hosts_on_disk(self) -> list[str]:
@@ -188,7 +191,10 @@ class Server:
             for host, desired in desired_of(self.state.root, list(self.view.hosts)).items():
                 self.view.hosts[host].desired = desired
         if announce_changes:  # the hosts whose `current` moved: a rollout holds others back
-            await self._announce(desired_of(self.state.root, report.released))
+            try:
+                await self._announce(desired_of(self.state.root, report.released))
+            except UnreachableError as exc:  # published all the same: agents find it on their timer
+                logger.warning("published, but the announcement failed: {}", exc)
         return report
 
     async def _announce_hosts(self, hosts: list[str]) -> None:
@@ -368,6 +374,17 @@ def raise_descriptor_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def notify_ready() -> None:
+    """Tell systemd the server is ready (Type=notify in the units): the broker listens and every
+    host is announced, so a unit ordered after this one (herald-publish) can announce too."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address  # an abstract socket
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"READY=1", target)
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM."""
     limit = raise_descriptor_limit()
@@ -394,7 +411,7 @@ async def serve(config: ServerConfig) -> None:
                 "SFTP host key (pin it in agent.toml as server.host_key): {}",
                 described(server.sftp.public_host_key),
             )
-        logger.info("serving {} host(s); SIGHUP publishes again, SIGTERM stops", len(report.hosts))
+        logger.info("serving {} host(s); SIGHUP publishes again, SIGTERM stops", len(server.view.hosts))
         await stop.wait()
     finally:
         await server.stop()

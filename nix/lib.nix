@@ -137,15 +137,19 @@ rec {
       let
         parts = builtins.match "(.*):([0-9]+)" settings.mqtt;
         host = builtins.elemAt parts 0;
-        local = if builtins.elem host [ "" "0.0.0.0" "[::]" ] then "127.0.0.1" else host;
+        any = { "" = "127.0.0.1"; "0.0.0.0" = "127.0.0.1"; "[::]" = "[::1]"; }; # asyncio: [::] is IPv6 only
       in
-      [ "mqtt://${local}:${builtins.elemAt parts 1}" ];
+      [ "mqtt://${any.${host} or host}:${builtins.elemAt parts 1}" ];
 
-  # True if publishing may need more network than the loopback broker: fleet.toml's [publish]
-  # check or build commands (flake inputs, substituters), or an external broker.
+  # True if publishing may need more network than the loopback: fleet.toml's [publish] check or
+  # build commands (flake inputs, substituters), or a broker on another address.
   publishNeedsNetwork = { fleet, settings }:
-    let publish = fleet.publish or { };
-    in publish ? check || publish ? build || settings ? broker;
+    let
+      publish = fleet.publish or { };
+      host = url: builtins.head (builtins.match "[a-z]+://([^/]*):[0-9]+.*" url);
+      loopback = url: builtins.elem (host url) [ "localhost" "[::1]" ] || builtins.substring 0 4 (host url) == "127.";
+    in
+    publish ? check || publish ? build || !(builtins.all loopback (announceUrls settings));
 
   tmpfilesRules = layout: map (d: "d ${d.path} ${d.mode} ${d.user} ${d.group} -") layout;
 

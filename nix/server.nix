@@ -1,6 +1,6 @@
 # services.herald.server: publish the fleet repository to per-host chroots, served by OpenSSH
 # (default) or by herald itself, and run the MQTT broker that announces each release.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 let
   inherit (lib) mkEnableOption mkIf mkMerge mkOption types;
   cfg = config.services.herald.server;
@@ -30,23 +30,33 @@ let
   # What herald-serve may still do when it does not publish (tests/test_privilege.py runs it so):
   # write the rollouts' `current` and the embedded server's uploads (chroot/), its run files, its
   # SFTP host key; with OpenSSH, read the logs the hosts' users uploaded (the page shows them).
+  # The signing key lives alone in publisher/private/, hidden whole: a rotation renames files
+  # inside it, which would undo a mount over the file itself. A restore moves the old state,
+  # key included, into STATE.before-restore/.
   listeners = lib.filter (l: l != "off")
-    ([ cfg.mqtt.listen ] ++ lib.optional (cfg.sftp == "embedded") cfg.embeddedSftpListen
-      ++ lib.optional (cfg.mqtt.tls != null) cfg.mqtt.tls.listen
-      ++ lib.optional (cfg.mqtt.websocket != null) cfg.mqtt.websocket ++ [ cfg.http ]);
-  capabilities = lib.optional (cfg.sftp == "openssh" || cfg.mqtt.tls != null) "CAP_DAC_READ_SEARCH" # a TLS key may be ACME's
+    ([ settings.mqtt settings.sftp settings.http ] ++ lib.optional (settings ? websocket) settings.websocket
+      ++ lib.optional (settings ? tls) settings.tls.listen);
+  capabilities = lib.optional (cfg.sftp == "openssh" || settings ? tls) "CAP_DAC_READ_SEARCH" # a TLS key may be ACME's
     ++ lib.optional (lib.any (l: port l < 1024) listeners) "CAP_NET_BIND_SERVICE";
+  writable = [ "${state}/chroot" "${state}/run" ] ++ lib.optional (cfg.sftp == "embedded") "${state}/sftp";
   confined = {
+    Type = "notify"; # ready once the broker listens and every host is announced (herald.serve)
     CapabilityBoundingSet = lib.concatStringsSep " " capabilities; # "": none
-    InaccessiblePaths = [ "-${state}/publisher/signing.key" "-${state}/publisher/signing.key.new" ];
-    ReadWritePaths = [ "${state}/chroot" "${state}/run" ] ++ lib.optional (cfg.sftp == "embedded") "${state}/sftp";
+    InaccessiblePaths = [ "${state}/publisher/private" "-${state}.before-restore" ];
+    ReadWritePaths = writable;
+    # Before the namespace is set up ("+": outside it), what it names must exist: a restored
+    # state has no run/, a first boot no publisher/private/. Then publish once serve is ready.
+    ExecStartPre = [
+      "+${pkgs.coreutils}/bin/mkdir -p ${lib.concatStringsSep " " writable}"
+      "+${pkgs.coreutils}/bin/install -d -m 0700 ${state}/publisher/private"
+    ];
+    ExecStartPost = "+${pkgs.systemd}/bin/systemctl start --no-block herald-publish.service";
   };
-  writableDirs = [ "d ${state}/run 0755 root root -" ]
-    ++ lib.optionals (cfg.sftp == "embedded")
-      [ "d ${state} 0755 root root -" "d ${state}/chroot 0755 root root -" "d ${state}/sftp 0755 root root -" ];
 
-  publishCommand = lib.escapeShellArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
-    ++ lib.concatMap (url: [ "--broker" url ]) (herald.announceUrls settings));
+  announce = herald.announceUrls settings;
+  publishCommand = utils.escapeSystemdExecArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
+    ++ lib.concatMap (url: [ "--broker" url ]) announce
+    ++ lib.optionals (settings ? prefix) [ "--prefix" settings.prefix ]);
   network = herald.publishNeedsNetwork { inherit fleet settings; };
 in
 {
@@ -108,12 +118,15 @@ in
       default = true;
       description = ''
         Publish from herald-publish.service, the only unit that reads the signing key (README
-        "The publisher key"). It runs after herald-serve starts, on publishEvery, and on
-        `systemctl start herald-publish`; herald-serve (broker, SFTP, page, rollouts) then runs
+        "The publisher key"). herald-serve starts it once it is ready (each time it starts); so
+        do publishEvery and `systemctl start herald-publish`. herald-serve (broker, SFTP, page, rollouts) then runs
         with publish = false, no capabilities (CAP_DAC_READ_SEARCH with OpenSSH, to show the
         logs the hosts' users upload, or with mqtt.tls, whose key may belong to ACME's user;
         CAP_NET_BIND_SERVICE for a port below 1024), the key
-        absent from its mount namespace, and only chroot/, run/ and sftp/ of stateDir writable.
+        absent from its mount namespace (STATE/publisher/private/, and STATE.before-restore/ where
+        `herald state restore` moves the state it replaces), and only chroot/, run/ and sftp/ of
+        stateDir writable. Keep backup archives (they hold the key) out of its reach too:
+        `systemd.services.herald-serve.serviceConfig.InaccessiblePaths`.
         herald-publish has no network but the loopback unless fleet.toml's [publish] runs a
         check or build, or the broker is external. false: herald-serve publishes (on start and
         on reload), as one root process.
@@ -192,8 +205,8 @@ in
       systemd.services.herald-publish =
         if cfg.publishUnit then {
           description = "herald: publish the fleet (the only unit that reads the signing key)";
-          wantedBy = [ "multi-user.target" ];
-          # After serve: it serves what is on disk at once, and this announces on its broker.
+          # Started by herald-serve once it is ready (not by a target: a switch would publish,
+          # and wait for it, every time), by the timer and by `systemctl start herald-publish`.
           after = [ "herald-serve.service" "network-online.target" ];
           wants = [ "network-online.target" ];
           path = [ config.nix.package pkgs.git ];
@@ -216,7 +229,6 @@ in
           serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };
         };
 
-      systemd.tmpfiles.rules = mkIf cfg.publishUnit writableDirs;
 
       networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
         lib.optional (cfg.mqtt.listen != "off") (port cfg.mqtt.listen)

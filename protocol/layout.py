@@ -2,7 +2,8 @@
 
 STATE/chroot/<host>/            served to <host> over SFTP (protocol.release describes it)
 STATE/objects/<sha256>          contents anyone may read, hard-linked into the chroots
-STATE/publisher/                signing key, hash cache, generations, lock
+STATE/publisher/                hash cache, generations, lock, the statements agents follow
+STATE/publisher/private/        the signing key alone (0700): a unit hides this from serve
 STATE/broker/passwd             user:$7$hash lines, Mosquitto's format
 STATE/broker/<user>.secret      secrets of the publisher and admin users (0600)
 STATE/ssh/authorized_keys/<host> the key each host logs in with, from fleet.toml at publish
@@ -43,8 +44,19 @@ class StateDir:
         return self.root / "publisher"
 
     @property
+    def private(self) -> Path:
+        """The signing key's own directory: a unit can hide it from `herald serve` for good
+        (InaccessiblePaths), as a rotation renames files inside it, never the directory."""
+        return self.publisher / "private"
+
+    @property
     def signing_key(self) -> Path:
-        return self.publisher / "signing.key"
+        return self.private / "signing.key"
+
+    @property
+    def pending_key(self) -> Path:
+        """A key being rotated in (publisher.keyring.rotate)."""
+        return self.private / "signing.key.new"
 
     @property
     def broker(self) -> Path:

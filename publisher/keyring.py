@@ -1,9 +1,9 @@
 """The publisher's keys over a fleet's life: the signing key, and the statements agents follow.
 
-STATE/publisher/signing.key       the key releases are signed with now (0600)
+STATE/publisher/private/signing.key  the key releases are signed with now (0600)
 STATE/publisher/keys              the key statements (protocol.keychain), as every chroot's
                                   credentials/publisher.keys holds them
-STATE/publisher/signing.key.new   a key being rotated in: the next `herald key rotate` finishes a
+STATE/publisher/private/signing.key.new  a key being rotated in: the next `herald key rotate` finishes a
                                   rotation interrupted after its statement was written, or
                                   starts again from one interrupted before
 
@@ -32,7 +32,7 @@ from protocol.release import decode_public_key, encode_public_key
 from protocol.topics import is_host_name
 from publisher.accounts import host_accounts
 from publisher.chroot import Chroot
-from publisher.signing import Signer
+from publisher.signing import Signer, settle_key
 
 GENESIS: Final = "the first signing key"
 
@@ -74,6 +74,7 @@ def read_chain(state: StateDir) -> bytes:
 
 def load_keys(state: StateDir) -> Keys:
     """The signing key (made on first use) and the statements."""
+    settle_key(state)
     return Keys(Signer.load_or_create(state.signing_key), read_chain(state))
 
 
@@ -98,7 +99,7 @@ def trusted(state: StateDir) -> Trust:
 def rotate(state: StateDir, *, retire_old: bool = False) -> list[str]:
     """A new signing key, added by a statement the current one signs; what was done, one line each."""
     old = _signer(state)
-    pending = state.publisher / "signing.key.new"
+    pending = state.pending_key
     found = links(state)
     done: list[str] = []
     if pending.exists():
@@ -115,7 +116,7 @@ def rotate(state: StateDir, *, retire_old: bool = False) -> list[str]:
         new = Signer.create(pending)
         statement = _append(state, old, add=[new.public])
     pending.replace(state.signing_key)
-    fsync_dir(state.publisher)
+    fsync_dir(state.private)
     done.append(
         f"statement {statement.seq}: {old.public} adds {new.public}; releases are signed by it from now on"
     )
@@ -186,6 +187,7 @@ def recount(chroot: Chroot, count: int) -> int:
 
 
 def _signer(state: StateDir) -> Signer:
+    settle_key(state)
     if not state.signing_key.exists():
         raise ConfigError(f"{state.signing_key}: no signing key here (is this the server's --state?)")
     return Signer.load(state.signing_key)

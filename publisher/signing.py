@@ -1,4 +1,4 @@
-"""The publisher's ed25519 key: created on first run, kept 0600 in STATE/publisher/.
+"""The publisher's ed25519 key: created on first run, kept 0600 in STATE/publisher/private/.
 
 Only `herald publish` (and `serve` unless `publish = false`) and `herald key` read it: the
 process that runs the broker and the SFTP server need not (README, "Least privilege").
@@ -13,7 +13,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.errors import ConfigError
 from protocol.files import fsync_dir
+from protocol.layout import StateDir
 from protocol.release import encode_public_key
+
+
+def settle_key(state: StateDir) -> None:
+    """Move a key kept where herald 0.1 kept it, STATE/publisher/signing.key (and a rotation's
+    pending signing.key.new beside it), into STATE/publisher/private/ (0700)."""
+    for name, path in (("signing.key", state.signing_key), ("signing.key.new", state.pending_key)):
+        legacy = state.publisher / name
+        if legacy.is_file() and not legacy.is_symlink() and not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            legacy.rename(path)
+            fsync_dir(path.parent)
+            fsync_dir(state.publisher)
 
 
 class Signer:
@@ -41,7 +54,7 @@ class Signer:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as stream:

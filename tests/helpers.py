@@ -252,6 +252,7 @@ def start_serve(
     http: str = "127.0.0.1:0",
     wrap: tuple[str, ...] = (),
     config: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Serve:
     """`herald serve` as a process; with `broker`, announcing on that external broker; `wrap`
     runs it through a command that execs it (same PID), e.g. `prlimit --nofile=256:256`;
@@ -275,7 +276,7 @@ def start_serve(
     argv += ["--config", str(config)] if config is not None else []
     for url in [broker] if isinstance(broker, str) else broker or []:  # a cluster: each node
         argv += ["--broker", url]
-    proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log")
+    proc = Proc("serve", argv, logs / f"serve-{time.monotonic_ns()}.log", env=env)
 
     def ready() -> dict[str, Any] | None:
         if not proc.alive():

@@ -93,7 +93,11 @@ let
       in b.removeAttrs resolved (b.filter (name: kind resolved.${name} == "absent") (b.attrNames resolved))
     else value;
 
-  evaluated = import module { inherit lib pkgs; config = full; };
+  # nixpkgs' nixos/lib/utils.nix: JSON strings with systemd's specifiers escaped.
+  utils.escapeSystemdExecArgs = args:
+    b.concatStringsSep " " (map (arg: b.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (b.toJSON (toString arg))) args);
+
+  evaluated = import module { inherit lib pkgs utils; config = full; };
   full = lib.recursiveUpdate (machine // config) (lib.recursiveUpdate (defaults evaluated.options) values);
 in
 resolve evaluated.config

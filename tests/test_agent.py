@@ -146,7 +146,7 @@ def _forge(state: Path, generation: int, files: list[FileEntry]) -> None:
         content=content,
     )
     data = encode_manifest(manifest)
-    signature = Signer.load_or_create(state / "publisher" / "signing.key").sign(data)
+    signature = Signer.load_or_create(state / "publisher" / "private" / "signing.key").sign(data)
     write_release(state, "alpha", generation, data, signature)
     (chroot(state) / "current").write_bytes(Current(generation, content.version()).encode())
 

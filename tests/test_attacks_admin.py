@@ -354,7 +354,7 @@ def published(fleet: Fleet, state: Path) -> Path:
 def plant_links(logs: Path, state: Path, stamp: str) -> dict[str, str]:
     """What a host with OpenSSH can leave in its logs/ (and a hard link to what root can read):
     each name, and why `herald logs` must skip it."""
-    key = state / "publisher" / "signing.key"
+    key = state / "publisher" / "private" / "signing.key"
     (logs / f"{stamp}0-g9-applied.log").symlink_to(key)
     os.link(key, logs / f"{stamp}1-g9-applied.log")
     os.mkfifo(logs / f"{stamp}2-g9-applied.log")
@@ -382,7 +382,7 @@ def plant_logs(logs: Path, stamp: str) -> list[str]:
 
 
 def assert_no_key(output: str, state: Path) -> None:
-    key = (state / "publisher" / "signing.key").read_text()
+    key = (state / "publisher" / "private" / "signing.key").read_text()
     for line in KEY_LINE.findall(key):
         assert line not in output, "the publisher's signing key was printed"
     assert "PRIVATE KEY" not in output
@@ -498,7 +498,7 @@ def test_the_page_serves_only_a_hosts_logs_by_their_names_and_never_follows_its_
     regular file with one link, escaped, as plain text no browser sniffs; every other entry, a
     `..`, a path or an escaped slash is a 404 that reads nothing (the FIFO does not block it)."""
     logs = state / "chroot" / "alpha" / "logs"
-    key = state / "publisher" / "signing.key"
+    key = state / "publisher" / "private" / "signing.key"
     (logs / "20990101T000000Z-g9-applied.log").symlink_to(key)
     os.link(key, logs / "20990101T000001Z-g9-applied.log")
     os.mkfifo(logs / "20990101T000002Z-g9-applied.log")
@@ -520,10 +520,10 @@ def test_the_page_serves_only_a_hosts_logs_by_their_names_and_never_follows_its_
         "/logs/alpha/20990101T000003Z-g9-applied.log",  # a directory
         "/logs/alpha/..",
         "/logs/alpha/%2e%2e",
-        "/logs/alpha/..%2f..%2fpublisher%2fsigning.key",
-        "/logs/alpha/../../publisher/signing.key",
-        "/logs/..%2fpublisher/signing.key",
-        "/logs/alpha/%2e%2e%2f%2e%2e%2fpublisher%2fsigning.key",
+        "/logs/alpha/..%2f..%2fpublisher%2fprivate%2fsigning.key",
+        "/logs/alpha/../../publisher/private/signing.key",
+        "/logs/..%2fpublisher/private/signing.key",
+        "/logs/alpha/%2e%2e%2f%2e%2e%2fpublisher%2fprivate%2fsigning.key",
         "/logs/zeta/20990101T000004Z-g9-failed.log",  # no such host
         "/logs/beta/20990101T000004Z-g9-failed.log",  # another host's name for it
     ]
@@ -537,7 +537,7 @@ def test_the_page_serves_only_a_hosts_logs_by_their_names_and_never_follows_its_
     host = Host(serve, state, "alpha")
     try:
         host.publish(Kind.ONLINE, encode(Online(online=True, at=now())))
-        named = encode(State(phase=Phase.IDLE, since=now(), log="../../publisher/signing.key"))
+        named = encode(State(phase=Phase.IDLE, since=now(), log="../../publisher/private/signing.key"))
         host.publish(Kind.STATE, named)
     finally:
         host.close()

@@ -129,7 +129,7 @@ def test_a_backup_is_its_owners_only_and_holds_no_link_a_host_planted(
         names = archive.getnames()
         assert "chroot/alpha/logs/20260101T000000Z-g1-applied.log" in names
         assert not [name for name in names if "planted" in name]
-        assert "publisher/signing.key" in names
+        assert "publisher/private/signing.key" in names
         assert "sftp/ssh_host_ed25519_key" in names or not (state / "sftp").exists()
         assert not [name for name in names if name.startswith(("publisher/tree", "publisher/hashes"))]
         for member in archive.getmembers():

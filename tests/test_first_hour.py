@@ -59,6 +59,9 @@ def test_a_serve_whose_first_publish_fails_serves_the_releases_already_published
     toml.write_text("[hosts.alpha\n")
     line = one_line_error(herald(*serve_argv(fleet, state / "new")))
     assert "fleet.toml" in line
+    (state / "provisioned" / "chroot" / "alpha" / "logs").mkdir(parents=True)  # chroots, no release
+    line = one_line_error(herald(*serve_argv(fleet, state / "provisioned")))
+    assert "fleet.toml" in line
     toml.write_text(good)
     assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
     toml.write_text("[hosts.alpha\n")
@@ -92,7 +95,7 @@ def test_a_publish_into_a_state_that_does_not_exist_is_refused_unless_asked(flee
     assert not mistyped.exists()  # no new signing key, no new broker secrets
     done = herald("publish", "--fleet", str(fleet.root), "--state", str(mistyped), "--init")
     assert done.returncode == 0, done.stderr
-    assert (mistyped / "publisher" / "signing.key").is_file()
+    assert (mistyped / "publisher" / "private" / "signing.key").is_file()
     again = herald("publish", "--fleet", str(fleet.root), "--state", str(mistyped))  # it exists now
     assert again.returncode == 0, again.stderr
 

@@ -343,7 +343,7 @@ def test_logs_lists_name_size_time_prints_a_log_by_name_and_the_page_links_it(
     assert one.returncode == 0, one.stderr
     assert "stand-in rebuild" in one.stdout
     assert names[1] not in one.stdout
-    for wrong in ("20000101T000000Z-g1-applied.log", "../../../publisher/signing.key", "."):
+    for wrong in ("20000101T000000Z-g1-applied.log", "../../../publisher/private/signing.key", "."):
         refused = herald("logs", "--state", str(state), "alpha", wrong)
         assert refused.returncode == 2, refused.stdout
         assert "PRIVATE KEY" not in refused.stdout + refused.stderr

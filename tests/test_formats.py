@@ -68,7 +68,9 @@ def next_format(serve: Serve, state: Path, host: str, generation: int, release_f
     later = {"format": release_format, "rollout": {"wave": 2}, **manifest}
     later.update(format=release_format, generation=generation, version=hashlib.sha256(content).hexdigest())
     data = json.dumps(later, separators=(",", ":")).encode()
-    write_release(state, host, generation, data, Signer.load(state / "publisher" / "signing.key").sign(data))
+    write_release(
+        state, host, generation, data, Signer.load(state / "publisher" / "private" / "signing.key").sign(data)
+    )
     current = f"{generation} {later['version']} format={release_format} keys=0 wave=2\n"
     (state / "chroot" / host / "current").write_text(current)
     asyncio.run(announce_hosts(state, serve.mqtt, [host], "herald"))

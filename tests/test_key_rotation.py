@@ -95,7 +95,7 @@ def test_a_fleet_follows_a_rotation_with_no_host_touched(
     serve = start_serve(fleet, state, logs)
     watcher = Watcher(serve.mqtt, state)
     old_key = tmp_path / "old.key"
-    shutil.copy(state / "publisher" / "signing.key", old_key)
+    shutil.copy(state / "publisher" / "private" / "signing.key", old_key)
     old = key_of(old_key)
     agents = {host: make_agent(fleet, host, serve, tmp_path) for host in fleet.hosts}
     pin(agents["gamma"], old)
@@ -107,7 +107,7 @@ def test_a_fleet_follows_a_rotation_with_no_host_touched(
 
         done = herald("key", "rotate", "--state", str(state))
         assert done.returncode == 0, done.stdout + done.stderr
-        new = key_of(state / "publisher" / "signing.key")
+        new = key_of(state / "publisher" / "private" / "signing.key")
         assert new != old
         assert f"statement 1: {old} adds {new}" in done.stdout
 
@@ -159,7 +159,7 @@ def test_a_rotation_statement_not_signed_by_a_trusted_key_or_skipping_is_refused
     assert alpha.once().returncode == 0
     before = trust(alpha)
     attacker = Signer.create(tmp_path / "attacker.key")
-    real = Signer.load(state / "publisher" / "signing.key")
+    real = Signer.load(state / "publisher" / "private" / "signing.key")
     if forgery == "an untrusted key":
         line = statement_line(attacker, seq=1, by=attacker.public, add=[attacker.public])
         expected = (
@@ -210,20 +210,17 @@ def test_a_release_signed_by_the_new_key_before_the_agent_saw_the_statement_is_a
 
 def test_the_old_private_key_is_gone_and_an_interrupted_rotation_is_finished(fleet: Fleet, state: Path):
     assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
-    first = key_of(state / "publisher" / "signing.key")
+    first = key_of(state / "publisher" / "private" / "signing.key")
     assert herald("key", "rotate", "--state", str(state)).returncode == 0
-    second = key_of(state / "publisher" / "signing.key")
-    assert sorted(
-        p.name for p in (state / "publisher").iterdir() if "sign" in p.name or p.name == "keys"
-    ) == [
-        "keys",
-        "signing.key",
-    ]
-    assert (state / "publisher" / "signing.key").stat().st_mode & 0o777 == 0o600
+    second = key_of(state / "publisher" / "private" / "signing.key")
+    assert [p.name for p in (state / "publisher" / "private").iterdir()] == ["signing.key"]
+    assert not [p.name for p in (state / "publisher").iterdir() if "sign" in p.name]
+    assert (state / "publisher" / "private").stat().st_mode & 0o777 == 0o700
+    assert (state / "publisher" / "private" / "signing.key").stat().st_mode & 0o777 == 0o600
     # A rotation killed after its statement was written, before the key replaced the old one:
     # the next rotate finishes it (agents may already trust that key) rather than make another.
-    pending = Signer.create(state / "publisher" / "signing.key.new")
-    signer = Signer.load(state / "publisher" / "signing.key")
+    pending = Signer.create(state / "publisher" / "private" / "signing.key.new")
+    signer = Signer.load(state / "publisher" / "private" / "signing.key")
     last = (state / "publisher" / "keys").read_bytes().splitlines()[-1].split(b" ", 1)[1]
     line = statement_line(
         signer, seq=2, prev=hashlib.sha256(last).hexdigest(), by=second, add=[pending.public]
@@ -233,13 +230,29 @@ def test_the_old_private_key_is_gone_and_an_interrupted_rotation_is_finished(fle
     done = herald("key", "rotate", "--state", str(state))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "finishing the rotation interrupted after statement 2" in done.stdout
-    assert key_of(state / "publisher" / "signing.key") == pending.public
+    assert key_of(state / "publisher" / "private" / "signing.key") == pending.public
     shown = herald("key", "show", "--state", str(state)).stdout
     assert f"trusted: {first} (from the first signing key)" in shown
     assert "statement 2 (" in shown
     refused = herald("key", "retire", "--state", str(state), pending.public)
     assert refused.returncode == 2
     assert "signs the releases: rotate first" in refused.stderr
+
+
+def test_a_key_where_herald_0_1_kept_it_moves_into_its_own_directory(fleet: Fleet, state: Path):
+    """herald 0.1 kept the key in STATE/publisher/ itself, where no unit could hide it from serve
+    alone: the next publish moves it into STATE/publisher/private/ and signs with it still."""
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
+    first = key_of(state / "publisher" / "private" / "signing.key")
+    (state / "publisher" / "private" / "signing.key").rename(state / "publisher" / "signing.key")
+    (state / "publisher" / "private").rmdir()
+    (fleet.root / "common" / "moved.nix").write_text("{ ... }: { }\n")
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert not (state / "publisher" / "signing.key").exists()
+    assert key_of(state / "publisher" / "private" / "signing.key") == first
+    assert (state / "publisher" / "private").stat().st_mode & 0o777 == 0o700
+    shown = herald("key", "show", "--state", str(state))
+    assert f"signing key: {first}" in shown.stdout
 
 
 def test_serve_with_publish_off_never_reads_the_signing_key(
@@ -249,7 +262,7 @@ def test_serve_with_publish_off_never_reads_the_signing_key(
     its own with the key, wrote; it neither reads nor makes a signing key."""
     publish_done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init")
     assert publish_done.returncode == 0, publish_done.stderr
-    key = state / "publisher" / "signing.key"
+    key = state / "publisher" / "private" / "signing.key"
     key.rename(tmp_path / "elsewhere.key")
     config = tmp_path / "server.toml"
     config.write_text(

@@ -262,7 +262,7 @@ def test_the_inventory_error_names_file_and_host(fleet: Fleet):
 
 def test_the_publisher_key_is_private_and_generations_survive_a_wiped_chroot(fleet: Fleet, state: Path):
     publish(fleet.root, state)
-    assert (state / "publisher" / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "publisher" / "private" / "signing.key").stat().st_mode & 0o777 == 0o600
     assert (state / "broker" / "passwd").stat().st_mode & 0o777 == 0o600
     for secret in (state / "broker").glob("*.secret"):
         assert secret.stat().st_mode & 0o777 == 0o600, secret
