@@ -3,6 +3,8 @@
 - asyncssh formats a line for every packet before its level check; the check comes first.
 - asyncssh sends an empty MSG_IGNORE before every packet, a defence that only CBC ciphers need;
   it is sent with a CBC cipher only.
+- asyncssh re-arms its keepalive timer for every chunk received; one timer now serves, and a
+  silent peer is still found and dropped.
 
 The tests also fail if the asyncssh internals that protocol/ssh.py replaces change shape, and
 those that the embedded server's publisher/sftpfixes.py and publisher/sshgate.py rely on (their
@@ -166,6 +168,89 @@ def test_the_replaced_asyncssh_internals_keep_their_shape() -> None:
         "args",
         "handler",
     ]
+    connection = asyncssh.connection.SSHConnection
+    assert connection._reset_keepalive_timer is protocol.ssh._note_activity
+    assert connection._keepalive_timer_callback is protocol.ssh._keepalive_timer_fired
+    assert "self._reset_keepalive_timer()" in inspect.getsource(connection._recv_data)
+    due = inspect.getsource(protocol.ssh._keepalive_due)
+    assert "self._keepalive_count += 1" in due
+    assert "self._set_keepalive_timer()" in due
+    assert "self._keepalive_timer = self._loop.call_later(" in inspect.getsource(
+        connection._set_keepalive_timer
+    )
+    assert "self._keepalive_timer.cancel()" in inspect.getsource(connection._cancel_keepalive_timer)
+
+
+def test_a_busy_session_makes_no_timer_per_chunk_and_a_silent_peer_is_still_dropped(tmp_path: Path) -> None:
+    """Reads on a session with keepalives on: asyncssh made a timer for every chunk received
+    (more than one per read), now a handful in all. Then the client stops reading (it answers
+    nothing): the server's keepalive requests go unanswered and it closes the connection after
+    keepalive_count_max of them, as asyncssh does."""
+    (tmp_path / "file").write_bytes(b"x" * 100)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    authorized = asyncssh.import_authorized_keys(client_key.export_public_key().decode())
+
+    async def run() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        lost = asyncio.Event()
+
+        class Watched(asyncssh.SSHServer):
+            def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+                lost.set()
+
+        server = await asyncssh.listen(
+            "127.0.0.1",
+            0,
+            server_factory=Watched,
+            server_host_keys=[host_key],
+            authorized_client_keys=authorized,
+            keepalive_interval=0.3,
+            keepalive_count_max=2,
+            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(tmp_path)),  # type: ignore[arg-type]
+        )
+        port = server.sockets[0].getsockname()[1]
+        made = 0
+        arm = asyncssh.connection.SSHConnection._set_keepalive_timer
+
+        def counted(self: asyncssh.connection.SSHConnection) -> None:
+            nonlocal made
+            made += bool(self._keepalive_interval)  # the server's connection: the client has none
+            arm(self)
+
+        try:
+            conn = await asyncssh.connect(
+                "127.0.0.1",
+                port,
+                username="someone",
+                client_keys=[client_key],
+                known_hosts=([host_key.convert_to_public()], [], []),
+                config=None,
+                agent_path=None,
+            )
+            sftp = await conn.start_sftp_client()
+            asyncssh.connection.SSHConnection._set_keepalive_timer = counted  # type: ignore[method-assign]
+            try:
+                for _ in range(50):
+                    async with sftp.open("file", "rb") as stream:
+                        assert await stream.read() == b"x" * 100
+            finally:
+                asyncssh.connection.SSHConnection._set_keepalive_timer = arm  # type: ignore[method-assign]
+            conn._transport.pause_reading()  # type: ignore[union-attr]
+            silent = loop.time()
+            try:
+                async with asyncio.timeout(10):
+                    await lost.wait()
+                return made, loop.time() - silent
+            finally:
+                conn.abort()  # it reads nothing: a graceful close would wait for ever
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    made, until_dropped = asyncio.run(run())
+    assert made < 5  # 50 opens, reads and closes: 300 chunks or more, each a new timer before
+    assert 0.6 <= until_dropped < 5  # three intervals: two requests unanswered, then dropped
 
 
 def test_the_sftp_server_internals_herald_changes_are_the_ones_reviewed() -> None:
