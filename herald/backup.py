@@ -41,7 +41,6 @@ from protocol.release import LOG_NAME, LOGS
 from protocol.topics import ADMIN_USER, Topics, is_host_name
 from publisher.accounts import host_accounts
 from publisher.publish import publish_lock, read_floors, write_floors
-from publisher.signing import settle_key
 
 MANIFEST: Final = "herald-backup.json"
 FORMAT: Final = 1
@@ -131,9 +130,9 @@ def _generations(state: StateDir) -> dict[str, int]:
 
 def backup(state_dir: Path, target: Path) -> tuple[int, int]:
     """Write the archive; (hosts, members) in it."""
-    state = StateDir(state_dir)
-    settle_key(state)
-    if not (state.root / "chroot").is_dir() or not state.signing_key.exists():
+    state = StateDir(state_dir)  # read as it is (a snapshot may be read-only): either key place
+    key = state.signing_key if state.signing_key.exists() else state.publisher / "signing.key"
+    if not (state.root / "chroot").is_dir() or not key.exists():
         raise ConfigError(f"--state {state_dir}: not a herald state directory (no chroot/ or signing key)")
     gzip = target.name.endswith((".gz", ".tgz"))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -235,25 +234,34 @@ def restore(archive_path: Path, state_dir: Path, *, force: bool) -> tuple[Path |
         _extract(archive_path, staging)
         floors = logged_generations(staging)
         aside: Path | None = None
-        if occupied:
-            for host, generation in logged_generations(state_dir).items():
-                floors[host] = max(floors.get(host, 0), generation)
-            for host, generation in read_floors(state_dir / "publisher" / "floor.json").items():
-                floors[host] = max(floors.get(host, 0), generation)
-            # Kept in one directory beside it, which a unit can hide from `herald serve` (the old
-            # state holds the signing key): STATE.before-restore/<time>.
-            kept = state_dir.with_name(f"{state_dir.name}.before-restore")
-            kept.mkdir(mode=0o700, exist_ok=True)
-            aside = kept / time.strftime("%Y%m%dT%H%M%S")
-            state_dir.rename(aside)
-        elif state_dir.exists():
-            state_dir.rmdir()
-        staging.rename(state_dir)
+        with publish_lock(state_dir / "publisher" / "lock") if occupied else contextlib.nullcontext():
+            # A publish (a timer's, a hook's) waits, or has finished: none writes into the state
+            # being moved, and the first one after it finds the floors in place.
+            if occupied:
+                for host, generation in logged_generations(state_dir).items():
+                    floors[host] = max(floors.get(host, 0), generation)
+                for host, generation in read_floors(state_dir / "publisher" / "floor.json").items():
+                    floors[host] = max(floors.get(host, 0), generation)
+            add_floors(staging, floors)
+            if occupied:
+                # Kept in one directory beside it, which a unit can hide from `herald serve` (the
+                # old state holds the signing key): STATE.before-restore/<time>.
+                kept = state_dir.with_name(f"{state_dir.name}.before-restore")
+                kept.mkdir(mode=0o700, exist_ok=True)
+                stamp = time.strftime("%Y%m%dT%H%M%S")
+                aside = next(
+                    kept / name
+                    for name in (stamp, *(f"{stamp}.{n}" for n in range(1, 1000)))
+                    if not (kept / name).exists()
+                )
+                state_dir.rename(aside)
+            elif state_dir.exists():
+                state_dir.rmdir()
+            staging.rename(state_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(state_dir.parent)
-    add_floors(state_dir, floors)
     return aside, floors
 
 

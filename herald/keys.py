@@ -1,6 +1,7 @@
 """`herald key show | rotate | retire`: the publisher key over a fleet's life (publisher.keyring)."""
 
 import argparse
+import os
 
 from herald.output import console
 from protocol.errors import ConfigError
@@ -12,12 +13,15 @@ from publisher.signing import Signer, settle_key
 
 def key_command(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
-    settle_key(state)
-    if not state.signing_key.exists():
+    if not state.signing_key.exists() and not (state.publisher / "signing.key").exists():
         raise ConfigError(f"--state {args.state}: no publisher key there (is this the server's state?)")
     if args.action == "show":
+        if os.path.lexists(state.publisher / "signing.key"):  # herald 0.1's place: moved first
+            with publish_lock(state.publisher / "lock"):
+                settle_key(state)
         return _show(state)
-    with publish_lock(state.publisher / "lock"):  # no publish signs or places keys meanwhile
+    with publish_lock(state.publisher / "lock"):  # no publish signs, places or moves keys meanwhile
+        settle_key(state)
         done = rotate(state, retire_old=args.retire) if args.action == "rotate" else retire(state, args.keys)
     for line in done:
         console.print(line, markup=False, soft_wrap=True)

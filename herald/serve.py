@@ -38,7 +38,7 @@ from protocol.credentials import read_secret
 from protocol.errors import HeraldError, UnreachableError
 from protocol.files import write_atomic
 from protocol.layout import StateDir
-from protocol.messages import Desired
+from protocol.messages import Desired, State
 from protocol.mqtt import BrokerURL, connect, parse_urls
 from protocol.settings import ServerConfig, parse_endpoint
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
@@ -284,8 +284,8 @@ class Server:
             return
         # The announcement lags the chroot: a publish of its own (or one that has not announced
         # yet) wrote `current` first, and a host's timer may find the release before the broker
-        # hears of it. Only a generation above every one on disk is one this server lacks.
-        if reported <= self._served(host):
+        # hears of it. Only a generation this server does not hold is one it lacks.
+        if self._holds(host, reported, view.state):
             return
         self._ahead[host] = reported
         logger.bind(host=host).warning(
@@ -298,16 +298,29 @@ class Server:
         write_floors(path, floors)
         self._in_background(self._publish_again(), "publish above a host's generation")
 
-    def _served(self, host: str) -> int:
-        """The highest generation on disk for `host`: its `current`, or a release kept there."""
+    def _holds(self, host: str, generation: int, state: State) -> bool:
+        """Whether `generation` is on disk for `host` (its `current`, or a release kept there,
+        perhaps held back by a rollout) with the content the host runs, if it runs that one: a
+        server restored from an older backup may have published the same number again."""
         chroot = Chroot(self.state.chroot(host))
         try:
             current = chroot.current()
             names = os.listdir(chroot.releases)
         except (OSError, HeraldError):
-            return 0
-        kept = [int(name) for name in names if name.isdigit()]
-        return max([current.generation if current else 0, *kept])
+            return False
+        kept = {int(name) for name in names if name.isascii() and name.isdigit()}
+        if current is not None:
+            kept.add(current.generation)
+        if generation not in kept and generation < max(kept, default=0):
+            return True  # pruned since, below what is served: not one this server lacks
+        if generation not in kept:
+            return False
+        if generation != state.deployed_generation or state.deployed_version is None:
+            return True  # on its way to it: what it fetched is what this server offers
+        if current is not None and current.generation == generation:
+            return current.version == state.deployed_version
+        manifest = chroot.manifest(generation)
+        return manifest is None or manifest.version == state.deployed_version
 
     async def _publish_again(self) -> None:
         await _republish(self)

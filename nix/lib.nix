@@ -146,7 +146,7 @@ rec {
   publishNeedsNetwork = { fleet, settings }:
     let
       publish = fleet.publish or { };
-      host = url: builtins.head (builtins.match "[a-z]+://([^/]*):[0-9]+.*" url);
+      host = url: builtins.head (builtins.match "[a-z]+://(\\[[^]]*]|[^/:]*).*" url); # the port is optional
       loopback = url: builtins.elem (host url) [ "localhost" "[::1]" ] || builtins.substring 0 4 (host url) == "127.";
     in
     publish ? check || publish ? build || !(builtins.all loopback (announceUrls settings));

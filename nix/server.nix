@@ -44,14 +44,28 @@ let
     CapabilityBoundingSet = lib.concatStringsSep " " capabilities; # "": none
     InaccessiblePaths = [ "${state}/publisher/private" "-${state}.before-restore" ];
     ReadWritePaths = writable;
-    # Before the namespace is set up ("+": outside it), what it names must exist: a restored
-    # state has no run/, a first boot no publisher/private/. Then publish once serve is ready.
+    # Before the namespace is set up ("+": outside it), what it names must exist (a restored
+    # state has no run/, a first boot no publisher/private/), and what herald 0.1 left where
+    # nothing hides it moves into what is hidden: its key (as publisher.signing.settle_key
+    # moves it; two different keys are left for publish to refuse) and the states its restores
+    # moved aside. Then publish once serve is ready ("-": a publish not queued fails nothing).
     ExecStartPre = [
       "+${pkgs.coreutils}/bin/mkdir -p ${lib.concatStringsSep " " writable}"
-      "+${pkgs.coreutils}/bin/install -d -m 0700 ${state}/publisher/private"
+      "+${pkgs.coreutils}/bin/install -d -m 0700 ${state}/publisher/private ${state}.before-restore"
+      "+${pkgs.writeShellScript "herald-settle" settle}"
     ];
-    ExecStartPost = "+${pkgs.systemd}/bin/systemctl start --no-block herald-publish.service";
+    ExecStartPost = "-+${pkgs.systemd}/bin/systemctl start --no-block herald-publish.service";
   };
+  settle = ''
+    for name in signing.key signing.key.new; do
+      if [ -e '${state}/publisher/'$name ] && [ ! -e '${state}/publisher/private/'$name ]; then
+        ${pkgs.coreutils}/bin/mv -n '${state}/publisher/'$name '${state}/publisher/private/'$name
+      fi
+    done
+    for old in '${state}'.before-restore-*; do
+      if [ -d "$old" ]; then ${pkgs.coreutils}/bin/mv -n "$old" '${state}.before-restore/'"''${old##*-}"; fi
+    done
+  '';
 
   announce = herald.announceUrls settings;
   publishCommand = utils.escapeSystemdExecArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
@@ -229,6 +243,13 @@ in
           serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };
         };
 
+
+      # A host found running a generation this server lacks (a restore from an older backup):
+      # serve writes it down, and publishing releases the host again above it.
+      systemd.paths.herald-publish = mkIf cfg.publishUnit {
+        wantedBy = [ "paths.target" ];
+        pathConfig.PathChanged = "${state}/run/reported.json";
+      };
 
       networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
         lib.optional (cfg.mqtt.listen != "off") (port cfg.mqtt.listen)

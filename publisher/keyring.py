@@ -73,8 +73,14 @@ def read_chain(state: StateDir) -> bytes:
 
 
 def load_keys(state: StateDir) -> Keys:
-    """The signing key (made on first use) and the statements."""
+    """The signing key (made on first use: never again once releases were signed here, as agents
+    pinned that key) and the statements."""
     settle_key(state)
+    if not state.signing_key.exists() and (mark_path(state).exists() or chain_path(state).exists()):
+        raise ConfigError(
+            f"{state.signing_key}: no signing key, but this state has signed releases: restore the key "
+            "(or the state's backup); a new one would be refused by every agent"
+        )
     return Keys(Signer.load_or_create(state.signing_key), read_chain(state))
 
 

@@ -41,7 +41,7 @@ from publisher.keys import authorized_key_line
 from publisher.materialise import Listings, Source, materialise
 from publisher.modes import Declarations
 from publisher.revision import Revision
-from publisher.signing import Signer
+from publisher.signing import Signer, settle_key
 
 _T = TypeVar("_T")
 _FILE_WORKERS: Final = 2  # hosts written at once (more made a cold publish slower here)
@@ -188,6 +188,8 @@ class Publisher:
                 self.fleet, self.state.publisher if locking else None, allow_dirty=self.allow_dirty
             ) as revision,
         ):
+            if locking and not dry_run:
+                settle_key(self.state)  # herald 0.1's key place, where no unit can hide it, first
             inventory = load_inventory(revision.root)
             self._refuse_removed(inventory)
             report = Report(dry_run=dry_run, source_rev=revision.rev)

@@ -19,14 +19,32 @@ from protocol.release import encode_public_key
 
 def settle_key(state: StateDir) -> None:
     """Move a key kept where herald 0.1 kept it, STATE/publisher/signing.key (and a rotation's
-    pending signing.key.new beside it), into STATE/publisher/private/ (0700)."""
+    pending signing.key.new beside it), into STATE/publisher/private/ (0700). A link moves as a
+    link (a key kept in a secrets manager). Where both places hold one: the same key, and the old
+    copy goes; two keys, and nothing is done but say so."""
     for name, path in (("signing.key", state.signing_key), ("signing.key.new", state.pending_key)):
         legacy = state.publisher / name
-        if legacy.is_file() and not legacy.is_symlink() and not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            legacy.rename(path)
-            fsync_dir(path.parent)
-            fsync_dir(state.publisher)
+        if not os.path.lexists(legacy):
+            continue
+        if os.path.lexists(path):
+            if _same_key(legacy, path):
+                legacy.unlink()
+                continue
+            raise ConfigError(
+                f"{legacy} and {path} are two different keys: keep the one agents trust (herald key "
+                f"show), move the other away"
+            )
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        legacy.rename(path)
+        fsync_dir(path.parent)
+        fsync_dir(state.publisher)
+
+
+def _same_key(one: Path, other: Path) -> bool:
+    try:
+        return one.read_bytes() == other.read_bytes()
+    except OSError:
+        return False
 
 
 class Signer:

@@ -5,8 +5,9 @@
 # `config`, with mkIf and mkMerge resolved as NixOS resolves them (attribute sets merged, lists
 # concatenated, equal values kept).
 #
-# A file pkgs.formats.toml generates is named "/nix/store/<hash>-<name>#<its value as JSON>", so
-# that a test can read back the server.toml a unit's ExecStart names.
+# A file pkgs.formats.toml generates is named "/nix/store/<hash>-<name>#<its value as JSON>", and
+# a script of pkgs.writeShellScript "/nix/store/<hash>-<name>#<its text>", so that a test can
+# read back the server.toml a unit's ExecStart names, and run a unit's script.
 { module, values, config ? { } }: # config: replaces parts of `machine` below
 let
   b = builtins;
@@ -60,6 +61,7 @@ let
       generate = name: value: "/nix/store/00000000000000000000000000000000-${name}#${b.toJSON value}";
     };
     writeText = name: _: "/nix/store/00000000000000000000000000000000-${name}";
+    writeShellScript = name: text: "/nix/store/00000000000000000000000000000000-${name}#${text}";
   } // b.listToAttrs (map (name: { inherit name; value = package name; })
     [ "git" "coreutils" "systemd" "shadow" "libnotify" ]);
 

@@ -255,6 +255,41 @@ def test_a_key_where_herald_0_1_kept_it_moves_into_its_own_directory(fleet: Flee
     assert f"signing key: {first}" in shown.stdout
 
 
+def test_a_key_kept_elsewhere_is_moved_as_a_link_and_a_lost_key_is_never_replaced(
+    fleet: Fleet, state: Path, tmp_path: Path
+):
+    """herald 0.1's key as a link to a secret store moves as that link; the same key in both
+    places leaves one; two keys, or none in a state that signed releases, stop the publish with
+    one line: a new key would be refused by every agent that pinned the old one."""
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--init").returncode == 0
+    private = state / "publisher" / "private" / "signing.key"
+    first = key_of(private)
+    secret = tmp_path / "secrets" / "herald.key"
+    secret.parent.mkdir()
+    private.rename(secret)
+    (state / "publisher" / "signing.key").symlink_to(secret)
+    (fleet.root / "common" / "linked.nix").write_text("{ ... }: { }\n")
+    assert herald("publish", "--fleet", str(fleet.root), "--state", str(state)).returncode == 0
+    assert private.is_symlink()
+    assert key_of(private) == first
+    assert (state / "chroot" / "alpha" / "credentials" / "publisher.pub").read_text().strip() == first
+
+    shutil.copy(secret, state / "publisher" / "signing.key")  # the same key back in the old place
+    assert herald("key", "show", "--state", str(state)).returncode == 0
+    assert not (state / "publisher" / "signing.key").exists()
+    Signer.create(state / "publisher" / "signing.key")  # another key there
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "are two different keys" in done.stderr
+    (state / "publisher" / "signing.key").unlink()
+
+    private.unlink()  # lost
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "this state has signed releases: restore the key" in done.stderr
+    assert not private.exists()
+
+
 def test_serve_with_publish_off_never_reads_the_signing_key(
     fleet: Fleet, state: Path, logs: Path, tmp_path: Path
 ):

@@ -2,6 +2,7 @@
 the builtins-only logic of nix/lib.nix agrees with herald's Python code on the same inputs."""
 
 import json
+import re
 import shlex
 import subprocess
 import tomllib
@@ -221,12 +222,16 @@ def test_the_server_module_runs_publishing_apart_from_serving_by_default():
     ]
     assert serve["ReadWritePaths"] == ["/var/lib/herald/chroot", "/var/lib/herald/run"]
     coreutils = "+/nix/store/00000000000000000000000000000000-coreutils/bin"
-    assert serve["ExecStartPre"] == [  # made unconfined first: the namespace needs them
+    assert serve["ExecStartPre"][:2] == [  # made unconfined first: the namespace needs them
         f"{coreutils}/mkdir -p /var/lib/herald/chroot /var/lib/herald/run",
-        f"{coreutils}/install -d -m 0700 /var/lib/herald/publisher/private",
+        f"{coreutils}/install -d -m 0700 /var/lib/herald/publisher/private /var/lib/herald.before-restore",
     ]
     assert serve["Type"] == "notify"  # herald-publish starts once the broker listens
+    assert serve["ExecStartPost"].startswith("-+")  # a publish that cannot be queued fails nothing
     assert serve["ExecStartPost"].endswith("systemctl start --no-block herald-publish.service")
+    assert config["systemd"]["paths"]["herald-publish"]["pathConfig"] == {
+        "PathChanged": "/var/lib/herald/run/reported.json"  # a host ahead after a restore: publish
+    }
     argv = shlex.split(publish["ExecStart"])
     args = parser().parse_args(argv[1:])
     assert (args.command, str(args.fleet), str(args.state)) == ("publish", "/srv/fleet", "/var/lib/herald")
@@ -253,6 +258,10 @@ def test_the_server_module_gives_the_embedded_server_what_it_needs_and_no_more(t
     checked.write_text((EXAMPLE_FLEET / "fleet.toml").read_text() + '\n[publish]\ncheck = ["true"]\n')
     publish = nixos("server", server_values(fleetToml=str(checked)))["systemd"]["services"]["herald-publish"]
     assert "IPAddressDeny" not in publish["serviceConfig"]
+    portless = server_values(settings='{ broker = "mqtts://mq.example.org"; }')
+    publish = nixos("server", portless)["systemd"]["services"]["herald-publish"]["serviceConfig"]
+    assert parser().parse_args(shlex.split(publish["ExecStart"])[1:]).broker == ["mqtts://mq.example.org"]
+    assert "IPAddressDeny" not in publish
     for listen, url in (("[::]:1883", "mqtt://[::1]:1883"), ("10.0.0.5:1883", "mqtt://10.0.0.5:1883")):
         unit = nixos(
             "server", server_values(mqtt=f'{{ listen = "{listen}"; }}', settings='{ prefix = "corp"; }')
@@ -269,6 +278,30 @@ def test_the_server_module_gives_the_embedded_server_what_it_needs_and_no_more(t
         "mqtts://a:8883",
         "mqtts://b:8883",
     ]
+
+
+def test_the_server_module_moves_what_herald_0_1_left_where_serve_could_read_it(tmp_path: Path):
+    """The unit's settle script, run on a herald 0.1 state: the key goes into its hidden
+    directory, states a restore moved aside into STATE.before-restore/; a second key is left."""
+    config = nixos("server", server_values(stateDir=f'"{tmp_path}/state"', sftp='"embedded"'))
+    (line,) = [
+        pre
+        for pre in config["systemd"]["services"]["herald-serve"]["serviceConfig"]["ExecStartPre"]
+        if "#" in pre
+    ]
+    script = re.sub(r"/nix/store/[0-9]{32}-coreutils/bin/", "", line.split("#", 1)[1])
+    state = tmp_path / "state"
+    (state / "publisher" / "private").mkdir(parents=True)
+    (tmp_path / "state.before-restore").mkdir()
+    (state / "publisher" / "signing.key").write_text("the key\n")
+    (tmp_path / "state.before-restore-20261101T000000").mkdir()
+    subprocess.run(["sh", "-ec", script], check=True)
+    assert (state / "publisher" / "private" / "signing.key").read_text() == "the key\n"
+    assert not (state / "publisher" / "signing.key").exists()
+    assert (tmp_path / "state.before-restore" / "20261101T000000").is_dir()
+    (state / "publisher" / "signing.key").write_text("another key\n")
+    subprocess.run(["sh", "-ec", script], check=True)
+    assert (state / "publisher" / "signing.key").read_text() == "another key\n"  # publish refuses two
 
 
 def test_the_server_module_publishes_in_serve_when_asked():
