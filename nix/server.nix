@@ -67,6 +67,19 @@ let
     done
   '';
 
+  # Both units' sandbox; serve's `confined` and publish's network narrow it further.
+  hardening = {
+    ProtectSystem = "strict";
+    ProtectHome = "read-only";
+    PrivateTmp = true;
+    NoNewPrivileges = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectControlGroups = true;
+    RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+    LockPersonality = true;
+  };
+
   announce = herald.announceUrls settings;
   publishCommand = utils.escapeSystemdExecArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
     ++ lib.concatMap (url: [ "--broker" url ]) announce
@@ -199,17 +212,8 @@ in
           # ran out with ~64 hosts fetching a fleet-wide change.
           LimitNOFILE = 65536;
           ReadWritePaths = [ cfg.stateDir ];
-          ProtectSystem = "strict";
-          ProtectHome = "read-only";
-          PrivateTmp = true;
-          NoNewPrivileges = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectControlGroups = true;
-          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-          LockPersonality = true;
           MemoryDenyWriteExecute = false; # cffi (cryptography) needs it
-        } // lib.optionalAttrs cfg.publishUnit confined;
+        } // hardening // lib.optionalAttrs cfg.publishUnit confined;
       };
 
       systemd.timers.herald-publish = mkIf (cfg.publishEvery != null) {
@@ -228,16 +232,7 @@ in
             Type = "oneshot";
             ExecStart = publishCommand;
             ReadWritePaths = [ state ];
-            ProtectSystem = "strict";
-            ProtectHome = "read-only";
-            PrivateTmp = true;
-            NoNewPrivileges = true;
-            ProtectKernelTunables = true;
-            ProtectKernelModules = true;
-            ProtectControlGroups = true;
-            RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-            LockPersonality = true;
-          } // lib.optionalAttrs (!network) { IPAddressDeny = "any"; IPAddressAllow = "localhost"; };
+          } // hardening // lib.optionalAttrs (!network) { IPAddressDeny = "any"; IPAddressAllow = "localhost"; };
         }
         else mkIf (cfg.publishEvery != null) {
           serviceConfig = { Type = "oneshot"; ExecStart = "${pkgs.systemd}/bin/systemctl reload herald-serve.service"; };

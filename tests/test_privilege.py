@@ -155,6 +155,23 @@ def start_confined(
     return serve, sshd.serve() if sshd else serve, sshd
 
 
+def publish_change(
+    fleet: Fleet, state: Path, serve: Serve, watcher: Watcher, note: str, generation: int
+) -> None:
+    """A change to every host, published as the publish unit does; every host idle on `generation`."""
+    with (fleet.root / "common" / "base.nix").open("a", encoding="utf-8") as module:
+        module.write(f"# {note}\n")
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--broker", serve.mqtt)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for host in fleet.hosts:
+        watcher.wait_state(
+            host,
+            lambda s: s.deployed_generation == generation and s.phase is Phase.IDLE,
+            f"at {generation}",
+            2 * TIMEOUT,
+        )
+
+
 @pytest.mark.parametrize("sftp", ["embedded", "openssh"])
 def test_a_confined_serve_and_a_publish_of_its_own_keep_the_fleet_moving(
     sftp: str, fleet: Fleet, state: Path, logs: Path, tmp_path: Path
@@ -178,15 +195,8 @@ def test_a_confined_serve_and_a_publish_of_its_own_keep_the_fleet_moving(
         for host in fleet.hosts:
             watcher.wait_state(host, lambda s: s.deployed_generation == 1 and s.phase is Phase.IDLE, "at 1")
 
-        with (fleet.root / "common" / "base.nix").open("a", encoding="utf-8") as module:
-            module.write("# a change, published by the publish unit\n")
-        done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--broker", serve.mqtt)
-        assert done.returncode == 0, done.stdout + done.stderr
-        # The publish gave generation 2 to the canary only; the confined serve gives the rest.
-        for host in fleet.hosts:
-            watcher.wait_state(
-                host, lambda s: s.deployed_generation == 2 and s.phase is Phase.IDLE, "at 2", 2 * TIMEOUT
-            )
+        # The publish gives generation 2 to the canary only; the confined serve gives the rest.
+        publish_change(fleet, state, serve, watcher, "a change, published by the publish unit", 2)
         started = {agent.host: agent.rebuilds()[-1]["t"] for agent in agents}
         assert all(started["alpha"] < started[host] for host in fleet.hosts if host != "alpha")
         book = state / "run" / "rollout.json"
@@ -201,14 +211,7 @@ def test_a_confined_serve_and_a_publish_of_its_own_keep_the_fleet_moving(
         rotated = herald("key", "rotate", "--state", str(state))
         assert rotated.returncode == 0, rotated.stdout + rotated.stderr
         assert list(hidden.iterdir()) == []
-        with (fleet.root / "common" / "base.nix").open("a", encoding="utf-8") as module:
-            module.write("# signed by the new key\n")
-        done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--broker", serve.mqtt)
-        assert done.returncode == 0, done.stdout + done.stderr
-        for host in fleet.hosts:
-            watcher.wait_state(
-                host, lambda s: s.deployed_generation == 3 and s.phase is Phase.IDLE, "at 3", 2 * TIMEOUT
-            )
+        publish_change(fleet, state, serve, watcher, "signed by the new key", 3)
     finally:
         for agent in agents:
             agent.stop()
