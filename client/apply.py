@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
+import msgspec
+
+from client.system import rollback_commands
 from protocol.errors import RebuildError
 from protocol.release import Manifest
 from protocol.settings import AgentConfig, Operation
@@ -35,6 +38,20 @@ def rebuild_argv(config: AgentConfig, manifest: Manifest, tree: Path) -> list[st
     return fill(
         template, "rebuild.command", operation=operation, dir=str(tree), host=config.host, flake=flake or ""
     )
+
+
+def rebuild_commands(config: AgentConfig, manifest: Manifest, tree: Path) -> list[list[str]]:
+    """What applies the release: its rebuild command; for a delivered system (already in the
+    store), the commands that make it the system, as an exact rollback does (client.system),
+    or `rebuild.rollback` with {system} the delivered path."""
+    system = manifest.content.system
+    if system is msgspec.UNSET:
+        return [rebuild_argv(config, manifest, tree)]
+    operation = operation_of(config, manifest)
+    if config.rebuild.rollback is not None:
+        values = {"host": config.host, "system": system.path, "operation": operation.value}
+        return [fill(config.rebuild.rollback, "rebuild.rollback", **values)]
+    return rollback_commands(Path(config.root), system.path, operation, config.store)
 
 
 def fill(template: list[str], where: str, **values: str) -> list[str]:

@@ -10,12 +10,14 @@ from datetime import datetime
 from pathlib import Path
 
 import asyncssh
+import msgspec
 from loguru import logger
 
 import protocol
 from client import pause
-from client.apply import operation_of, rebuild_argv
+from client.apply import operation_of, rebuild_commands
 from client.chroot import Chroot
+from client.closure import realise
 from client.confirm import confirm
 from client.converge import Converged
 from client.fetch import Fetched, Verify, check, fetch
@@ -276,6 +278,21 @@ class Deployer:
             f"fetched: {fetched.downloaded} file(s), {fetched.downloaded_bytes} bytes downloaded, "
             f"{fetched.reused} reused; source {fetched.manifest.source_rev or 'unknown'}"
         )
+        system = fetched.manifest.content.system
+        if system is not msgspec.UNSET:
+            try:
+                imported = await realise(
+                    sftp,
+                    system,
+                    store=self.config.store,
+                    work=self.store.root / "closure",
+                    log=note.stream,
+                    timeout=float(seconds(self.config.rebuild.timeout)),
+                )
+            except (UnreachableError, StorageError) as exc:
+                note(f"fetch interrupted: {exc}")
+                raise
+            note(imported.summary(system))
         return fetched
 
     def _note_install(self, done: Converged, note: RunLog) -> None:
@@ -299,19 +316,22 @@ class Deployer:
             self.log.warning("not changed: {}", done.failures())
 
     async def _rebuild(self, manifest: Manifest, tree: Path, note: RunLog) -> tuple[str, float]:
-        """Run the rebuild command: ('', seconds) when it succeeded, else (what failed, seconds)."""
+        """Run the rebuild command (or a delivered system's switch commands, one after the
+        other): ('', seconds) when it succeeded, else (what failed, seconds)."""
+        taken = 0.0
         try:
-            argv = rebuild_argv(self.config, manifest, tree)
-            note(f"running: {' '.join(argv)}")
-            self.log.info("generation {}: running {}", manifest.generation, argv[0])
-            result = await self.transitions.rebuild(argv, note.stream)
+            for argv in rebuild_commands(self.config, manifest, tree):
+                note(f"running: {' '.join(argv)}")
+                self.log.info("generation {}: running {}", manifest.generation, argv[0])
+                result = await self.transitions.rebuild(argv, note.stream)
+                taken += result.seconds
+                if result.returncode is None:
+                    return f"rebuild killed after {self.config.rebuild.timeout} (rebuild.timeout)", taken
+                if not result.ok:
+                    return f"rebuild failed with exit code {result.returncode}", taken
         except (RebuildError, OSError) as exc:
-            return f"apply failed: {exc}", 0.0
-        if result.returncode is None:
-            return f"rebuild killed after {self.config.rebuild.timeout} (rebuild.timeout)", result.seconds
-        if not result.ok:
-            return f"rebuild failed with exit code {result.returncode}", result.seconds
-        return "", result.seconds
+            return f"apply failed: {exc}", taken
+        return "", taken
 
     async def _confirm(self, generation: int, broker_was_up: bool, note: RunLog) -> str | None:
         """None when the switched system still reaches its server; else what failed."""

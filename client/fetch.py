@@ -111,18 +111,18 @@ async def read_small(sftp: asyncssh.SFTPClient, path: str, limit: int) -> bytes:
     return data
 
 
-class _Progress:
+class Progress:
     """When the server last answered any request of this fetch."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()
 
 
-async def _answer(request: Awaitable[T], what: str, progress: _Progress | None = None) -> T:
+async def _answer(request: Awaitable[T], what: str, progress: Progress | None = None) -> T:
     """One SFTP request's answer. UnreachableError once the server has answered nothing for
     REQUEST_TIMEOUT: up, but not answering (a session process gone, out of descriptors). A request
     may wait longer behind others on a slow link, as long as answers keep coming."""
-    progress = progress or _Progress()
+    progress = progress or Progress()
     task = asyncio.ensure_future(request)
     try:
         while True:
@@ -142,7 +142,7 @@ async def _read_exactly(
     offset: int = 0,
     *,
     probe_end: bool = False,
-    progress: _Progress | None = None,
+    progress: Progress | None = None,
 ) -> bytes:
     """`size` bytes from `offset`, one request per `_CHUNK`, all in flight at once; shorter only
     at the end of the file. With `probe_end` the last request asks for one byte more, so a file
@@ -151,7 +151,7 @@ async def _read_exactly(
     if not starts:
         return b""
     last = starts[-1]
-    shared = progress or _Progress()
+    shared = progress or Progress()
     parts = await asyncio.gather(
         *(
             _read_at(
@@ -168,7 +168,7 @@ async def _read_exactly(
 
 
 async def _read_at(
-    stream: asyncssh.SFTPClientFile, offset: int, size: int, *, probe_end: bool, progress: _Progress
+    stream: asyncssh.SFTPClientFile, offset: int, size: int, *, probe_end: bool, progress: Progress
 ) -> bytes:
     data = b""
     extra = 1 if probe_end else 0
@@ -220,7 +220,7 @@ async def _assemble(
     sftp: asyncssh.SFTPClient, files: list[FileEntry], staging: Path, have: dict[str, Path]
 ) -> tuple[int, int, int]:
     gate = asyncio.Semaphore(PARALLEL)
-    progress = _Progress()
+    progress = Progress()
     downloaded = downloaded_bytes = reused = 0
 
     async def one(entry: FileEntry) -> None:
@@ -297,38 +297,53 @@ def _reuse(source: Path, target: Path, entry: FileEntry) -> bool:
     return True
 
 
-async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path, progress: _Progress) -> None:
-    path = f"{OBJECTS}/{entry.sha256}"
+async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path, progress: Progress) -> None:
+    await download_object(sftp, entry.path, entry.sha256, entry.size, target, progress, mode=entry.mode)
+
+
+async def download_object(
+    sftp: asyncssh.SFTPClient,
+    what: str,
+    sha256: str,
+    expected: int,
+    target: Path,
+    progress: Progress,
+    *,
+    mode: int = 0o600,
+) -> None:
+    """objects/<sha256> into the new file `target`: `expected` bytes hashing to `sha256`, or
+    ReleaseError naming `what` (a path of the release, a store path of its closure)."""
+    path = f"{OBJECTS}/{sha256}"
     digest = hashlib.sha256()
     size = 0
-    out = _Local(target, entry.mode)
+    out = _Local(target, mode)
     try:
         async with await _answer(sftp.open(path, "rb", block_size=0), path, progress) as stream:
             # The MANIFEST's size, a window at a time, and one byte more at the end: a file that
             # is shorter or longer than the MANIFEST says fails like one whose content differs.
             start = 0
             while True:
-                want = min(_WINDOW, entry.size - start)
-                last = start + want >= entry.size
+                want = min(_WINDOW, expected - start)
+                last = start + want >= expected
                 chunk = await _read_exactly(stream, want, start, probe_end=last, progress=progress)
                 size += len(chunk)
                 digest.update(chunk)
-                if size > entry.size:
+                if size > expected:
                     break
                 out.write(chunk)
                 start += want
                 if last or len(chunk) < want:
                     break
     except _LOST as exc:
-        raise UnreachableError(f"connection lost while fetching {entry.path}: {exc}") from exc
+        raise UnreachableError(f"connection lost while fetching {what}: {exc}") from exc
     except asyncssh.SFTPNoSuchFile as exc:
-        raise UnreachableError(f"{entry.path}: object {entry.sha256[:12]} is missing on the server") from exc
+        raise UnreachableError(f"{what}: object {sha256[:12]} is missing on the server") from exc
     except asyncssh.SFTPError as exc:
-        raise UnreachableError(f"server: {entry.path}: {exc.reason}") from exc
+        raise UnreachableError(f"server: {what}: {exc.reason}") from exc
     finally:
         out.close()
-    if size != entry.size or digest.hexdigest() != entry.sha256:
-        raise ReleaseError(f"{entry.path}: content does not match its sha256 in MANIFEST")
+    if size != expected or digest.hexdigest() != sha256:
+        raise ReleaseError(f"{what}: content does not match its sha256 in MANIFEST")
 
 
 class _Local:

@@ -12,6 +12,11 @@ switches to exactly the recorded path:
 never "one profile generation back": Nix makes no new generation when a profile is set to the
 path it has (a release that changes only files/, a forced rebuild), so `--rollback` can go back
 two systems (FINDINGS.md). Paths are read under the agent's `root`, as every path it installs.
+
+The same two commands switch to a system the publisher built (`deliver = "closure"`): switching
+to a delivered path and returning to a recorded one are one act. `store` is the root of the Nix
+store the systems are in: "/" on a host, another directory for a chroot store, whose paths are
+run from below it and whose profile nix-env sets with `--store`.
 """
 
 from pathlib import Path
@@ -43,20 +48,32 @@ def systems(root: Path) -> Systems:
     return Systems(profile=store_path(root, PROFILE), running=store_path(root, CURRENT))
 
 
-def restore_commands(root: Path, before: Systems, now: Systems) -> list[list[str]]:
+def _set_profile(root: Path, system: str, store: str) -> list[str]:
+    chroot_store = ["--store", store] if store != "/" else []
+    return ["nix-env", *chroot_store, "--profile", str(root / PROFILE), "--set", system]
+
+
+def _activate(system: str, operation: Operation, store: str) -> list[str]:
+    executable = f"{system}/bin/switch-to-configuration"
+    if store != "/":
+        executable = str(Path(store) / executable.lstrip("/"))
+    return [executable, operation.value]
+
+
+def restore_commands(root: Path, before: Systems, now: Systems, store: str = "/") -> list[list[str]]:
     """The commands that put back each link that moved from `before` (none if none moved)."""
     profile = before.profile if before.profile is not None and now.profile != before.profile else None
     running = before.running if before.running is not None and now.running != before.running else None
     commands = []
     if profile is not None:
-        commands.append(["nix-env", "--profile", str(root / PROFILE), "--set", profile])
+        commands.append(_set_profile(root, profile, store))
     if profile is not None and profile == running:
-        commands.append([f"{profile}/bin/switch-to-configuration", Operation.SWITCH.value])
+        commands.append(_activate(profile, Operation.SWITCH, store))
         return commands
     if profile is not None:
-        commands.append([f"{profile}/bin/switch-to-configuration", Operation.BOOT.value])
+        commands.append(_activate(profile, Operation.BOOT, store))
     if running is not None:
-        commands.append([f"{running}/bin/switch-to-configuration", Operation.TEST.value])
+        commands.append(_activate(running, Operation.TEST, store))
     return commands
 
 
@@ -81,10 +98,10 @@ def store_path(root: Path, link: str) -> str | None:
     return None
 
 
-def rollback_commands(root: Path, system: str, operation: Operation) -> list[list[str]]:
+def rollback_commands(root: Path, system: str, operation: Operation, store: str = "/") -> list[list[str]]:
     """The commands that make `system` the one running (switch, test) or booting next (boot)."""
     commands = []
     if operation is not Operation.TEST:
-        commands.append(["nix-env", "--profile", str(root / PROFILE), "--set", system])
-    commands.append([f"{system}/bin/switch-to-configuration", operation.value])
+        commands.append(_set_profile(root, system, store))
+    commands.append(_activate(system, operation, store))
     return commands

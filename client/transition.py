@@ -139,7 +139,7 @@ class Transitions:
     def moved(self, journal: Journal) -> bool:
         """Did a system link move since `journal` (an APPLY) recorded them?"""
         if journal.systems is not None:
-            return bool(restore_commands(self.root, journal.systems, systems(self.root)))
+            return bool(restore_commands(self.root, journal.systems, systems(self.root), self.config.store))
         return journal.system is not None and current_system(self.root, journal.operation) != journal.system
 
     def restore_journal(self, applied: Journal, outcome: Applied, *, switch_back: bool) -> Journal:
@@ -248,13 +248,13 @@ class Transitions:
             except RebuildError as exc:
                 return f"rollback failed: {exc}"
         elif journal.systems is not None:
-            commands = restore_commands(self.root, journal.systems, systems(self.root))
+            commands = restore_commands(self.root, journal.systems, systems(self.root), self.config.store)
             if not commands:
                 note("the system links are where they were: nothing to switch back")
         elif system is None:
             return "rollback impossible: no system was recorded before the rebuild"
         else:
-            commands = rollback_commands(self.root, system, operation)
+            commands = rollback_commands(self.root, system, operation, self.config.store)
         for argv in commands:
             note(f"running: {' '.join(argv)}")
             try:

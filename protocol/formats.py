@@ -12,6 +12,9 @@ RELEASE  what the publisher writes into a chroot: the MANIFEST, the `current` li
             0.1 agents refuse unknown fields, so a format-1 release never carries one.
          2  the MANIFEST names its format; `current` adds `format=2 keys=<statements>`, so
             that an agent notices new key statements in its no-change check.
+         3  the content may name a built system and its closure (`deliver = "closure"`): an
+            agent that ignored it would evaluate the configuration itself. Only such releases
+            are written in it; the others stay at 2 (SOURCE), so that older agents keep reading them.
 KEYS     the publisher key statements (credentials/publisher.keys): 1.
 MESSAGE  MQTT payloads: 1 (`format` is left out when it is 1, as herald 0.1 reads them).
 CONFIG   fleet.toml, server.toml, agent.toml: 1. People write these, so they stay strict about
@@ -21,7 +24,9 @@ CONFIG   fleet.toml, server.toml, agent.toml: 1. People write these, so they sta
 
 from typing import Final
 
-RELEASE: Final = 2
+RELEASE: Final = 3
+SOURCE: Final = 2  # the newest format a release without a system needs
+CLOSURE: Final = 3  # the first format that carries one
 KEYS: Final = 1
 MESSAGE: Final = 1
 CONFIG: Final = 1

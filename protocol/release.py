@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from protocol import formats
 from protocol.errors import NotYetError, ReleaseError
 from protocol.messages import Timestamp, Version
+from protocol.nixstore import STORE_PATH
 from protocol.settings import Operation
 
 CURRENT: Final = "current"
@@ -65,12 +66,46 @@ class FileEntry(msgspec.Struct, frozen=True, array_like=True):
     sha256: Sha256
 
 
+StorePathName = Annotated[str, msgspec.Meta(pattern=f"^{STORE_PATH}$")]
+Substituter = Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")]
+MAX_CLOSURE: Final = 100_000  # store paths in one system's closure (a NixOS desktop has ~3,000)
+
+
+class StorePath(msgspec.Struct, frozen=True, array_like=True):
+    """One path of a system's closure: [path, nar_sha256, nar_size, references, object, size].
+
+    `nar_sha256` and `nar_size` are the path's NAR (its serialisation, as `nix-store --dump`
+    writes it and Nix hashes it); `object` and `size` the xz-compressed NAR the chroot holds as
+    objects/<object> (empty with a substituter, which serves the path itself)."""
+
+    path: StorePathName
+    nar_sha256: Sha256
+    nar_size: Annotated[int, msgspec.Meta(ge=0)]
+    references: list[StorePathName]
+    object: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    size: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class System(msgspec.Struct, frozen=True, kw_only=True):
+    """A system the publisher built (`deliver = "closure"`): the agent makes `path` its system
+    (`bin/switch-to-configuration`) after importing what its store lacks of `closure`, from the
+    chroot's objects or, when `substituter` is set, from that binary cache. The signature covers
+    every path and hash: a cache or a chroot only serves what the MANIFEST names."""
+
+    path: StorePathName
+    closure: Annotated[list[StorePath], msgspec.Meta(max_length=MAX_CLOSURE)]
+    substituter: Substituter | None = None
+
+
 class Content(msgspec.Struct, frozen=True, kw_only=True):
-    """What a host gets; its hash is the release's version."""
+    """What a host gets; its hash is the release's version. `system` (format 3, a host with
+    `deliver = "closure"`) is left out of the encoding when unset, so that every other release
+    keeps the version it had."""
 
     operation: Operation
     flake: str | None = None
     files: list[FileEntry]
+    system: System | msgspec.UnsetType = msgspec.UNSET
 
     def version(self) -> str:
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()
@@ -208,6 +243,55 @@ def check_content(content: Content) -> None:
     for entry in content.files:
         if entry.path in directories:
             raise ReleaseError(f"MANIFEST names {entry.path!r} both as a file and as a directory")
+    if content.system is not msgspec.UNSET:
+        check_system(content.system)
+
+
+def check_system(system: System) -> None:
+    """A closure is closed, sorted and unique, holds the system, and names an object for every
+    path unless a substituter serves them."""
+    paths: set[str] = set()
+    previous = ""
+    for entry in system.closure:
+        if entry.path <= previous:
+            what = "duplicate store path" if entry.path == previous else "closure not sorted by path"
+            raise ReleaseError(f"{what} in MANIFEST: {entry.path!r}")
+        previous = entry.path
+        paths.add(entry.path)
+        if system.substituter is None and not entry.object:
+            raise ReleaseError(f"MANIFEST names no object for {entry.path}")
+    if system.path not in paths:
+        raise ReleaseError(f"MANIFEST's closure does not hold its system {system.path}")
+    for entry in system.closure:
+        for reference in entry.references:
+            if reference not in paths:
+                raise ReleaseError(f"{entry.path} refers to {reference}, which the closure does not hold")
+
+
+def import_order(closure: list[StorePath]) -> list[StorePath]:
+    """`closure` (a whole closure, or the part a store lacks) with every path after the paths
+    of it that it refers to: Nix registers a path only once its references are valid. A closure
+    is acyclic but for a path's references to itself."""
+    by_path = {entry.path: entry for entry in closure}
+    order: list[StorePath] = []
+    placed: set[str] = set()
+    for root in closure:
+        stack = [(root, iter(root.references))]
+        if root.path in placed:
+            continue
+        placed.add(root.path)
+        while stack:
+            entry, references = stack[-1]
+            for reference in references:
+                if reference not in placed and reference in by_path:
+                    placed.add(reference)
+                    child = by_path[reference]
+                    stack.append((child, iter(child.references)))
+                    break
+            else:
+                stack.pop()
+                order.append(entry)
+    return order
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
@@ -251,6 +335,10 @@ def decode_manifest(data: bytes, *, host: str, current: Current) -> Manifest:
     if hashlib.sha256(signed.content).hexdigest() != signed.version:
         raise ReleaseError("MANIFEST version does not match its content")
     check_content(content)
+    if content.system is not msgspec.UNSET and signed.format < formats.CLOSURE:
+        raise ReleaseError(
+            f"MANIFEST of format {signed.format} names a system (format {formats.CLOSURE} does)"
+        )
     return Manifest(
         format=signed.format,
         host=signed.host,

@@ -158,6 +158,14 @@ def declared_modes(files: DeclaredModes) -> dict[str, int]:
     return modes
 
 
+class Deliver(StrEnum):
+    """How a host gets its system: it builds the released configuration itself (`source`), or
+    the publisher builds it and the host imports the signed closure (`closure`)."""
+
+    SOURCE = "source"
+    CLOSURE = "closure"
+
+
 class Operation(StrEnum):
     SWITCH = "switch"
     BOOT = "boot"
@@ -185,6 +193,7 @@ class HostEntry(_Settings, frozen=True, kw_only=True):
     logs: Size = "64M"  # the most the host may keep in its logs/ (embedded server)
     backups: Size | None = None  # a backups/ directory for restic or duplicity, and its size cap
     files: DeclaredModes = {}  # modes of files/ for this host, over the fleet-wide [files]
+    deliver: Deliver = Deliver.SOURCE
 
     def __post_init__(self) -> None:
         try:
@@ -206,15 +215,27 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
     `format` is the release format to write (protocol.formats): 1 is what herald 0.1 agents
     read. Unset, each host keeps the format of its current release and a new host gets the
     newest; a host whose format changes gets a new generation with the same content.
+
+    `system` builds the system of each changed host with `deliver = "closure"` (after its
+    check), an argv template with the placeholders of `check`; the last line it prints is the
+    system's store path. Unset: `nix build` of the flake's
+    nixosConfigurations.<flake>.config.system.build.toplevel, or `nix-build '<nixpkgs/nixos>'
+    -A system` of configuration.nix. With `substituter` (a binary cache the built systems are
+    pushed to, by `build` say), agents fetch the closure from there instead of the chroot.
     """
 
     check: list[str] | None = None
     build: list[str] | None = None
+    system: list[str] | None = None
+    substituter: Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")] | None = None
     timeout: Duration = "30m"
     keep: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
     format: int | None = None
 
     def __post_init__(self) -> None:
+        check_placeholders("system", self.system or [], {"release", "host", "flake"})
+        if self.system == []:
+            raise ValueError("system: an empty command builds nothing; leave it unset for the default")
         if self.format is not None and not 1 <= self.format <= formats.RELEASE:
             raise ValueError(
                 f"format: this herald writes release formats 1 to {formats.RELEASE}, not {self.format}"
@@ -456,6 +477,9 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     ssh_key: str
     state_dir: str = "/var/lib/herald"
     root: str = "/"
+    # The Nix store delivered systems are imported into and run from: the machine's own ("/"),
+    # or a chroot store at another directory (`nix-store --store DIR`: a system being installed).
+    store: str = "/"
     poll: Duration = "15m"
     publisher_key: str | None = None
     server: AgentServer

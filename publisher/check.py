@@ -16,6 +16,7 @@ import msgspec
 from loguru import logger
 
 from protocol.files import write_atomic
+from protocol.nixstore import STORE_PATH_RE
 from protocol.settings import PublishSettings, seconds
 from publisher.materialise import Source
 
@@ -66,8 +67,28 @@ class Checker:
             self._parsed.update(sha for _, sha in todo)
         return failure
 
-    def _run_in_tree(
+    def build_system(
         self, template: list[str], host: str, flake: str | None, files: Sequence[tuple[Source, str]]
+    ) -> tuple[str, str | None]:
+        """(store path, None) of the system `template` built from the host's release; ('', what
+        failed) if it failed or its last line of output is not a store path."""
+        printed: list[str] = []
+        failure = self._run_in_tree(template, host, flake, files, stdout=printed)
+        if failure is not None:
+            return "", failure
+        lines = [line.strip() for line in "".join(printed).splitlines() if line.strip()]
+        path = lines[-1] if lines else ""
+        if not STORE_PATH_RE.fullmatch(path):
+            return "", f"{template[0]} printed no store path as its last line ({path[:200]!r})"
+        return path, None
+
+    def _run_in_tree(
+        self,
+        template: list[str],
+        host: str,
+        flake: str | None,
+        files: Sequence[tuple[Source, str]],
+        stdout: list[str] | None = None,
     ) -> str | None:
         with tempfile.TemporaryDirectory(prefix=f"herald-check-{host}-") as tmp:
             tree = Path(tmp)
@@ -81,7 +102,7 @@ class Checker:
                 argv = [part.format_map(values) for part in template]
             except (KeyError, ValueError, IndexError) as exc:
                 return f"fleet.toml: publish: bad placeholder {exc} in {template}"
-            return _run(argv, cwd=tree, timeout=self.timeout)
+            return _run(argv, cwd=tree, timeout=self.timeout, stdout=stdout)
 
     def save(self) -> None:
         if self.settings.check is None and self.nix is not None:
@@ -90,7 +111,7 @@ class Checker:
             )
 
 
-def _run(argv: list[str], *, cwd: Path | None, timeout: float) -> str | None:
+def _run(argv: list[str], *, cwd: Path | None, timeout: float, stdout: list[str] | None = None) -> str | None:
     try:
         done = subprocess.run(
             argv,
@@ -107,6 +128,8 @@ def _run(argv: list[str], *, cwd: Path | None, timeout: float) -> str | None:
     except subprocess.TimeoutExpired:
         return f"{argv[0]}: no result within {timeout:g}s"
     if done.returncode == 0:
+        if stdout is not None:
+            stdout.append(done.stdout)
         return None
     lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][:MAX_LINES]
     return "\n".join(map(_capped, lines)) or f"{argv[0]} exited with {done.returncode}"

@@ -55,8 +55,13 @@ _SWEEP_EVERY: Final = 86400
 Listed = tuple[str, int, int, str]  # a file entry of a MANIFEST: path, mode, size, sha256
 
 
+class _Closure(msgspec.Struct):
+    closure: list[tuple[str, str, int, list[str], str, int]] = []  # protocol.release.StorePath
+
+
 class _Files(msgspec.Struct):
     files: list[Listed]
+    system: _Closure | None = None
 
 
 class _Listing(msgspec.Struct):
@@ -126,10 +131,16 @@ class Chroot:
         """A release's file entries, decoded without checking the rest: the publisher wrote it,
         and wants only these (for the diff of a new release and for pruning); agents check
         everything. ReleaseError if the release cannot be read."""
+        return self.listing(generation)[0]
+
+    def listing(self, generation: int) -> tuple[list[Listed], list[str]]:
+        """A release's file entries and the objects of its system's closure (none without one)."""
         try:
-            return _LISTING.decode(self._manifest_data(generation)).content.files
+            content = _LISTING.decode(self._manifest_data(generation)).content
         except (OSError, ReleaseError, msgspec.DecodeError, msgspec.ValidationError):
             raise ReleaseError(f"{self.releases / str(generation)}: unreadable MANIFEST") from None
+        nars = [entry[4] for entry in content.system.closure if entry[4]] if content.system else []
+        return content.files, nars
 
     def ensure_layout(self, *, backups: bool = False) -> None:
         logs, backups_dir = f"{self._at}/{LOGS}", f"{self._at}/{BACKUPS}"
@@ -220,6 +231,26 @@ class Chroot:
         self._wrote(target)
         return True
 
+    def link_object(self, pool: "Pool", sha256: str, present: set[str]) -> bool:
+        """objects/<sha256> as a hard link to the pool's entry (a NAR of this host's closure,
+        publisher.closure), unless `present` holds it; True if it was added."""
+        if sha256 in present:
+            return False
+        target = f"{self._at}/{OBJECTS}/{sha256}"
+        source = pool.path / sha256
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            pass
+        except OSError:  # another filesystem, or links refused: copy
+            tmp = Path(f"{target}.{_TMP}{os.getpid()}")
+            shutil.copyfile(source, tmp)
+            tmp.chmod(0o644)
+            tmp.replace(target)
+        present.add(sha256)
+        self._wrote(target)
+        return True
+
     def keep_private(self, source: Source, sha256: str) -> bool:
         """Make objects/<sha256> readable by this host only, if it is not: stored again (not a
         link to the pool any more), 0640 and the host's group. True if it was stored again."""
@@ -283,7 +314,8 @@ class Chroot:
             listed = known.get(generation)
             if listed is None:
                 try:
-                    listed = [file[3] for file in self.listed(generation)]
+                    files, nars = self.listing(generation)
+                    listed = [file[3] for file in files] + nars
                 except ReleaseError as exc:
                     raise ReleaseError(f"{exc}; not pruning") from None
             named.update(listed)

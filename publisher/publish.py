@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -27,11 +27,12 @@ from protocol.files import Flusher, write_atomic
 from protocol.layout import Access, StateDir
 from protocol.messages import now
 from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
-from protocol.settings import RolloutPlan, size_bytes
+from protocol.settings import Deliver, PublishSettings, RolloutPlan, seconds, size_bytes
 from protocol.topics import SERVICE_USERS, is_host_name
 from publisher.accounts import host_accounts
 from publisher.check import Checker
 from publisher.chroot import Chroot, Listed, Pool
+from publisher.closure import Closures, add_root, default_system_command, prune_roots
 from publisher.figures import add_run
 from publisher.hashcache import HashCache, tree_key
 from publisher.holdback import Gate
@@ -127,11 +128,14 @@ class _Plan:
     entries: list[FileEntry]
     content: Content
     version: str
-    previous: tuple[int, list[Listed]] | None  # the generation `current` names, and its files
+    # the generation `current` names, its files and the objects of its closure
+    previous: tuple[int, list[Listed], list[str]] | None
     generation: int
     diff: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     modes: tuple[str, ...]
     release_format: int = 1  # protocol.formats.RELEASE, or [publish] format
+    key: bytes = b""  # the hash cache's key of the host's tree
+    current: Current | None = None
 
     def result(self, message: str = "", objects_written: int = 0) -> HostResult:
         return HostResult(
@@ -223,9 +227,19 @@ class Publisher:
                 else:
                     results[plan.host.name] = plan.result()
             passed = [plan for plan in plans if results[plan.host.name].status is Status.CHANGED]
+            closures = None
+            if not dry_run and any(plan.host.entry.deliver is Deliver.CLOSURE for plan in passed):
+                closures = Closures(
+                    Pool(self.state.objects, self._flusher),
+                    self.state.publisher / "nars.msgpack",
+                    timeout=float(seconds(inventory.config.publish.timeout)),
+                )
+                passed = self._deliver(inventory, checker, closures, passed, results, cache)
             if not dry_run:
                 self._write(inventory, passed, results, report, generations, gate)
                 checker.save()
+                if closures is not None:
+                    closures.save()
                 cache.save(keep=self._seen, hosts={host.name for host in inventory.hosts})
                 self._flusher.flush()
                 outcomes = [result.status for result in results.values()]
@@ -314,7 +328,7 @@ class Publisher:
                 # The declared modes are part of the key: a change of fleet.toml's `files` alone
                 # must not keep the version the files had (a cache hit also means that the host's
                 # own declarations all matched when it was stored: they and the paths are the key).
-                key = tree_key((host.entry.operation, host.flake, modes.key), sources)
+                key = tree_key(_kind(host, modes.key, inventory.config.publish.substituter), sources)
                 if current is not None and self._unchanged(
                     current, cache.version(host.name, key), aborted, behind=behind
                 ):
@@ -332,7 +346,7 @@ class Publisher:
                 ]
                 content = Content(operation=host.entry.operation, flake=host.flake, files=entries)
                 version = content.version()
-                cache.remember(host.name, key, version, sources)
+                _remember(cache, host, key, version, sources)
                 if current is None or current.version != version:
                     check_content(content)  # what agents enforce, enforced before anything is served
             except (HeraldError, OSError) as exc:
@@ -364,6 +378,8 @@ class Publisher:
                     diff,
                     changes,
                     release_format=self._format_for(current),
+                    key=key,
+                    current=current,
                 )
             )
         declared.check()  # before anything is said about the plans: an error is one line
@@ -388,6 +404,73 @@ class Publisher:
                 self._progress("checking", len(done), len(plans))
         order = {id(plan): index for index, plan in enumerate(plans)}
         return sorted(done, key=lambda item: order[id(item[0])])
+
+    def _deliver(
+        self,
+        inventory: Inventory,
+        checker: Checker,
+        closures: Closures,
+        plans: list[_Plan],
+        results: dict[str, HostResult],
+        cache: HashCache,
+    ) -> list[_Plan]:
+        """Build the system of each closure host that passed its check, in parallel (one store:
+        what several hosts share is built once), and put it in its plan; a host whose build
+        fails is not published, as one whose check fails."""
+        build = partial(
+            self._build, settings=inventory.config.publish, checker=checker, closures=closures, cache=cache
+        )
+        kept: list[_Plan] = []
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="build") as pool:
+            for index, outcome in enumerate(pool.map(build, plans), 1):
+                self._progress("building", index, len(plans))
+                if isinstance(outcome, HostResult):
+                    if outcome.status is Status.FAILED:
+                        logger.bind(host=outcome.host).error(
+                            "not published: {}", outcome.message.splitlines()[0]
+                        )
+                    results[outcome.host] = outcome
+                else:
+                    kept.append(outcome)
+                    results[outcome.host.name] = outcome.result()
+        if closures.stored:
+            logger.info("closures: {} NAR(s) stored", closures.stored)
+        return kept
+
+    def _build(
+        self,
+        plan: _Plan,
+        *,
+        settings: PublishSettings,
+        checker: Checker,
+        closures: Closures,
+        cache: HashCache,
+    ) -> _Plan | HostResult:
+        """One host's system built and described (publisher.closure); its result if it failed or
+        came out as the system its current release names already."""
+        name, roots = plan.host.name, self.state.publisher / "roots"
+        if plan.host.entry.deliver is not Deliver.CLOSURE:
+            return plan
+        if self._format is not None and self._format < formats.CLOSURE:
+            message = f"deliver = 'closure' needs release format {formats.CLOSURE}, not {self._format}"
+            return HostResult(name, Status.FAILED, message=message)
+        template = settings.system or default_system_command(plan.host.flake)
+        path, failure = checker.build_system(template, name, plan.host.flake, _files(plan))
+        if failure is not None:
+            return HostResult(name, Status.FAILED, message=f"build failed: {failure}")
+        try:
+            system = closures.system(path, settings.substituter)
+            add_root(roots, name, plan.generation, path, timeout=closures.timeout)
+        except (HeraldError, OSError) as exc:
+            return HostResult(name, Status.FAILED, message=f"build failed: {exc}")
+        content = msgspec.structs.replace(plan.content, system=system)
+        version = content.version()
+        cache.remember(name, plan.key, version, plan.sources)
+        if plan.current is not None and version == plan.current.version and self._kept(plan.current):
+            prune_roots(roots, {name: _generations_in(plan.chroot)})
+            return HostResult(name, Status.UNCHANGED, plan.current.generation, plan.current.version)
+        release_format = max(plan.release_format, formats.CLOSURE)
+        return replace(plan, content=content, version=version, release_format=release_format)
 
     def _write(
         self,
@@ -450,6 +533,10 @@ class Publisher:
                 gate.admit({}, {}, report.source_rev)
                 report.released = gate.given
         if switches:
+            prune_roots(
+                self.state.publisher / "roots",
+                {plan.host.name: _generations_in(plan.chroot) for plan, _ in switches},
+            )
             pool.prune(unlinked)
             generations_file = self.state.publisher / "generations.json"
             data = msgspec.json.encode(_Generations(generations))
@@ -468,7 +555,7 @@ class Publisher:
         it does), else, for a new host, the newest."""
         if self._format is not None:
             return self._format
-        return min(current.format, formats.RELEASE) if current is not None else formats.RELEASE
+        return min(current.format, formats.RELEASE) if current is not None else formats.SOURCE
 
     def _credentials(self, inventory: Inventory, keys: Keys) -> dict[str, Secret]:
         """Every chroot's layout, publisher key, key statements and broker secret; the secrets
@@ -528,6 +615,7 @@ class Publisher:
             )
             for source, entry in missing
         )
+        written += sum(chroot.link_object(pool, sha256, present) for sha256 in _nars(plan.content))
         manifest = Manifest(
             format=plan.release_format,
             host=plan.host.name,
@@ -607,6 +695,22 @@ class Publisher:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
 
 
+def _remember(cache: HashCache, host: Host, key: bytes, version: str, sources: list[Source]) -> None:
+    """Keep a source host's version for its key; a closure host's is known once its system is
+    built (Publisher._build)."""
+    if host.entry.deliver is Deliver.SOURCE:
+        cache.remember(host.name, key, version, sources)
+
+
+def _kind(host: Host, modes: object, substituter: str | None) -> tuple[object, ...]:
+    """What besides its files a host's version depends on: for a closure host, how it is
+    delivered too (a source host's key stays what it was before closures existed)."""
+    kind: tuple[object, ...] = (host.entry.operation, host.flake, modes)
+    if host.entry.deliver is Deliver.CLOSURE:
+        kind += (Deliver.CLOSURE.value, substituter)
+    return kind
+
+
 def _say_behind(host: str, ahead: int, current: Current | None, *, behind: bool) -> None:
     if not behind:
         return
@@ -630,9 +734,9 @@ def _notes(plan: _Plan) -> None:
         )
 
 
-def _listed(chroot: Chroot, generation: int) -> tuple[int, list[Listed]] | None:
+def _listed(chroot: Chroot, generation: int) -> tuple[int, list[Listed], list[str]] | None:
     try:
-        return generation, chroot.listed(generation)
+        return generation, *chroot.listing(generation)
     except ReleaseError:
         return None  # diffed against nothing; pruning reads it again and says why it cannot
 
@@ -689,15 +793,32 @@ def _switch(item: tuple["_Plan", Manifest], *, keys: int) -> None:
 def _prune(item: tuple["_Plan", Manifest], *, keep: int, go: set[str]) -> set[str]:
     plan, manifest = item
     held = () if plan.host.name in go else (plan.generation,)  # written, not yet named by `current`
-    known = {manifest.generation: [entry.sha256 for entry in manifest.content.files]}
+    known = {
+        manifest.generation: [entry.sha256 for entry in manifest.content.files] + _nars(manifest.content)
+    }
     if plan.previous is not None:
-        generation, files = plan.previous
-        known[generation] = [file[3] for file in files]
+        generation, files, nars = plan.previous
+        known[generation] = [file[3] for file in files] + nars
     try:
         return plan.chroot.prune(keep, known, held)
     except (HeraldError, OSError) as exc:
         logger.bind(host=plan.host.name).warning("published; pruning old releases failed: {}", exc)
         return set()
+
+
+def _generations_in(chroot: Chroot) -> set[int]:
+    """The generations of the releases a chroot keeps."""
+    try:
+        return {int(name) for name in os.listdir(chroot.releases) if name.isdigit()}
+    except FileNotFoundError:
+        return set()
+
+
+def _nars(content: Content) -> list[str]:
+    """The objects of a content's system closure (none without one, or with a substituter)."""
+    if content.system is msgspec.UNSET:
+        return []
+    return [entry.object for entry in content.system.closure if entry.object]
 
 
 def _files(plan: _Plan) -> list[tuple[Source, str]]:

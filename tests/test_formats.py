@@ -35,6 +35,7 @@ from helpers import (
 )
 
 from herald.announcing import announce_hosts
+from protocol import formats
 from protocol.errors import ConfigError, PayloadError, ReleaseError
 from protocol.messages import Online, Phase, State, decode, encode, now
 from protocol.release import Content, Current, FileEntry, Manifest, encode_manifest
@@ -104,8 +105,9 @@ def test_a_release_of_a_newer_format_is_reported_not_refused_and_applied_once_up
 ):
     alpha = make_agent(fleet, "alpha", serve, tmp_path)
     assert alpha.once().returncode == 0
-    next_format(serve, state, "alpha", 2, release_format=3)
-    message = "release format 3 is newer than this agent (2): upgrade herald on this host"
+    newer = formats.RELEASE + 1
+    next_format(serve, state, "alpha", 2, release_format=newer)
+    message = f"release format {newer} is newer than this agent ({formats.RELEASE}): upgrade herald on this host"
     for _ in range(2):  # not a refused generation: looked at again, and said again
         done = alpha.once()
         assert done.returncode == 1
@@ -116,7 +118,7 @@ def test_a_release_of_a_newer_format_is_reported_not_refused_and_applied_once_up
     assert alpha.deployed() == 1
     assert len(alpha.rebuilds()) == 1
 
-    done = upgraded(alpha, 3)
+    done = upgraded(alpha, newer)
     assert done.returncode == 0, done.stdout + done.stderr
     assert alpha.deployed() == 2
     assert len(alpha.rebuilds()) == 2

@@ -1,0 +1,401 @@
+"""Hosts that never evaluate (`deliver = "closure"`): the publisher builds each system, the
+signed MANIFEST names it and its closure, and the agent imports over its own chroot only what
+its store lacks, then switches to exactly the signed path.
+
+Real Nix throughout (Debian's nix-bin, no nixpkgs): systems are plain derivations built with
+nix-build as root into the machine's store, which is the server's; each agent's store is a
+chroot store at its own root (`store = root` in agent.toml, `nix-store --store ROOT`), so the two
+stores are really separate and a path the host runs is one it imported. Each system's
+bin/switch-to-configuration records its argument and the path it ran from.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import (
+    HERALD,
+    Agent,
+    Fleet,
+    Proc,
+    Serve,
+    current_generation,
+    herald,
+    make_agent,
+    need,
+    need_root,
+    read_release,
+    wait_until,
+    write_release,
+)
+
+from protocol.errors import ReleaseError
+from protocol.nixstore import parse_dump_db
+from protocol.release import Content, StorePath, System, check_content, import_order
+from publisher.signing import Signer
+
+NIX_OPTIONS = ["--option", "sandbox", "false", "--option", "build-users-group", ""]
+NIX_OPTIONS += ["--option", "substituters", ""]
+PACKAGES = 12  # store paths of each system besides itself and its host's own
+
+# A host's system: PACKAGES packages shared by every host, one of its own (`private`, as a
+# secret baked into a system would be), and the system, whose switch-to-configuration records
+# "<operation> <the path it ran from>" and, for switch and test, points ROOT/run/current-system
+# at itself, as NixOS's does.
+SYSTEM_NIX = r"""
+let
+  root = "@ROOT@";
+  package = name: text: derivation {
+    inherit name text;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out; echo \"$text\" > $out/data; head -c 20000 /dev/zero | tr '\\0' x >> $out/data" ];
+  };
+  text = index: if index == @CHANGED@ then "changed" else "@VERSION@${toString index}";
+  packages = builtins.genList (index: package "package-${toString index}" (text index)) @COUNT@;
+  private = package "@HOST@-private" "a secret of @HOST@";
+in derivation {
+  name = "system-@HOST@";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  refs = packages ++ [ private ];
+  args = [ "-c" ''
+    mkdir -p $out/bin
+    echo $refs > $out/refs
+    cat > $out/bin/switch-to-configuration <<EOF
+    #!/bin/sh
+    set -e
+    echo "\$1 \$0" >> ${root}/switched
+    case "\$1" in
+      switch|test)
+        mkdir -p ${root}/run
+        ln -sfn $out ${root}/run/.current-system.new
+        mv -T ${root}/run/.current-system.new ${root}/run/current-system;;
+    esac
+    EOF
+    chmod +x $out/bin/switch-to-configuration
+  '' ];
+}
+"""
+
+
+def system_nix(host: str, root: Path, version: str = "v1-", count: int = PACKAGES, changed: int = -1) -> str:
+    """The system.nix of `host`: `version` in every package, but package `changed`."""
+    text = SYSTEM_NIX.replace("@ROOT@", str(root)).replace("@HOST@", host).replace("@COUNT@", str(count))
+    return text.replace("@VERSION@", version).replace("@CHANGED@", str(changed))
+
+
+def closure_fleet(fleet: Fleet, tmp_path: Path, hosts: list[str]) -> dict[str, Path]:
+    """`hosts` added to the fleet with `deliver = "closure"` and a system.nix each; [publish]
+    builds it with nix-build. Their agents' roots, by host."""
+    need_root()
+    need("nix-build")
+    roots = {}
+    for host in hosts:
+        fleet.add_host(host, tmp_path)
+        with (fleet.root / "fleet.toml").open("a") as toml:
+            toml.write('deliver = "closure"\n')
+        roots[host] = tmp_path / "agents" / host / "root"
+        fleet.edit(host, "system.nix", system_nix(host, roots[host]))
+    command = ["nix-build", "{release}/system.nix", "--no-out-link", *NIX_OPTIONS]
+    with (fleet.root / "fleet.toml").open("a") as toml:
+        toml.write(f"\n[publish]\nsystem = {json.dumps(command)}\ncheck = []\n")
+    return roots
+
+
+def closure_agent(fleet: Fleet, host: str, serve: Serve, tmp_path: Path) -> Agent:
+    """An agent whose Nix store is its own (a chroot store at its root), switching with nix-env
+    and switch-to-configuration as on a host: no rebuild.rollback stand-in."""
+    agent = make_agent(fleet, host, serve, tmp_path, confirm="5s")
+    text = re.sub(r"\nrollback = .*\n", "\n", agent.config.read_text())
+    root = agent.home / "root"
+    agent.config.write_text(text.replace(f'root = "{root}"\n', f'root = "{root}"\nstore = "{root}"\n'))
+    return agent
+
+
+def publish(fleet: Fleet, state: Path, serve: Serve) -> subprocess.CompletedProcess[str]:
+    done = herald(
+        "publish", "--fleet", str(fleet.root), "--state", str(state), "--broker", serve.mqtt, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def manifest(state: Path, host: str, generation: int | None = None) -> dict:
+    return json.loads(read_release(state, host, generation or current_generation(state, host))[0])
+
+
+def host_store(root: Path) -> set[str]:
+    """The store paths the host's own store holds (valid), as /nix/store/... names."""
+    store = root / "nix" / "store"
+    if not store.is_dir():
+        return set()
+    names = [f"/nix/store/{name}" for name in os.listdir(store) if not name.startswith(".")]
+    if not names:
+        return set()
+    done = subprocess.run(
+        ["nix-store", "--store", str(root), "--check-validity", "--print-invalid", *names],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(names) - set(done.stdout.split())
+
+
+def links(root: Path) -> tuple[str, str]:
+    """Where the agent root's system profile and /run/current-system point (store paths)."""
+
+    def resolve(path: Path) -> str:
+        while not str(target := path.readlink()).startswith("/nix/store/"):
+            path = path.parent / target
+        return str(target)
+
+    return resolve(root / "nix/var/nix/profiles/system"), resolve(root / "run/current-system")
+
+
+def closure_of(state: Path, host: str, generation: int | None = None) -> dict[str, list]:
+    return {entry[0]: entry for entry in manifest(state, host, generation)["content"]["system"]["closure"]}
+
+
+def objects(state: Path, host: str) -> dict[str, int]:
+    """objects/ of a host's chroot: name -> inode."""
+    directory = state / "chroot" / host / "objects"
+    return {name: (directory / name).stat().st_ino for name in os.listdir(directory)}
+
+
+def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    roots = closure_fleet(fleet, tmp_path, ["omega", "sigma"])
+    omega, sigma = (closure_agent(fleet, host, serve, tmp_path) for host in ("omega", "sigma"))
+    publish(fleet, state, serve)
+    signed = manifest(state, "omega")
+    assert signed["format"] == 3
+    system = signed["content"]["system"]["path"]
+    closure = closure_of(state, "omega")
+    assert len(closure) == PACKAGES + 2
+
+    done = omega.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert host_store(roots["omega"]) == set(closure)  # exactly the closure: nothing else came
+    assert links(roots["omega"]) == (system, system)
+    # run from the host's own store, the signed path; no rebuild command (no evaluation) ran
+    assert (roots["omega"] / "switched").read_text().splitlines() == [
+        f"switch {roots['omega']}{system}/bin/switch-to-configuration"
+    ]
+    assert omega.rebuilds() == []
+    log = (omega.home / "state" / "logs").glob("*-applied.log")
+    text = "".join(path.read_text() for path in log)
+    assert f"system {system}: {PACKAGES + 2} of {PACKAGES + 2} store path(s) missing" in text
+
+    # Shared on disk, each host's own kept to it: the packages both systems hold are one inode in
+    # both chroots; omega's private path has its NAR in omega's chroot only.
+    others = closure_of(state, "sigma")
+    shared = [path for path in closure if path in others]
+    assert len(shared) == PACKAGES
+    omega_objects, sigma_objects = objects(state, "omega"), objects(state, "sigma")
+    for path in shared:
+        name = closure[path][4]
+        assert omega_objects[name] == sigma_objects[name] == (state / "objects" / name).stat().st_ino
+    (private,) = [path for path in closure if path.endswith("-omega-private")]
+    assert closure[private][4] in omega_objects
+    assert closure[private][4] not in sigma_objects
+    assert not [path for path in others if "omega" in path]  # sigma's MANIFEST names none of omega's
+
+    # One package changes: the host fetches that NAR and the system's (which refers to it), no other.
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=3))
+    publish(fleet, state, serve)
+    after = closure_of(state, "omega")
+    new = set(after) - set(closure)
+    assert len(new) == 2 and any(path.endswith("-package-3") for path in new), new
+    before = host_store(roots["omega"])
+    done = omega.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert host_store(roots["omega"]) - before == new
+    moved = sum(after[path][5] for path in new)
+    logs = sorted((omega.home / "state" / "logs").glob("*-applied.log"))
+    assert (
+        f"2 of {PACKAGES + 2} store path(s) missing, imported from the chroot ({moved} bytes downloaded)"
+        in (logs[-1].read_text())
+    )
+    new_system = manifest(state, "omega")["content"]["system"]["path"]
+    assert links(roots["omega"]) == (new_system, new_system)
+
+    # The other host, cold, gets its own closure; a publish that changes nothing builds nothing new.
+    assert sigma.once().returncode == 0
+    assert host_store(roots["sigma"]) == set(others)
+    generation = current_generation(state, "omega")
+    again = publish(fleet, state, serve)
+    assert current_generation(state, "omega") == generation
+    assert "NAR(s) stored" not in again.stderr + again.stdout
+
+
+def test_a_wrong_nar_or_hash_is_refused_and_nothing_switched(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    roots = closure_fleet(fleet, tmp_path, ["omega", "sigma"])
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    publish(fleet, state, serve)
+    assert omega.once().returncode == 0
+    first = links(roots["omega"])
+    held = host_store(roots["omega"])
+
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], version="v2-"))
+    publish(fleet, state, serve)
+    closure = closure_of(state, "omega")
+    package = next(path for path in closure if path.endswith("-package-5"))
+    chroot_objects = state / "chroot" / "omega" / "objects"
+
+    # 1. Another host's NAR served under the name of one of omega's: it does not hash to the name.
+    victim = chroot_objects / closure[package][4]
+    original = victim.read_bytes()
+    sigma_private = next(path for path in closure_of(state, "sigma") if path.endswith("-sigma-private"))
+    victim.unlink()  # a hard link to the pool: replaced, not written through
+    victim.write_bytes((state / "objects" / closure_of(state, "sigma")[sigma_private][4]).read_bytes())
+    done = omega.once()
+    assert done.returncode == 1
+    assert f"release refused: {package}: content does not match its sha256 in MANIFEST" in done.stdout
+    assert links(roots["omega"]) == first and host_store(roots["omega"]) == held
+    victim.unlink()
+    victim.write_bytes(original)
+
+    # 2. A MANIFEST, signed by the publisher's key, whose NAR hash for a path is not its NAR's.
+    generation = current_generation(state, "omega")
+    data, _ = read_release(state, "omega", generation)
+    signed = json.loads(data)
+    for entry in signed["content"]["system"]["closure"]:
+        if entry[0] == package:
+            entry[1] = hashlib.sha256(b"another NAR").hexdigest()
+    content = json.dumps(signed["content"], separators=(",", ":")).encode()
+    signed.update(generation=generation + 1, version=hashlib.sha256(content).hexdigest())
+    data = json.dumps(signed, separators=(",", ":")).encode()
+    write_release(
+        state,
+        "omega",
+        generation + 1,
+        data,
+        Signer.load(state / "publisher" / "private" / "signing.key").sign(data),
+    )
+    (state / "chroot" / "omega" / "current").write_text(
+        f"{generation + 1} {signed['version']} format=3 keys=0\n"
+    )
+    done = omega.once()
+    assert done.returncode == 1
+    assert f"release refused: {package}: NAR does not match its sha256 in MANIFEST" in done.stdout
+    assert links(roots["omega"]) == first and host_store(roots["omega"]) == held
+    assert not (roots["omega"] / "switched").read_text().splitlines()[1:]  # switched once, at the start
+
+
+def test_an_agent_killed_during_the_import_keeps_its_system_and_converges(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    roots = closure_fleet(fleet, tmp_path, ["omega"])
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    publish(fleet, state, serve)
+    assert omega.once().returncode == 0
+    first, held = links(roots["omega"]), host_store(roots["omega"])
+
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], version="v2-"))
+    publish(fleet, state, serve)
+    closure = closure_of(state, "omega")
+    marker = tmp_path / "paused"
+    env = {**os.environ, "HERALD_TEST_PAUSE": "import:4", "HERALD_TEST_PAUSE_FILE": str(marker)}
+    proc = Proc(
+        "agent-paused", [*HERALD, "agent", "--config", str(omega.config), "--once"], tmp_path / "a.log", env
+    )
+    wait_until(lambda: marker.exists() or not proc.alive(), "the agent in the middle of its import", 120)
+    assert proc.alive(), proc.output()[-3000:]
+    proc.stop(sig=signal.SIGKILL)
+    partly = host_store(roots["omega"])
+    assert links(roots["omega"]) == first  # the system it ran, untouched
+    imported = partly - held
+    assert imported, "nothing imported before the kill"
+    assert imported < set(closure)  # whole paths of the closure, not all of them
+
+    done = omega.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    system = manifest(state, "omega")["content"]["system"]["path"]
+    assert set(closure) <= host_store(roots["omega"])
+    assert links(roots["omega"]) == (system, system)
+
+
+def test_a_host_whose_system_fails_to_build_is_not_published(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    roots = closure_fleet(fleet, tmp_path, ["omega", "sigma"])
+    publish(fleet, state, serve)
+    generations = {host: current_generation(state, host) for host in ("omega", "sigma")}
+    fleet.edit("sigma", "system.nix", "derivation { name = 1; }\n")
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], version="v2-"))
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), timeout=300)
+    assert done.returncode == 1
+    assert "sigma" in done.stdout + done.stderr and "build failed" in done.stdout + done.stderr
+    assert current_generation(state, "sigma") == generations["sigma"]
+    assert current_generation(state, "omega") == generations["omega"] + 1
+
+
+def test_every_kept_release_keeps_its_system_in_the_servers_store(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    roots = closure_fleet(fleet, tmp_path, ["omega"])
+    systems, nars = [], []
+    for index in range(5):  # [publish] keep is 3
+        fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], version=f"v{index}-", count=2))
+        publish(fleet, state, serve)
+        systems.append(manifest(state, "omega")["content"]["system"]["path"])
+        nars.append({entry[4] for entry in closure_of(state, "omega").values()})
+    kept = sorted(int(name) for name in os.listdir(state / "chroot" / "omega" / "releases"))
+    assert len(kept) == 3
+    gcroots = state / "publisher" / "roots"
+    assert sorted(os.listdir(gcroots)) == sorted(f"omega-{generation}" for generation in kept)
+    assert [str((gcroots / f"omega-{generation}").readlink()) for generation in kept] == systems[-3:]
+    # the chroot keeps the NARs of the releases it keeps, and drops those of the pruned ones
+    names = set(os.listdir(state / "chroot" / "omega" / "objects"))
+    assert set().union(*nars[-3:]) <= names
+    assert not (set().union(*nars[:2]) - set().union(*nars[-3:])) & names
+
+
+# ---------------------------------------------------------------- the contract, without servers
+
+PATH_A = "/nix/store/" + "a" * 32 + "-a"
+PATH_B = "/nix/store/" + "b" * 32 + "-b"
+PATH_C = "/nix/store/" + "c" * 32 + "-c"
+
+
+def entry(path: str, *references: str) -> StorePath:
+    return StorePath(path, "0" * 64, 8, list(references), "1" * 64, 4)
+
+
+@pytest.mark.parametrize(
+    ("closure", "system", "problem"),
+    [
+        ([entry(PATH_B), entry(PATH_A)], PATH_A, "closure not sorted by path"),
+        ([entry(PATH_A), entry(PATH_A)], PATH_A, "duplicate store path"),
+        ([entry(PATH_A, PATH_C)], PATH_A, "which the closure does not hold"),
+        ([entry(PATH_A)], PATH_B, "does not hold its system"),
+        ([StorePath(PATH_A, "0" * 64, 8, [])], PATH_A, "names no object"),
+    ],
+)
+def test_a_closure_that_is_not_whole_and_closed_is_refused(
+    closure: list[StorePath], system: str, problem: str
+):
+    content = Content(operation="switch", files=[], system=System(path=system, closure=closure))
+    with pytest.raises(ReleaseError, match=problem):
+        check_content(content)
+
+
+def test_paths_are_imported_after_what_they_refer_to():
+    closure = [entry(PATH_A, PATH_A, PATH_C), entry(PATH_B, PATH_A), entry(PATH_C)]
+    assert [item.path for item in import_order(closure)] == [PATH_C, PATH_A, PATH_B]
+
+
+def test_the_registrations_nix_prints_are_read_whole():
+    text = f"{PATH_A}\n{'ab' * 32}\n120\n\n2\n{PATH_A}\n{PATH_B}\n{PATH_B}\n{'cd' * 32}\n8\n/nix/store/x.drv\n0\n"
+    assert parse_dump_db(text) == {PATH_A: ("ab" * 32, 120, [PATH_A, PATH_B]), PATH_B: ("cd" * 32, 8, [])}
