@@ -37,7 +37,7 @@ from protocol.release import (
     Current,
     Manifest,
 )
-from protocol.settings import AgentConfig, Operation, seconds
+from protocol.settings import AgentConfig, Deliver, Operation, seconds
 
 
 class MissingFileError(UnreachableError):
@@ -279,6 +279,7 @@ class Deployer:
             f"{fetched.reused} reused; source {fetched.manifest.source_rev or 'unknown'}"
         )
         system = fetched.manifest.content.system
+        self._check_delivery(fetched.manifest)
         if system is not msgspec.UNSET:
             try:
                 imported = await realise(
@@ -294,6 +295,17 @@ class Deployer:
                 raise
             note(imported.summary(system))
         return fetched
+
+    def _check_delivery(self, manifest: Manifest) -> None:
+        """ReleaseError when agent.toml's `deliver` refuses how this release delivers the system."""
+        wanted = self.config.deliver
+        given = Deliver.SOURCE if manifest.content.system is msgspec.UNSET else Deliver.CLOSURE
+        if wanted is not None and given is not wanted:
+            raise ReleaseError(
+                f"this host takes {wanted.value} releases only (agent.toml: deliver = '{wanted.value}'), and "
+                f"generation {manifest.generation} is a {given.value} release: set deliver = "
+                f"'{wanted.value}' for {self.host} in fleet.toml"
+            )
 
     def _note_install(self, done: Converged, note: RunLog) -> None:
         note(f"installed into {self.config.root}: {done.summary()}")

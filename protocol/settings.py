@@ -220,13 +220,16 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
     check), an argv template with the placeholders of `check`; the last line it prints is the
     system's store path. Unset: `nix build` of the flake's
     nixosConfigurations.<flake>.config.system.build.toplevel, or `nix-build '<nixpkgs/nixos>'
-    -A system` of configuration.nix. With `substituter` (a binary cache the built systems are
-    pushed to, by `build` say), agents fetch the closure from there instead of the chroot.
+    -A system` of configuration.nix. With `substituter` (a binary cache), agents fetch the
+    closure from there instead of the chroot; `push` (placeholders {system} {host}) runs once a
+    system is built, before it is published, e.g. `nix copy --to <cache> {system}`: a host whose
+    push fails is not published.
     """
 
     check: list[str] | None = None
     build: list[str] | None = None
     system: list[str] | None = None
+    push: list[str] | None = None
     substituter: Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")] | None = None
     timeout: Duration = "30m"
     keep: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
@@ -234,6 +237,7 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         check_placeholders("system", self.system or [], {"release", "host", "flake"})
+        check_placeholders("push", self.push or [], {"system", "host"})
         if self.system == []:
             raise ValueError("system: an empty command builds nothing; leave it unset for the default")
         if self.format is not None and not 1 <= self.format <= formats.RELEASE:
@@ -480,6 +484,10 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     # The Nix store delivered systems are imported into and run from: the machine's own ("/"),
     # or a chroot store at another directory (`nix-store --store DIR`: a system being installed).
     store: str = "/"
+    # Which releases this host applies: unset, what each carries; "closure", only built systems
+    # (a small host that must never evaluate); "source", only configurations it builds itself
+    # (a host the server cannot build for). Another release is refused, as failed.
+    deliver: Deliver | None = None
     poll: Duration = "15m"
     publisher_key: str | None = None
     server: AgentServer

@@ -82,6 +82,11 @@ class Checker:
             return "", f"{template[0]} printed no store path as its last line ({path[:200]!r})"
         return path, None
 
+    def push(self, template: list[str], host: str, system: str) -> str | None:
+        """`[publish] push` for a built system: None if it succeeded, else what failed."""
+        argv = [part.format_map({"system": system, "host": host}) for part in template]  # checked when loaded
+        return _run(argv, cwd=None, timeout=self.timeout)
+
     def _run_in_tree(
         self,
         template: list[str],

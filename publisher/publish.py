@@ -26,7 +26,7 @@ from protocol.errors import ConfigError, HeraldError, ReleaseError
 from protocol.files import Flusher, write_atomic
 from protocol.layout import Access, StateDir
 from protocol.messages import now
-from protocol.release import Content, Current, FileEntry, Manifest, check_content, encode_manifest
+from protocol.release import Content, Current, FileEntry, Manifest, System, check_content, encode_manifest
 from protocol.settings import Deliver, PublishSettings, RolloutPlan, seconds, size_bytes
 from protocol.topics import SERVICE_USERS, is_host_name
 from publisher.accounts import host_accounts
@@ -454,15 +454,9 @@ class Publisher:
         if self._format is not None and self._format < formats.CLOSURE:
             message = f"deliver = 'closure' needs release format {formats.CLOSURE}, not {self._format}"
             return HostResult(name, Status.FAILED, message=message)
-        template = settings.system or default_system_command(plan.host.flake)
-        path, failure = checker.build_system(template, name, plan.host.flake, _files(plan))
-        if failure is not None:
-            return HostResult(name, Status.FAILED, message=f"build failed: {failure}")
-        try:
-            system = closures.system(path, settings.substituter)
-            add_root(roots, name, plan.generation, path, timeout=closures.timeout)
-        except (HeraldError, OSError) as exc:
-            return HostResult(name, Status.FAILED, message=f"build failed: {exc}")
+        system = _built(plan, settings, checker, closures, roots)
+        if isinstance(system, str):
+            return HostResult(name, Status.FAILED, message=system)
         content = msgspec.structs.replace(plan.content, system=system)
         version = content.version()
         cache.remember(name, plan.key, version, plan.sources)
@@ -693,6 +687,25 @@ class Publisher:
                 users[user] = old.get(user) or hash_secret(read_secret(path))
         if users != old:
             write_atomic(self.state.passwd, format_passwd(users).encode(), mode=0o600)
+
+
+def _built(
+    plan: _Plan, settings: PublishSettings, checker: Checker, closures: Closures, roots: Path
+) -> System | str:
+    """The host's system, built, rooted in the server's store and pushed; else what failed."""
+    name = plan.host.name
+    template = settings.system or default_system_command(plan.host.flake)
+    path, failure = checker.build_system(template, name, plan.host.flake, _files(plan))
+    if failure is not None:
+        return f"build failed: {failure}"
+    try:
+        system = closures.system(path, settings.substituter)
+        add_root(roots, name, plan.generation, path, timeout=closures.timeout)
+    except (HeraldError, OSError) as exc:
+        return f"build failed: {exc}"
+    if settings.push and (failure := checker.push(settings.push, name, path)) is not None:
+        return f"push failed: {failure}"
+    return system
 
 
 def _remember(cache: HashCache, host: Host, key: bytes, version: str, sources: list[Source]) -> None:

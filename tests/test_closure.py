@@ -55,7 +55,11 @@ let
     system = builtins.currentSystem;
     builder = "/bin/sh";
     PATH = "/usr/bin:/bin";
-    args = [ "-c" "mkdir -p $out; echo \"$text\" > $out/data; head -c 20000 /dev/zero | tr '\\0' x >> $out/data" ];
+    args = [ "-c" ''
+      mkdir -p $out
+      echo "$text" > $out/data
+      head -c 20000 /dev/zero | tr '\0' x >> $out/data
+    '' ];
   };
   text = index: if index == @CHANGED@ then "changed" else "@VERSION@${toString index}";
   packages = builtins.genList (index: package "package-${toString index}" (text index)) @COUNT@;
@@ -214,7 +218,8 @@ def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
     publish(fleet, state, serve)
     after = closure_of(state, "omega")
     new = set(after) - set(closure)
-    assert len(new) == 2 and any(path.endswith("-package-3") for path in new), new
+    assert len(new) == 2, new
+    assert any(path.endswith("-package-3") for path in new), new
     before = host_store(roots["omega"])
     done = omega.once()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -262,7 +267,8 @@ def test_a_wrong_nar_or_hash_is_refused_and_nothing_switched(
     done = omega.once()
     assert done.returncode == 1
     assert f"release refused: {package}: content does not match its sha256 in MANIFEST" in done.stdout
-    assert links(roots["omega"]) == first and host_store(roots["omega"]) == held
+    assert links(roots["omega"]) == first
+    assert host_store(roots["omega"]) == held
     victim.unlink()
     victim.write_bytes(original)
 
@@ -289,7 +295,8 @@ def test_a_wrong_nar_or_hash_is_refused_and_nothing_switched(
     done = omega.once()
     assert done.returncode == 1
     assert f"release refused: {package}: NAR does not match its sha256 in MANIFEST" in done.stdout
-    assert links(roots["omega"]) == first and host_store(roots["omega"]) == held
+    assert links(roots["omega"]) == first
+    assert host_store(roots["omega"]) == held
     assert not (roots["omega"] / "switched").read_text().splitlines()[1:]  # switched once, at the start
 
 
@@ -334,9 +341,12 @@ def test_a_host_whose_system_fails_to_build_is_not_published(
     generations = {host: current_generation(state, host) for host in ("omega", "sigma")}
     fleet.edit("sigma", "system.nix", "derivation { name = 1; }\n")
     fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], version="v2-"))
-    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), timeout=300)
-    assert done.returncode == 1
-    assert "sigma" in done.stdout + done.stderr and "build failed" in done.stdout + done.stderr
+    done = herald("publish", "--fleet", str(fleet.root), "--state", str(state), "--json", timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    hosts = {host["host"]: host for host in json.loads(done.stdout)["hosts"]}
+    assert hosts["sigma"]["result"] == "failed"
+    assert hosts["sigma"]["message"].startswith("build failed: "), hosts["sigma"]
+    assert hosts["omega"]["result"] == "changed"
     assert current_generation(state, "sigma") == generations["sigma"]
     assert current_generation(state, "omega") == generations["omega"] + 1
 
@@ -360,6 +370,120 @@ def test_every_kept_release_keeps_its_system_in_the_servers_store(
     names = set(os.listdir(state / "chroot" / "omega" / "objects"))
     assert set().union(*nars[-3:]) <= names
     assert not (set().union(*nars[:2]) - set().union(*nars[-3:])) & names
+
+
+def test_an_unconfirmed_switch_returns_to_the_exact_system_before(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    """Confirm and exact rollback as for any release: the system before, from the host's store."""
+    roots = closure_fleet(fleet, tmp_path, ["omega"])
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    publish(fleet, state, serve)
+    assert omega.once().returncode == 0
+    first = links(roots["omega"])
+    omega.config.write_text(
+        omega.config.read_text().replace("[confirm]\n", '[confirm]\nhealth = ["false"]\n')
+    )
+
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=0))
+    publish(fleet, state, serve)
+    second = manifest(state, "omega")["content"]["system"]["path"]
+    done = omega.once()
+    assert done.returncode == 1
+    assert "rolled back" in done.stdout, done.stdout
+    assert links(roots["omega"]) == first
+    assert (roots["omega"] / "switched").read_text().splitlines()[-2:] == [
+        f"switch {roots['omega']}{second}/bin/switch-to-configuration",
+        f"switch {roots['omega']}{first[0]}/bin/switch-to-configuration",
+    ]
+
+
+def test_a_host_that_takes_closures_only_never_evaluates_a_source_release(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    """agent.toml's `deliver = "closure"`: a release without a system (fleet.toml forgot the
+    host's deliver) is refused, no rebuild run; once fleet.toml says closure, it converges."""
+    need_root()
+    need("nix-build")
+    fleet.add_host("omega", tmp_path)
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    omega.config.write_text(
+        omega.config.read_text().replace('poll = "1h"\n', 'poll = "1h"\ndeliver = "closure"\n')
+    )
+    publish(fleet, state, serve)
+    done = omega.once()
+    assert done.returncode == 1
+    assert "this host takes closure releases only (agent.toml: deliver = 'closure')" in done.stdout, (
+        done.stdout
+    )
+    assert omega.rebuilds() == []
+
+    root = omega.home / "root"
+    fleet.edit("omega", "system.nix", system_nix("omega", root))
+    text = (fleet.root / "fleet.toml").read_text()
+    command = ["nix-build", "{release}/system.nix", "--no-out-link", *NIX_OPTIONS]
+    text = text.replace("[hosts.omega]\n", '[hosts.omega]\ndeliver = "closure"\n')
+    (fleet.root / "fleet.toml").write_text(
+        text + f"\n[publish]\nsystem = {json.dumps(command)}\ncheck = []\n"
+    )
+    publish(fleet, state, serve)
+    done = omega.once()
+    assert done.returncode == 0, done.stdout + done.stderr
+    system = manifest(state, "omega")["content"]["system"]["path"]
+    assert links(root) == (system, system)
+    assert omega.rebuilds() == []
+
+
+def test_a_substituter_serves_the_closure_and_the_signature_still_decides_the_path(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    """With [publish] substituter, `push` fills a binary cache (signed with its own key, which
+    the host trusts in its nix.conf) before the release is published; the chroot holds no NAR."""
+    roots = closure_fleet(fleet, tmp_path, ["omega"])
+    cache, secret, public = tmp_path / "cache", tmp_path / "cache.sk", tmp_path / "cache.pk"
+    subprocess.run(
+        ["nix-store", "--generate-binary-cache-key", "herald-test", str(secret), str(public)],
+        check=True,
+        capture_output=True,
+    )
+    push = ["nix", "--extra-experimental-features", "nix-command", "copy", "--to"]
+    push += [f"file://{cache}?secret-key={secret}", "{system}"]
+    text = (fleet.root / "fleet.toml").read_text()
+    text = text.replace(
+        "[publish]\n", f'[publish]\nsubstituter = "file://{cache}"\npush = {json.dumps(push)}\n'
+    )
+    (fleet.root / "fleet.toml").write_text(text)
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    publish(fleet, state, serve)
+    signed = manifest(state, "omega")["content"]["system"]
+    assert signed["substituter"] == f"file://{cache}"
+    assert all(entry[4] == "" for entry in signed["closure"])
+    assert not any(
+        len(name) == 64 and name not in files_of(state, "omega") for name in objects(state, "omega")
+    )
+
+    env = {**os.environ, "NIX_CONFIG": f"trusted-public-keys = {public.read_text().strip()}"}
+    once = [*HERALD, "agent", "--config", str(omega.config), "--once"]
+    done = subprocess.run(once, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert host_store(roots["omega"]) == {entry[0] for entry in signed["closure"]}
+    assert links(roots["omega"]) == (signed["path"], signed["path"])
+
+    # A cache that lacks a path: the fetch fails and is tried again later; nothing refused or switched.
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=1))
+    publish(fleet, state, serve)
+    new = manifest(state, "omega")["content"]["system"]["path"]
+    (cache / f"{new.removeprefix('/nix/store/').split('-')[0]}.narinfo").unlink()
+    done = subprocess.run(once, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert f"cannot fetch {new} from file://{cache}" in done.stdout + done.stderr, done.stdout
+    assert not (omega.home / "state" / "failed.json").exists()
+    assert links(roots["omega"]) == (signed["path"], signed["path"])
+
+
+def files_of(state: Path, host: str) -> set[str]:
+    """The objects the current release's files/ and sources name."""
+    return {entry[3] for entry in manifest(state, host)["content"]["files"]}
 
 
 # ---------------------------------------------------------------- the contract, without servers
@@ -397,5 +521,6 @@ def test_paths_are_imported_after_what_they_refer_to():
 
 
 def test_the_registrations_nix_prints_are_read_whole():
-    text = f"{PATH_A}\n{'ab' * 32}\n120\n\n2\n{PATH_A}\n{PATH_B}\n{PATH_B}\n{'cd' * 32}\n8\n/nix/store/x.drv\n0\n"
+    text = f"{PATH_A}\n{'ab' * 32}\n120\n\n2\n{PATH_A}\n{PATH_B}\n"
+    text += f"{PATH_B}\n{'cd' * 32}\n8\n/nix/store/x.drv\n0\n"
     assert parse_dump_db(text) == {PATH_A: ("ab" * 32, 120, [PATH_A, PATH_B]), PATH_B: ("cd" * 32, 8, [])}

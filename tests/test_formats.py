@@ -107,7 +107,9 @@ def test_a_release_of_a_newer_format_is_reported_not_refused_and_applied_once_up
     assert alpha.once().returncode == 0
     newer = formats.RELEASE + 1
     next_format(serve, state, "alpha", 2, release_format=newer)
-    message = f"release format {newer} is newer than this agent ({formats.RELEASE}): upgrade herald on this host"
+    message = (
+        f"release format {newer} is newer than this agent ({formats.RELEASE}): upgrade herald on this host"
+    )
     for _ in range(2):  # not a refused generation: looked at again, and said again
         done = alpha.once()
         assert done.returncode == 1
@@ -342,9 +344,11 @@ def test_a_config_written_for_a_newer_herald_says_so_and_typos_stay_errors(
 def test_publish_format_is_one_this_herald_writes(tmp_path: Path):
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKw6pDRxgkA1qDnC0c7RLuTFrxVeDlUFHdA2fHHmSjVh"
     path = tmp_path / "fleet.toml"
-    path.write_text(f'[hosts.alpha]\nssh_key = "{key}"\n[publish]\nformat = 3\n')
+    newer = formats.RELEASE + 1
+    path.write_text(f'[hosts.alpha]\nssh_key = "{key}"\n[publish]\nformat = {newer}\n')
     with pytest.raises(
-        ConfigError, match="publish: format: this herald writes release formats 1 to 2, not 3"
+        ConfigError,
+        match=f"publish: format: this herald writes release formats 1 to {formats.RELEASE}, not {newer}",
     ):
         load_fleet(path)
     path.write_text(f'format = 2\n[hosts.alpha]\nssh_key = "{key}"\n')
