@@ -48,6 +48,7 @@ from protocol.settings import load_fleet
 from protocol.topics import ADMIN_USER, PUBLISHER_USER, Kind, Topics, is_host_name
 from publisher.accounts import MARK
 from publisher.chroot import Pool
+from publisher.closure import prune_roots
 from publisher.publish import publish_lock
 from publisher.rollout import book_path, forget, read_book
 
@@ -102,6 +103,11 @@ class Removal:
                 target = self.archive / f"{host}-logs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.tar.gz"
                 steps.append(Step(f"archive {host}'s logs/ to {target}", lambda: self._archive(target)))
             steps.append(Step(f"delete {self.chroot} and the pool entries only it used", self._delete_chroot))
+        roots = self.state.publisher / "roots"
+        if any(name.rpartition("-")[0] == host for name in _names(roots)):
+            steps.append(
+                Step(f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()}))
+            )
         if account is not None:
             steps.append(Step(f"delete user {host} and its group", lambda: _delete_account(account)))
         fragment = self.state.root / "ssh" / "sshd_config"
@@ -340,6 +346,13 @@ def _unmatch(fragment: Path, host: str) -> None:
 
 def still_in_fleet(fleet: Path, host: str) -> bool:
     return host in load_fleet(fleet / "fleet.toml").hosts
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
 
 
 def remove_host(

@@ -50,6 +50,16 @@ in
       description = "The MQTT broker, or a list of a cluster's nodes; without one the timer alone keeps the host converging.";
     };
     poll = mkOption { type = types.str; default = "15m"; description = "How often to check (each host at its own offset)."; };
+    deliver = mkOption {
+      type = types.nullOr (types.enum [ "source" "closure" ]);
+      default = null;
+      description = ''
+        Which releases this host applies: null, what each release carries (fleet.toml's
+        deliver for this host decides); "closure", only systems the publisher built (the host
+        never evaluates: a small machine; nixos-rebuild and git leave the unit's path);
+        "source", only configurations it builds itself (a host the server cannot build for).
+      '';
+    };
     operation = mkOption {
       type = types.nullOr (types.enum [ "switch" "boot" "test" ]);
       default = null;
@@ -136,7 +146,8 @@ in
       # The agent runs the switch that would restart it: it must survive it. It restarts itself
       # afterwards, once the switch is confirmed, if agent.toml or the package changed.
       restartIfChanged = false;
-      path = [ config.system.build.nixos-rebuild config.nix.package pkgs.git ]
+      path = [ config.nix.package ]
+        ++ lib.optionals (cfg.deliver != "closure") [ config.system.build.nixos-rebuild pkgs.git ]
         ++ lib.optional cfg.notify.enable pkgs.libnotify;
       serviceConfig = {
         ExecStart = "${lib.getExe cfg.package} agent --config /etc/herald/agent.toml";

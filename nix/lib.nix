@@ -110,6 +110,7 @@ rec {
     // {
       postpone = { on_battery = cfg.postpone.onBattery; on_metered = cfg.postpone.onMetered; };
     }
+    // (if (cfg.deliver or null) != null then { deliver = cfg.deliver; } else { })
     // (if cfg.reboot.window != null then { reboot = { window = cfg.reboot.window; }; } else { })
     // (if cfg.notify.enable then {
       notify.command = [ "notify-send" "--app-name=herald" "--urgency={urgency}" "{summary}" "{body}" ];
@@ -140,6 +141,9 @@ rec {
         any = { "" = "127.0.0.1"; "0.0.0.0" = "127.0.0.1"; "[::]" = "[::1]"; }; # asyncio: [::] is IPv6 only
       in
       [ "mqtt://${any.${host} or host}:${builtins.elemAt parts 1}" ];
+
+  # Hosts whose systems the publisher builds (fleet.toml: deliver = "closure").
+  closureHosts = fleet: builtins.filter (name: (fleet.hosts.${name}.deliver or "source") == "closure") (hostNames fleet);
 
   # True if publishing may need more network than the loopback: fleet.toml's [publish] check or
   # build commands (flake inputs, substituters), or a broker on another address.

@@ -84,7 +84,9 @@ let
   publishCommand = utils.escapeSystemdExecArgs ([ exe "publish" "--fleet" cfg.fleet "--state" state ]
     ++ lib.concatMap (url: [ "--broker" url ]) announce
     ++ lib.optionals (settings ? prefix) [ "--prefix" settings.prefix ]);
-  network = herald.publishNeedsNetwork { inherit fleet settings; };
+  network = herald.publishNeedsNetwork { inherit fleet settings; } || cfg.build;
+  # Builds go through the daemon (the store is read-only in the sandbox); nix's caches stay in the state.
+  buildEnvironment = { NIX_REMOTE = "daemon"; XDG_CACHE_HOME = "${state}/publisher/cache"; };
 in
 {
   options.services.herald.server = {
@@ -159,6 +161,16 @@ in
         on reload), as one root process.
       '';
     };
+    build = mkOption {
+      type = types.bool;
+      default = herald.closureHosts fleet != [ ];
+      defaultText = "true when fleet.toml has a host with deliver = \"closure\"";
+      description = ''
+        Build the systems of the hosts with deliver = "closure" (fleet.toml's [publish] system):
+        herald-publish then reaches the network (substituters, flake inputs) and builds through
+        the Nix daemon, keeping a GC root per kept release in stateDir/publisher/roots/.
+      '';
+    };
     openFirewall = mkOption { type = types.bool; default = false; description = "Open the SFTP and MQTT ports."; };
     settings = mkOption {
       type = format.type;
@@ -202,6 +214,7 @@ in
         after = [ "network-online.target" ];
         wants = [ "network-online.target" ];
         path = [ config.nix.package pkgs.git ];
+        environment = lib.optionalAttrs (cfg.build && !cfg.publishUnit) buildEnvironment;
         serviceConfig = {
           ExecStart = "${exe} serve --config ${format.generate "server.toml" settings}";
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
@@ -228,6 +241,7 @@ in
           after = [ "herald-serve.service" "network-online.target" ];
           wants = [ "network-online.target" ];
           path = [ config.nix.package pkgs.git ];
+          environment = lib.optionalAttrs cfg.build buildEnvironment;
           serviceConfig = {
             Type = "oneshot";
             ExecStart = publishCommand;

@@ -25,6 +25,7 @@ from helpers import (
     Proc,
     Serve,
     current_generation,
+    delete_from_fleet,
     herald,
     make_agent,
     need,
@@ -370,6 +371,13 @@ def test_every_kept_release_keeps_its_system_in_the_servers_store(
     names = set(os.listdir(state / "chroot" / "omega" / "objects"))
     assert set().union(*nars[-3:]) <= names
     assert not (set().union(*nars[:2]) - set().union(*nars[-3:])) & names
+
+    # A host removed takes its roots and its NARs with it.
+    delete_from_fleet(fleet, "omega")
+    done = herald("host", "remove", "omega", "--state", str(state), "--fleet", str(fleet.root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert os.listdir(gcroots) == []
+    assert not set().union(*nars) & set(os.listdir(state / "objects"))
 
 
 def test_an_unconfirmed_switch_returns_to_the_exact_system_before(

@@ -15,7 +15,7 @@ from openssh import provision
 
 from herald.cli import parser
 from protocol import schema
-from protocol.settings import AgentConfig, ServerConfig, convert
+from protocol.settings import AgentConfig, Deliver, ServerConfig, convert
 from publisher.inventory import load_inventory
 from publisher.provision import sshd_fragment
 
@@ -326,3 +326,31 @@ def test_the_agent_module_writes_an_agent_toml_the_agent_accepts():
     assert decoded.restart.command[-1] == "herald-agent.service"
     unit = config["systemd"]["services"]["herald-agent"]
     assert parser().parse_args(shlex.split(unit["serviceConfig"]["ExecStart"])[1:]).command == "agent"
+
+
+def test_the_modules_build_and_take_closures(tmp_path: Path):
+    """A fleet with a closure host: herald-publish builds (the network, the Nix daemon); an
+    agent that takes closures only says so in agent.toml and keeps no nixos-rebuild."""
+    fleet_toml = tmp_path / "fleet.toml"
+    text = (
+        (EXAMPLE_FLEET / "fleet.toml")
+        .read_text()
+        .replace("[hosts.alpha]\n", '[hosts.alpha]\ndeliver = "closure"\n')
+    )
+    fleet_toml.write_text(text)
+    publish = nixos("server", server_values(fleetToml=str(fleet_toml)))["systemd"]["services"][
+        "herald-publish"
+    ]
+    assert "IPAddressDeny" not in publish["serviceConfig"]
+    assert publish["environment"]["NIX_REMOTE"] == "daemon"
+    plain = nixos("server", server_values())["systemd"]["services"]["herald-publish"]
+    assert plain["serviceConfig"]["IPAddressDeny"] == "any"
+    assert plain.get("environment", {}) == {}
+
+    values = f'{{ services.herald.agent = {AGENT_OPTIONS} // {{ enable = true; deliver = "closure"; }}; }}'
+    config = nixos("agent", values)
+    source = config["environment"]["etc"]["herald/agent.toml"]["source"]
+    decoded = convert(json.loads(source.split("#", 1)[1]), AgentConfig, source="agent.nix")
+    assert decoded.deliver is Deliver.CLOSURE
+    path = config["systemd"]["services"]["herald-agent"]["path"]
+    assert not [item for item in path if "nixos-rebuild" in str(item) or "git" in str(item)], path
