@@ -2,7 +2,7 @@
 closure, fetched over the kept-open SFTP session, verified, and imported; nothing evaluated.
 
     1. `nix-store --check-validity --print-invalid` of the closure: the paths to fetch.
-    2. Each missing path's object (its xz-compressed NAR) is downloaded from objects/ and must
+    2. Each missing path's object (its zstd-compressed NAR) is downloaded from objects/ and must
        hash to the MANIFEST's `object`; decompressed, its NAR must hash to `nar_sha256` and be
        `nar_size` long. Any mismatch refuses the release (ReleaseError) before anything is
        imported: a store takes nothing of a release that is wrong anywhere.
@@ -20,7 +20,6 @@ paths, whoever serves them.
 import asyncio
 import contextlib
 import hashlib
-import lzma
 import shutil
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import IO, Final, TextIO
 
 import asyncssh
+import zstandard
 
 from client import pause
 from client.fetch import PARALLEL, Progress, download_object
@@ -156,7 +156,7 @@ async def _download_all(
         nonlocal total
         async with gate:
             await download_object(
-                sftp, entry.path, entry.object, entry.size, work / f"{entry.object}.xz", progress
+                sftp, entry.path, entry.object, entry.size, work / f"{entry.object}.zst", progress
             )
         total += entry.size
 
@@ -185,16 +185,20 @@ def _verify_all(wanted: list[StorePath], work: Path) -> None:
             continue  # a path whose NAR another path shares, already checked
         digest, size = hashlib.sha256(), 0
         try:
-            with lzma.open(work / f"{entry.object}.xz") as source, nar.open("xb") as target:
+            with (
+                (work / f"{entry.object}.zst").open("rb") as packed,
+                zstandard.ZstdDecompressor().stream_reader(packed) as source,
+                nar.open("xb") as target,
+            ):
                 while chunk := source.read(_CHUNK):
                     size += len(chunk)
                     if size > entry.nar_size:
                         break
                     digest.update(chunk)
                     target.write(chunk)
-        except (lzma.LZMAError, EOFError) as exc:
+        except zstandard.ZstdError as exc:
             nar.unlink(missing_ok=True)
-            raise ReleaseError(f"{entry.path}: its object is not an xz-compressed NAR: {exc}") from None
+            raise ReleaseError(f"{entry.path}: its object is not a zstd-compressed NAR: {exc}") from None
         except OSError as exc:
             nar.unlink(missing_ok=True)
             raise StorageError(f"cannot write {nar}: {exc.strerror}") from exc

@@ -106,7 +106,9 @@ class Removal:
         roots = self.state.publisher / "roots"
         if any(name.rpartition("-")[0] == host for name in _names(roots)):
             steps.append(
-                Step(f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()}))
+                Step(
+                    f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()})
+                )
             )
         if account is not None:
             steps.append(Step(f"delete user {host} and its group", lambda: _delete_account(account)))
@@ -114,6 +116,15 @@ class Removal:
         if fragment.exists() and _matched_hosts(fragment.read_text(encoding="utf-8"), host):
             steps.append(Step(f"remove {host} from {fragment}", lambda: _unmatch(fragment, host)))
         return steps
+
+    def _roots(self) -> list[Step]:
+        """Dropping the GC roots that kept the host's built systems in the server's store."""
+        host, roots = self.host, self.state.publisher / "roots"
+        if not any(name.rpartition("-")[0] == host for name in _names(roots)):
+            return []
+        return [
+            Step(f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()}))
+        ]
 
     def known(self) -> bool:
         return (

@@ -26,7 +26,7 @@ py.buildPythonApplication {
   };
   build-system = [ py.hatchling ];
   dependencies = with py; [
-    paho-mqtt aiomqtt asyncssh msgspec loguru rich cryptography
+    paho-mqtt aiomqtt asyncssh msgspec loguru rich cryptography zstandard
     # the server extra: herald serve
     amqtt aiohttp prometheus-client
   ];

@@ -75,7 +75,7 @@ class StorePath(msgspec.Struct, frozen=True, array_like=True):
     """One path of a system's closure: [path, nar_sha256, nar_size, references, object, size].
 
     `nar_sha256` and `nar_size` are the path's NAR (its serialisation, as `nix-store --dump`
-    writes it and Nix hashes it); `object` and `size` the xz-compressed NAR the chroot holds as
+    writes it and Nix hashes it); `object` and `size` the zstd-compressed NAR the chroot holds as
     objects/<object> (empty with a substituter, which serves the path itself)."""
 
     path: StorePathName
