@@ -103,13 +103,7 @@ class Removal:
                 target = self.archive / f"{host}-logs-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.tar.gz"
                 steps.append(Step(f"archive {host}'s logs/ to {target}", lambda: self._archive(target)))
             steps.append(Step(f"delete {self.chroot} and the pool entries only it used", self._delete_chroot))
-        roots = self.state.publisher / "roots"
-        if any(name.rpartition("-")[0] == host for name in _names(roots)):
-            steps.append(
-                Step(
-                    f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()})
-                )
-            )
+        steps += self._roots()
         if account is not None:
             steps.append(Step(f"delete user {host} and its group", lambda: _delete_account(account)))
         fragment = self.state.root / "ssh" / "sshd_config"
@@ -125,6 +119,16 @@ class Removal:
         return [
             Step(f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()}))
         ]
+
+    def _roots(self) -> list[Step]:
+        """Dropping the GC roots that kept the host's built systems in the server's store."""
+        host, roots = self.host, self.state.publisher / "roots"
+        if not any(name.rpartition("-")[0] == host for name in _names(roots)):
+            return []
+        drop = Step(
+            f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()})
+        )
+        return [drop]
 
     def known(self) -> bool:
         return (
