@@ -120,16 +120,6 @@ class Removal:
             Step(f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()}))
         ]
 
-    def _roots(self) -> list[Step]:
-        """Dropping the GC roots that kept the host's built systems in the server's store."""
-        host, roots = self.host, self.state.publisher / "roots"
-        if not any(name.rpartition("-")[0] == host for name in _names(roots)):
-            return []
-        drop = Step(
-            f"drop the GC roots of {host}'s systems ({roots})", lambda: prune_roots(roots, {host: ()})
-        )
-        return [drop]
-
     def known(self) -> bool:
         return (
             self.chroot.exists()
