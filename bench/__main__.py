@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import agent, broker, publish, rollout
+from bench import agent, broker, closure, publish, rollout
 from protocol import log
 from tests.reliability import table
 
@@ -42,7 +42,7 @@ def reliability() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("publish", "broker", "agent", "rollout", "reliability")
+SECTIONS = ("publish", "broker", "agent", "rollout", "closure", "reliability")
 
 
 def _section(name: str, *, quick: bool) -> str:
@@ -55,6 +55,8 @@ def _section(name: str, *, quick: bool) -> str:
         return agent.main(10 if quick else 100)
     if name == "rollout":
         return rollout.main(10 if quick else 100, hosts)
+    if name == "closure":
+        return closure.main(*((5, 30, 20) if quick else (50, 300, 200)))
     return reliability()
 
 

@@ -3,13 +3,14 @@ closure, fetched over the kept-open SFTP session, verified, and imported; nothin
 
     1. `nix-store --check-validity --print-invalid` of the closure: the paths to fetch.
     2. Each missing path's object (its zstd-compressed NAR) is downloaded from objects/ and must
-       hash to the MANIFEST's `object`; decompressed, its NAR must hash to `nar_sha256` and be
-       `nar_size` long. Any mismatch refuses the release (ReleaseError) before anything is
-       imported: a store takes nothing of a release that is wrong anywhere.
-    3. One `nix-store --import` of the verified NARs, every path after its references, in the
-       export format Nix reads (each NAR, then its name, references and deriver). Nix registers
-       a path only once it has read all of it, so an import killed halfway leaves whole paths
-       and no partial one: the next run fetches what is still missing.
+       hash to the MANIFEST's `object`; decompressed as it arrives, its NAR must hash to
+       `nar_sha256` and be `nar_size` long. Any mismatch refuses the release (ReleaseError)
+       before anything is imported: a store takes nothing of a release that is wrong anywhere.
+    3. `nix copy --from file://WORK` of the verified NARs, WORK being a binary cache the agent
+       writes from the MANIFEST (a narinfo per path: its NAR hash, size and references), every
+       path after its references. Nix checks each NAR against its narinfo again and registers
+       whole paths only, so an import killed halfway leaves no partial one: the next run
+       fetches what is still missing. (Twice as fast here as `nix-store --import` of the same.)
 
 With a substituter named in the MANIFEST, `nix-store --realise` fetches the closure from that
 binary cache instead (the cache's own signature checked by Nix, as the host's nix.conf says),
@@ -18,15 +19,14 @@ paths, whoever serves them.
 """
 
 import asyncio
-import contextlib
 import hashlib
 import shutil
-import struct
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final, TextIO
+from typing import Final, TextIO
 
 import asyncssh
 import zstandard
@@ -37,7 +37,8 @@ from protocol.errors import HeraldError, ReleaseError, StorageError
 from protocol.nixstore import parse_dump_db
 from protocol.release import StorePath, System, import_order
 
-_EXPORT_MAGIC: Final = 0x4558494E  # "NIXE": what follows a NAR in Nix's export format
+_NIX: Final = ["nix", "--extra-experimental-features", "nix-command"]
+_BATCHES: Final = 4  # `nix copy` runs per import: a killed one loses at most a quarter of the work
 _CHUNK: Final = 1 << 20
 _ARGS: Final = 1000  # store paths per nix-store command line (well below ARG_MAX)
 
@@ -47,12 +48,15 @@ class Imported:
     paths: int  # in the closure
     missing: int  # not in the host's store before
     downloaded_bytes: int  # objects fetched from the chroot (0 with a substituter)
+    seconds: float  # asking the store, fetching, verifying and importing
+    importing: float = 0.0  # of which the import (nix copy)
 
     def summary(self, system: System) -> str:
         source = f"substituter {system.substituter}" if system.substituter else "the chroot"
         return (
             f"system {system.path}: {self.missing} of {self.paths} store path(s) missing, "
-            f"imported from {source} ({self.downloaded_bytes} bytes downloaded)"
+            f"imported from {source} ({self.downloaded_bytes} bytes downloaded) in {self.seconds:.2f}s "
+            f"(the import {self.importing:.2f}s)"
         )
 
 
@@ -121,51 +125,95 @@ async def realise(
     progress: Progress | None = None,
 ) -> Imported:
     """Make the store hold every path of `system`'s closure, verified against the MANIFEST."""
+    started = time.monotonic()
     paths = [entry.path for entry in system.closure]
     missing = await asyncio.to_thread(invalid, store, paths, timeout=timeout)
     wanted = [entry for entry in system.closure if entry.path in missing]
     if not wanted:
-        return Imported(len(paths), 0, 0)
+        return Imported(len(paths), 0, 0, time.monotonic() - started)
     if system.substituter is not None:
         await asyncio.to_thread(_substitute, system, wanted, store=store, log=log, timeout=timeout)
-        return Imported(len(paths), len(wanted), 0)
+        return Imported(len(paths), len(wanted), 0, time.monotonic() - started)
     shutil.rmtree(work, ignore_errors=True)  # what a killed run left: fetched again
     try:
-        work.mkdir(mode=0o700, parents=True)
+        (work / "nar").mkdir(mode=0o700, parents=True)
     except OSError as exc:
         raise StorageError(f"cannot write {work}: {exc.strerror}") from exc
     try:
         downloaded = await _download_all(sftp, wanted, work, progress or Progress())
-        await asyncio.to_thread(_verify_all, wanted, work)
-        await asyncio.to_thread(_import, import_order(wanted), work, store=store, log=log, timeout=timeout)
+        fetched = time.monotonic()
+        order = import_order(wanted)
+        await asyncio.to_thread(_import, system, order, work, store=store, log=log, timeout=timeout)
+        importing = time.monotonic() - fetched
     finally:
         shutil.rmtree(work, ignore_errors=True)
     still = await asyncio.to_thread(invalid, store, [entry.path for entry in wanted], timeout=timeout)
     if still:
-        raise StorageError(f"nix-store --import left {len(still)} path(s) missing, such as {min(still)}")
-    return Imported(len(paths), len(wanted), downloaded)
+        raise StorageError(f"the import left {len(still)} path(s) missing, such as {min(still)}")
+    return Imported(len(paths), len(wanted), downloaded, time.monotonic() - started, importing)
+
+
+class _Nar:
+    """Where a downloaded object goes: decompressed as it arrives into WORK/nar/<nar_sha256>.nar,
+    its NAR hashed and sized; `check` (once the object's own hash was verified) says whether the
+    NAR is the MANIFEST's. Nothing is written past the NAR's size: an object that decompresses
+    to more is refused there."""
+
+    def __init__(self, entry: StorePath, work: Path) -> None:
+        self.entry = entry
+        self.path = work / "nar" / f"{entry.nar_sha256}.nar"
+        self._decompress = zstandard.ZstdDecompressor().decompressobj()
+        self._digest = hashlib.sha256()
+        self._size = 0
+        try:
+            self._file = self.path.open("xb")
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+    def write(self, data: bytes) -> None:
+        try:
+            chunk = self._decompress.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise ReleaseError(f"{self.entry.path}: its object is not a zstd-compressed NAR: {exc}") from None
+        self._size += len(chunk)
+        if self._size > self.entry.nar_size:
+            raise ReleaseError(f"{self.entry.path}: NAR does not match its sha256 in MANIFEST")
+        self._digest.update(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        self._file.close()
+
+    def check(self) -> None:
+        if (self._size, self._digest.hexdigest()) != (self.entry.nar_size, self.entry.nar_sha256):
+            raise ReleaseError(f"{self.entry.path}: NAR does not match its sha256 in MANIFEST")
 
 
 async def _download_all(
     sftp: asyncssh.SFTPClient, wanted: list[StorePath], work: Path, progress: Progress
 ) -> int:
+    """Every object of `wanted`, a few at a time, each checked as it lands: its own hash, then
+    its NAR's. The first failure stops them all; nothing is imported before every one passed."""
     gate = asyncio.Semaphore(PARALLEL)
     total = 0
 
     async def one(entry: StorePath) -> None:
         nonlocal total
         async with gate:
-            await download_object(
-                sftp, entry.path, entry.object, entry.size, work / f"{entry.object}.zst", progress
-            )
+            nar = _Nar(entry, work)
+            await download_object(sftp, entry.path, entry.object, entry.size, nar, progress)
+            nar.check()
         total += entry.size
 
-    objects: dict[str, StorePath] = {}
-    for entry in wanted:  # two paths with the same NAR (rare) share one object
-        objects.setdefault(entry.object, entry)
+    nars: dict[str, StorePath] = {}
+    for entry in wanted:  # two paths with the same NAR (rare) share one
+        nars.setdefault(entry.nar_sha256, entry)
     try:
         async with asyncio.TaskGroup() as group:
-            for entry in objects.values():
+            for entry in nars.values():
                 group.create_task(one(entry))
     except* HeraldError as failures:
         leaves = [exc for exc in failures.exceptions if isinstance(exc, HeraldError)]
@@ -176,82 +224,33 @@ async def _download_all(
     return total
 
 
-def _verify_all(wanted: list[StorePath], work: Path) -> None:
-    """Decompress each object to its NAR, which must be the MANIFEST's; nothing is imported
-    before every one is."""
-    for entry in wanted:
-        nar = work / f"{entry.nar_sha256}.nar"
-        if nar.exists():
-            continue  # a path whose NAR another path shares, already checked
-        digest, size = hashlib.sha256(), 0
-        try:
-            with (
-                (work / f"{entry.object}.zst").open("rb") as packed,
-                zstandard.ZstdDecompressor().stream_reader(packed) as source,
-                nar.open("xb") as target,
-            ):
-                while chunk := source.read(_CHUNK):
-                    size += len(chunk)
-                    if size > entry.nar_size:
-                        break
-                    digest.update(chunk)
-                    target.write(chunk)
-        except zstandard.ZstdError as exc:
-            nar.unlink(missing_ok=True)
-            raise ReleaseError(f"{entry.path}: its object is not a zstd-compressed NAR: {exc}") from None
-        except OSError as exc:
-            nar.unlink(missing_ok=True)
-            raise StorageError(f"cannot write {nar}: {exc.strerror}") from exc
-        if size != entry.nar_size or digest.hexdigest() != entry.nar_sha256:
-            nar.unlink(missing_ok=True)
-            raise ReleaseError(f"{entry.path}: NAR does not match its sha256 in MANIFEST")
+def _narinfo(entry: StorePath) -> str:
+    references = " ".join(reference.removeprefix("/nix/store/") for reference in entry.references)
+    return (
+        f"StorePath: {entry.path}\nURL: nar/{entry.nar_sha256}.nar\nCompression: none\n"
+        f"NarHash: sha256:{entry.nar_sha256}\nNarSize: {entry.nar_size}\nReferences: {references}\n"
+    )
 
 
-def _number(value: int) -> bytes:
-    return struct.pack("<Q", value)
-
-
-def _string(data: bytes) -> bytes:
-    return _number(len(data)) + data + b"\0" * (-len(data) % 8)
-
-
-def _import(order: list[StorePath], work: Path, *, store: str, log: TextIO, timeout: float) -> None:
-    """One `nix-store --import` of the NARs in `work`, in `order`; its messages go to `log`."""
-    log.flush()
-    argv = ["nix-store", *_store_option(store), "--import"]
-    try:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log.fileno()
+def _import(
+    system: System, order: list[StorePath], work: Path, *, store: str, log: TextIO, timeout: float
+) -> None:
+    """`work` as a binary cache of the closure (a narinfo for every path, from the MANIFEST; the
+    verified NARs of the missing ones), copied into the store with `nix copy`, which checks each
+    NAR against its narinfo again and registers whole paths only. In up to _BATCHES steps, every
+    path after its references: an import killed halfway keeps what earlier steps registered."""
+    (work / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    for entry in system.closure:
+        (work / f"{entry.path.removeprefix('/nix/store/').split('-', 1)[0]}.narinfo").write_text(
+            _narinfo(entry)
         )
-    except OSError as exc:
-        raise StorageError(f"cannot import the closure: {argv[0]}: {exc.strerror}") from exc
-    stdin: IO[bytes] | None = process.stdin
-    assert stdin is not None  # noqa: S101 - stdin=PIPE
-    try:
-        for entry in order:
-            stdin.write(_number(1))
-            with (work / f"{entry.nar_sha256}.nar").open("rb") as nar:
-                shutil.copyfileobj(nar, stdin, _CHUNK)
-            trailer = [_number(_EXPORT_MAGIC), _string(entry.path.encode())]
-            trailer += [_number(len(entry.references)), *(_string(ref.encode()) for ref in entry.references)]
-            trailer += [_string(b""), _number(0)]  # no deriver, no signature
-            stdin.write(b"".join(trailer))
-            pause.at("import")
-        stdin.write(_number(0))
-        stdin.close()
-        returncode = process.wait(timeout=timeout)
-    except (BrokenPipeError, subprocess.TimeoutExpired) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait()
-        raise StorageError(f"nix-store --import did not take the closure: {exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            stdin.close()
-    if returncode != 0:
-        raise StorageError(
-            f"nix-store --import failed with exit code {returncode} (its messages are in the log)"
-        )
+    size = -(-len(order) // _BATCHES)
+    target = ["--to", store] if store != "/" else []
+    for start in range(0, len(order), size):
+        batch = [entry.path for entry in order[start : start + size]]
+        argv = [*_NIX, "copy", "--no-check-sigs", "--from", f"file://{work}", *target, *batch]
+        _run(argv, "import the closure", timeout=timeout, log=log)
+        pause.at("import")
 
 
 def _substitute(system: System, wanted: list[StorePath], *, store: str, log: TextIO, timeout: float) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import asyncssh
 
@@ -298,25 +298,24 @@ def _reuse(source: Path, target: Path, entry: FileEntry) -> bool:
 
 
 async def _download(sftp: asyncssh.SFTPClient, entry: FileEntry, target: Path, progress: Progress) -> None:
-    await download_object(sftp, entry.path, entry.sha256, entry.size, target, progress, mode=entry.mode)
+    await download_object(sftp, entry.path, entry.sha256, entry.size, _Local(target, entry.mode), progress)
+
+
+class Sink(Protocol):
+    """Where a download's bytes go, in order; closed however the download ends."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
 
 
 async def download_object(
-    sftp: asyncssh.SFTPClient,
-    what: str,
-    sha256: str,
-    expected: int,
-    target: Path,
-    progress: Progress,
-    *,
-    mode: int = 0o600,
+    sftp: asyncssh.SFTPClient, what: str, sha256: str, expected: int, out: Sink, progress: Progress
 ) -> None:
-    """objects/<sha256> into the new file `target`: `expected` bytes hashing to `sha256`, or
-    ReleaseError naming `what` (a path of the release, a store path of its closure)."""
+    """objects/<sha256> into `out`: `expected` bytes hashing to `sha256`, or ReleaseError
+    naming `what` (a path of the release, a store path of its closure)."""
     path = f"{OBJECTS}/{sha256}"
     digest = hashlib.sha256()
     size = 0
-    out = _Local(target, mode)
     try:
         async with await _answer(sftp.open(path, "rb", block_size=0), path, progress) as stream:
             # The MANIFEST's size, a window at a time, and one byte more at the end: a file that

@@ -314,7 +314,7 @@ def test_an_agent_killed_during_the_import_keeps_its_system_and_converges(
     publish(fleet, state, serve)
     closure = closure_of(state, "omega")
     marker = tmp_path / "paused"
-    env = {**os.environ, "HERALD_TEST_PAUSE": "import:4", "HERALD_TEST_PAUSE_FILE": str(marker)}
+    env = {**os.environ, "HERALD_TEST_PAUSE": "import:1", "HERALD_TEST_PAUSE_FILE": str(marker)}
     proc = Proc(
         "agent-paused", [*HERALD, "agent", "--config", str(omega.config), "--once"], tmp_path / "a.log", env
     )
