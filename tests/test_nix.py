@@ -1,6 +1,7 @@
 """The NixOS side, as far as Nix without nixpkgs can check it here: every .nix file parses, and
 the builtins-only logic of nix/lib.nix agrees with herald's Python code on the same inputs."""
 
+import importlib.metadata
 import json
 import re
 import shlex
@@ -354,3 +355,87 @@ def test_the_modules_build_and_take_closures(tmp_path: Path):
     assert decoded.deliver is Deliver.CLOSURE
     path = config["systemd"]["services"]["herald-agent"]["path"]
     assert not [item for item in path if "nixos-rebuild" in str(item) or "git" in str(item)], path
+
+
+# The nixpkgs attributes nix/package.nix takes from python3Packages: each has a recipe in
+# nixpkgs' pkgs/development/python-modules/ (uv-dynamic-versioning is taken only where it does).
+NIXPKGS_PYTHON = [
+    "aiohttp",
+    "aiomqtt",
+    "argon2-cffi",
+    "asyncssh",
+    "cryptography",
+    "dacite",
+    "hatch-vcs",
+    "hatchling",
+    "loguru",
+    "msgspec",
+    "paho-mqtt",
+    "prometheus-client",
+    "psutil",
+    "pwdlib",
+    "pyyaml",
+    "rich",
+    "transitions",
+    "typer",
+    "typing-extensions",
+    "uv-dynamic-versioning",
+    "websockets",
+    "zstandard",
+]
+
+
+def _requirement(line: str) -> tuple[str, list[str]]:
+    """('pwdlib', ['argon2']) from 'pwdlib[argon2]>=0.3.0' (names normalised as nixpkgs does)."""
+    match = re.match(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?", line.strip())
+    assert match is not None, line
+    extras = [extra.strip() for extra in (match[2] or "").split(",") if extra.strip()]
+    return match[1].lower().replace("_", "-").replace(".", "-"), extras
+
+
+def test_the_package_builds_every_dependency_pyproject_names_and_amqtt_as_its_own_recipe():
+    """nix/package.nix evaluated with python3Packages as a list of names: every dependency of
+    pyproject.toml (and of its server extra) is among the package's, and amqtt is a recipe of
+    its own whose dependencies are its release's Requires-Dist, not nixpkgs' 2022 recipe's."""
+    names = " ".join(f'"{name}"' for name in NIXPKGS_PYTHON)
+    value = nix_eval(
+        f"""
+        let
+          py = builtins.listToAttrs (map (name: {{ inherit name; value = name; }}) [ {names} ]) // {{
+            buildPythonPackage = recipe: recipe;
+            buildPythonApplication = recipe: recipe;
+          }};
+          lib = {{
+            cleanSourceWith = _: "source";
+            licenses.mit = "mit";
+            platforms.linux = [ ];
+            optional = condition: item: if condition then [ item ] else [ ];
+          }};
+          package = import ./nix/package.nix {{ inherit lib; python3Packages = py; fetchPypi = source: source; }};
+          name = dependency: if builtins.isAttrs dependency then dependency.pname else dependency;
+          amqtt = builtins.head (builtins.filter builtins.isAttrs package.dependencies);
+        in {{
+          dependencies = map name package.dependencies;
+          amqtt = {{ inherit (amqtt) version dependencies pythonRelaxDeps; build = amqtt.build-system; }};
+        }}
+        """
+    )
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [
+        _requirement(line)[0] for line in project["dependencies"] + project["optional-dependencies"]["server"]
+    ]
+    assert sorted(set(wanted) - set(value["dependencies"])) == []
+    pin = next(line for line in project["optional-dependencies"]["server"] if line.startswith("amqtt=="))
+    assert value["amqtt"]["version"] == pin.removeprefix("amqtt==")
+    assert {"hatchling", "hatch-vcs", "uv-dynamic-versioning"} <= set(value["amqtt"]["build"])
+
+    metadata = importlib.metadata.distribution("amqtt").requires or []
+    required: set[str] = set()
+    for line in metadata:
+        if "extra ==" in line:
+            continue
+        name, extras = _requirement(line)
+        required.add(name)
+        required.update(f"{extra}-cffi" for extra in extras if extra == "argon2")  # pwdlib[argon2]
+    assert required == set(value["amqtt"]["dependencies"])
+    assert set(value["amqtt"]["pythonRelaxDeps"]) <= required

@@ -42,7 +42,9 @@ let
   };
 in
 {
-  name = "herald-fleet";
+  # The nixpkgs the test ran against, in its name (`nix flake check` and the build log show it):
+  # herald's modules and package were written against the one flake.nix pins.
+  name = "herald-fleet-nixpkgs-${lib.version}";
   nodes = {
     server = { ... }: {
       imports = [ self.nixosModules.server ];
