@@ -39,7 +39,6 @@ from protocol.release import StorePath, System, import_order
 
 _NIX: Final = ["nix", "--extra-experimental-features", "nix-command"]
 _BATCHES: Final = 4  # `nix copy` runs per import: a killed one loses at most a quarter of the work
-_CHUNK: Final = 1 << 20
 _ARGS: Final = 1000  # store paths per nix-store command line (well below ARG_MAX)
 
 

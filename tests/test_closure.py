@@ -367,6 +367,10 @@ def test_every_kept_release_keeps_its_system_in_the_servers_store(
     gcroots = state / "publisher" / "roots"
     assert sorted(os.listdir(gcroots)) == sorted(f"omega-{generation}" for generation in kept)
     assert [str((gcroots / f"omega-{generation}").readlink()) for generation in kept] == systems[-3:]
+    # Nix's collector sees the roots: the kept systems are live, the pruned ones dead
+    dead = subprocess.run(["nix-store", "--gc", "--print-dead"], capture_output=True, text=True, check=True)
+    assert not set(systems[-3:]) & set(dead.stdout.split())
+    assert set(systems[:2]) <= set(dead.stdout.split())
     # the chroot keeps the NARs of the releases it keeps, and drops those of the pruned ones
     names = set(os.listdir(state / "chroot" / "omega" / "objects"))
     assert set().union(*nars[-3:]) <= names
