@@ -23,10 +23,10 @@ import hashlib
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TextIO
+from typing import IO, Final, TextIO, cast
 
 import asyncssh
 import zstandard
@@ -35,10 +35,11 @@ from client import pause
 from client.fetch import PARALLEL, Progress, download_object
 from protocol.errors import HeraldError, ReleaseError, StorageError
 from protocol.nixstore import parse_dump_db
-from protocol.release import StorePath, System, import_order
+from protocol.release import NAR_WINDOW, StorePath, System, import_order
 
 _NIX: Final = ["nix", "--extra-experimental-features", "nix-command"]
 _BATCHES: Final = 4  # `nix copy` runs per import: a killed one loses at most a quarter of the work
+_PIECE: Final = 1 << 16  # decompressed bytes handed on at a time
 _ARGS: Final = 1000  # store paths per nix-store command line (well below ARG_MAX)
 
 
@@ -152,28 +153,42 @@ async def realise(
     return Imported(len(paths), len(wanted), downloaded, time.monotonic() - started, importing)
 
 
+class _Writer:
+    """What zstandard's stream_writer hands each piece of output to."""
+
+    def __init__(self, take: Callable[[bytes], int]) -> None:
+        self.write = take
+
+
 class _Nar:
     """Where a downloaded object goes: decompressed as it arrives into WORK/nar/<nar_sha256>.nar,
     its NAR hashed and sized; `check` (once the object's own hash was verified) says whether the
-    NAR is the MANIFEST's. Nothing is written past the NAR's size: an object that decompresses
-    to more is refused there."""
+    NAR is the MANIFEST's. Decompression is bounded whatever the object holds (a chroot's files
+    are not trusted before their hash is checked, and that is at their end): output goes out in
+    pieces of 64 KiB, and the first byte past the NAR's size stops it; a frame asking for a
+    window over NAR_WINDOW is refused."""
 
     def __init__(self, entry: StorePath, work: Path) -> None:
         self.entry = entry
         self.path = work / "nar" / f"{entry.nar_sha256}.nar"
-        self._decompress = zstandard.ZstdDecompressor().decompressobj()
         self._digest = hashlib.sha256()
         self._size = 0
         try:
             self._file = self.path.open("xb")
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        decompressor = zstandard.ZstdDecompressor(max_window_size=NAR_WINDOW)
+        writer = cast("IO[bytes]", _Writer(self._take))  # zstandard needs only its write()
+        self._stream = decompressor.stream_writer(writer, write_size=_PIECE, closefd=False)
 
     def write(self, data: bytes) -> None:
+        """Compressed bytes, in order (client.fetch.Sink)."""
         try:
-            chunk = self._decompress.decompress(data)
+            self._stream.write(data)
         except zstandard.ZstdError as exc:
             raise ReleaseError(f"{self.entry.path}: its object is not a zstd-compressed NAR: {exc}") from None
+
+    def _take(self, chunk: bytes) -> int:
         self._size += len(chunk)
         if self._size > self.entry.nar_size:
             raise ReleaseError(f"{self.entry.path}: NAR does not match its sha256 in MANIFEST")
@@ -182,6 +197,7 @@ class _Nar:
             self._file.write(chunk)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
+        return len(chunk)
 
     def close(self) -> None:
         self._file.close()

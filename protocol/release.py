@@ -67,6 +67,11 @@ class FileEntry(msgspec.Struct, frozen=True, array_like=True):
 
 
 StorePathName = Annotated[str, msgspec.Meta(pattern=f"^{STORE_PATH}$")]
+# The window a closure's zstd frames may ask of a decompressor (the publisher writes 4 MiB ones):
+# an object is decompressed before its hash can be checked, so what it may ask is bounded.
+NAR_WINDOW: Final = 1 << 23
+NAR_WINDOW_LOG: Final = 22  # what the publisher writes
+
 Substituter = Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")]
 MAX_CLOSURE: Final = 100_000  # store paths in one system's closure (a NixOS desktop has ~3,000)
 

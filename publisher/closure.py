@@ -31,7 +31,7 @@ import zstandard
 from protocol.errors import PublishError
 from protocol.files import write_atomic
 from protocol.nixstore import parse_dump_db
-from protocol.release import StorePath, System
+from protocol.release import NAR_WINDOW_LOG, StorePath, System
 from publisher.chroot import Pool
 
 # zstd, not xz: decompressing is what a small host pays, ~700 MB/s against xz's ~25 here; a level
@@ -165,7 +165,8 @@ class Closures:
     def _compress(self, path: str, tmp: Path) -> tuple[int, tuple[str, int], str, int]:
         """(exit code of nix-store --dump, (NAR sha256, NAR size), sha256 and size of its zstd)."""
         nar_digest, digest, size, compressed = hashlib.sha256(), hashlib.sha256(), 0, 0
-        compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj()
+        parameters = zstandard.ZstdCompressionParameters.from_level(_ZSTD_LEVEL, window_log=NAR_WINDOW_LOG)
+        compressor = zstandard.ZstdCompressor(compression_params=parameters).compressobj()
         argv = ["nix-store", "--dump", path]
         dump = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert dump.stdout is not None  # noqa: S101 - stdout=PIPE

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 from helpers import (
     HERALD,
     Agent,
@@ -64,13 +65,20 @@ let
   };
   text = index: if index == @CHANGED@ then "changed" else "@VERSION@${toString index}";
   packages = builtins.genList (index: package "package-${toString index}" (text index)) @COUNT@;
+  noise = derivation {  # bytes zstd cannot shrink: an object as large as a real package's
+    name = "noise";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" "mkdir -p $out; head -c @NOISE@ /dev/urandom > $out/data" ];
+  };
   private = package "@HOST@-private" "a secret of @HOST@";
 in derivation {
   name = "system-@HOST@";
   system = builtins.currentSystem;
   builder = "/bin/sh";
   PATH = "/usr/bin:/bin";
-  refs = packages ++ [ private ];
+  refs = packages ++ [ private noise ];
   args = [ "-c" ''
     mkdir -p $out/bin
     echo $refs > $out/refs
@@ -91,10 +99,14 @@ in derivation {
 """
 
 
-def system_nix(host: str, root: Path, version: str = "v1-", count: int = PACKAGES, changed: int = -1) -> str:
-    """The system.nix of `host`: `version` in every package, but package `changed`."""
+def system_nix(
+    host: str, root: Path, version: str = "v1-", count: int = PACKAGES, changed: int = -1, noise: int = 1000
+) -> str:
+    """The system.nix of `host`: `version` in every package, but package `changed`; a path of
+    `noise` random bytes."""
     text = SYSTEM_NIX.replace("@ROOT@", str(root)).replace("@HOST@", host).replace("@COUNT@", str(count))
-    return text.replace("@VERSION@", version).replace("@CHANGED@", str(changed))
+    text = text.replace("@VERSION@", version).replace("@CHANGED@", str(changed))
+    return text.replace("@NOISE@", str(noise))
 
 
 def closure_fleet(fleet: Fleet, tmp_path: Path, hosts: list[str]) -> dict[str, Path]:
@@ -185,7 +197,7 @@ def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
     assert signed["format"] == 3
     system = signed["content"]["system"]["path"]
     closure = closure_of(state, "omega")
-    assert len(closure) == PACKAGES + 2
+    assert len(closure) == PACKAGES + 3
 
     done = omega.once()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -198,13 +210,13 @@ def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
     assert omega.rebuilds() == []
     log = (omega.home / "state" / "logs").glob("*-applied.log")
     text = "".join(path.read_text() for path in log)
-    assert f"system {system}: {PACKAGES + 2} of {PACKAGES + 2} store path(s) missing" in text
+    assert f"system {system}: {PACKAGES + 3} of {PACKAGES + 3} store path(s) missing" in text
 
     # Shared on disk, each host's own kept to it: the packages both systems hold are one inode in
     # both chroots; omega's private path has its NAR in omega's chroot only.
     others = closure_of(state, "sigma")
     shared = [path for path in closure if path in others]
-    assert len(shared) == PACKAGES
+    assert len(shared) == PACKAGES + 1  # and the noise
     omega_objects, sigma_objects = objects(state, "omega"), objects(state, "sigma")
     for path in shared:
         name = closure[path][4]
@@ -228,7 +240,7 @@ def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
     moved = sum(after[path][5] for path in new)
     logs = sorted((omega.home / "state" / "logs").glob("*-applied.log"))
     assert (
-        f"2 of {PACKAGES + 2} store path(s) missing, imported from the chroot ({moved} bytes downloaded)"
+        f"2 of {PACKAGES + 3} store path(s) missing, imported from the chroot ({moved} bytes downloaded)"
         in (logs[-1].read_text())
     )
     new_system = manifest(state, "omega")["content"]["system"]["path"]
@@ -496,6 +508,39 @@ def test_a_substituter_serves_the_closure_and_the_signature_still_decides_the_pa
 def files_of(state: Path, host: str) -> set[str]:
     """The objects the current release's files/ and sources name."""
     return {entry[3] for entry in manifest(state, host)["content"]["files"]}
+
+
+def test_a_decompression_bomb_in_the_chroot_is_refused_with_bounded_memory(
+    fleet: Fleet, serve: Serve, state: Path, tmp_path: Path
+):
+    """Whoever writes the chroot (not the key) puts, under the name of a 2 MB object, 2 MB of zstd
+    that would decompress to 64 GB. The agent decompresses before it can check the object's hash
+    (at its end): it stops at the NAR's size, refuses the release, and stays small."""
+    roots = closure_fleet(fleet, tmp_path, ["omega"])
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], noise=2_000_000))
+    omega = closure_agent(fleet, "omega", serve, tmp_path)
+    publish(fleet, state, serve)
+    closure = closure_of(state, "omega")
+    noise = next(path for path in closure if path.endswith("-noise"))
+    name, size = closure[noise][4], closure[noise][5]
+    assert size > 1_900_000
+    compressor = zstandard.ZstdCompressor(level=1).compressobj()
+    zeros = b"\0" * (1 << 24)
+    frame = b"".join(compressor.compress(zeros) for _ in range(256)) + compressor.flush()  # 4 GiB of zeros
+    bomb = (frame * (size // len(frame) + 1))[:size]
+    victim = state / "chroot" / "omega" / "objects" / name
+    victim.unlink()
+    victim.write_bytes(bomb)
+
+    agent = subprocess.Popen(
+        [*HERALD, "agent", "--config", str(omega.config), "--once"], stdout=subprocess.PIPE, text=True
+    )
+    _, status, usage = os.wait4(agent.pid, 0)
+    output = agent.stdout.read() if agent.stdout else ""
+    assert os.waitstatus_to_exitcode(status) == 1, output
+    assert f"release refused: {noise}: NAR does not match its sha256 in MANIFEST" in output
+    assert usage.ru_maxrss < 400_000, usage.ru_maxrss  # kB: the agent as it always is
+    assert host_store(roots["omega"]) == set()
 
 
 # ---------------------------------------------------------------- the contract, without servers
