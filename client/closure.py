@@ -19,6 +19,7 @@ paths, whoever serves them.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -101,16 +102,18 @@ def invalid(store: str, paths: Sequence[str], *, timeout: float) -> set[str]:
     return missing
 
 
-def nar_hashes(store: str, paths: Sequence[str], *, timeout: float) -> dict[str, tuple[str, int]]:
-    """path -> (NAR sha256, NAR size) as the store registered them (`nix-store --dump-db`)."""
-    found: dict[str, tuple[str, int]] = {}
+def registrations(
+    store: str, paths: Sequence[str], *, timeout: float
+) -> dict[str, tuple[str, int, list[str]]]:
+    """path -> (NAR sha256, NAR size, references) as the store registered them (`--dump-db`)."""
+    found: dict[str, tuple[str, int, list[str]]] = {}
     for start in range(0, len(paths), _ARGS):
         argv = ["nix-store", *_store_option(store), "--dump-db", *paths[start : start + _ARGS]]
+        out = _run(argv, "read the Nix store's hashes", timeout=timeout)
         try:
-            registered = parse_dump_db(_run(argv, "read the Nix store's hashes", timeout=timeout))
+            found.update(parse_dump_db(out))
         except HeraldError as exc:
             raise StorageError(str(exc)) from None
-        found.update((path, (sha256, size)) for path, (sha256, size, _) in registered.items())
     return found
 
 
@@ -262,17 +265,45 @@ def _import(
     size = -(-len(order) // _BATCHES)
     target = ["--to", store] if store != "/" else []
     for start in range(0, len(order), size):
-        batch = [entry.path for entry in order[start : start + size]]
-        argv = [*_NIX, "copy", "--no-check-sigs", "--from", f"file://{work}", *target, *batch]
-        _run(argv, "import the closure", timeout=timeout, log=log)
+        batch = order[start : start + size]
+        argv = [*_NIX, "copy", "--no-check-sigs", "--from", f"file://{work}", *target]
+        _run([*argv, *(entry.path for entry in batch)], "import the closure", timeout=timeout, log=log)
+        later = {entry.nar_sha256 for entry in order[start + size :]}
+        for entry in batch:  # in the store now: its NAR is not held twice while the rest goes in
+            if entry.nar_sha256 not in later:
+                (work / "nar" / f"{entry.nar_sha256}.nar").unlink(missing_ok=True)
         pause.at("import")
 
 
 def _substitute(system: System, wanted: list[StorePath], *, store: str, log: TextIO, timeout: float) -> None:
+    """`nix-store --realise` against the substituter, then every path it brought must be the
+    MANIFEST's: NAR hash, size and references (a cache claiming other references would bring
+    paths nobody signed). Those that are not are deleted again before the release is refused:
+    a path left valid would never be looked at again, and a later release naming it would run
+    it."""
     argv = ["nix-store", *_store_option(store), "--realise", system.path]
     argv += ["--option", "substituters", system.substituter or ""]
     _run(argv, f"fetch {system.path} from {system.substituter}", timeout=timeout, log=log)
-    registered = nar_hashes(store, [entry.path for entry in wanted], timeout=timeout)
-    for entry in wanted:
-        if registered.get(entry.path) != (entry.nar_sha256, entry.nar_size):
-            raise ReleaseError(f"{entry.path}: the substituter's NAR does not match its sha256 in MANIFEST")
+    registered = registrations(store, [entry.path for entry in wanted], timeout=timeout)
+    wrong = [
+        entry
+        for entry in wanted
+        if (found := registered.get(entry.path)) is None
+        or (found[0], found[1], sorted(found[2]))
+        != (entry.nar_sha256, entry.nar_size, sorted(entry.references))
+    ]
+    if not wrong:
+        return
+    delete = ["nix-store", *_store_option(store), "--delete"]
+    for entry in reversed(import_order(wanted)):  # what refers to a path goes before it
+        with contextlib.suppress(StorageError):
+            _run([*delete, entry.path], "delete a path the substituter got wrong", timeout=timeout, log=log)
+    kept = [
+        entry.path
+        for entry in wrong
+        if entry.path not in invalid(store, [e.path for e in wrong], timeout=timeout)
+    ]
+    left = f"; still in the store, delete it by hand: {' '.join(kept)}" if kept else ""
+    raise ReleaseError(
+        f"{wrong[0].path}: the substituter's NAR or references do not match the MANIFEST{left}"
+    )

@@ -265,11 +265,7 @@ class Deployer:
         except UnreachableError as exc:
             note(f"fetch interrupted: {exc}")
             if _missing(exc):
-                raise MissingFileError(
-                    f"the server is missing a file of generation {current.generation}: {exc}; "
-                    f"tried again with backoff. If it stays, {self.host}'s chroot on the server is "
-                    "damaged: publish a change to this host, or restore the server's state"
-                ) from exc
+                raise self._damaged(exc, current.generation) from exc
             raise
         except StorageError as exc:
             note(f"fetch interrupted: {exc}")
@@ -290,11 +286,24 @@ class Deployer:
                     log=note.stream,
                     timeout=float(seconds(self.config.rebuild.timeout)),
                 )
-            except (UnreachableError, StorageError) as exc:
+            except UnreachableError as exc:
+                note(f"fetch interrupted: {exc}")
+                if _missing(exc):
+                    raise self._damaged(exc, current.generation) from exc
+                raise
+            except StorageError as exc:
                 note(f"fetch interrupted: {exc}")
                 raise
             note(imported.summary(system))
         return fetched
+
+    def _damaged(self, exc: UnreachableError, generation: int) -> MissingFileError:
+        """What a "no such file" from the server means, and what to do if it stays."""
+        return MissingFileError(
+            f"the server is missing a file of generation {generation}: {exc}; tried again with "
+            f"backoff. If it stays, {self.host}'s chroot on the server is damaged: publish a change "
+            "to this host, or restore the server's state"
+        )
 
     def _check_delivery(self, manifest: Manifest) -> None:
         """ReleaseError when agent.toml's `deliver` refuses how this release delivers the system."""

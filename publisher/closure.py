@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tempfile
 import threading
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -117,6 +118,8 @@ class Closures:
             info.update(parse_dump_db(dumped.decode()))
         closure = []
         for name in sorted(requisites):
+            if name not in info:
+                raise PublishError(f"nix-store --dump-db gave no registration for {name}")
             nar_sha256, nar_size, references = info[name]
             nar = None if substituter is not None else self._object(name, nar_sha256, nar_size)
             closure.append(
@@ -145,7 +148,9 @@ class Closures:
 
     def _store(self, path: str, nar_sha256: str, nar_size: int) -> _Nar:
         """`nix-store --dump` of `path`, checked against the store's NAR hash, zstd into the pool."""
-        tmp = self.pool.path / f".tmp-nar.{os.getpid()}.{threading.get_ident()}"
+        fd, name = tempfile.mkstemp(prefix=".tmp-nar.", dir=self.pool.path)
+        os.close(fd)
+        tmp = Path(name)
         try:
             dumped, nar, sha256, compressed = self._compress(path, tmp)
         except BaseException:
@@ -171,7 +176,7 @@ class Closures:
         dump = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert dump.stdout is not None  # noqa: S101 - stdout=PIPE
         try:
-            with tmp.open("xb") as out:
+            with tmp.open("wb") as out:
                 while chunk := dump.stdout.read(_CHUNK):
                     nar_digest.update(chunk)
                     size += len(chunk)

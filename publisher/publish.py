@@ -546,10 +546,11 @@ class Publisher:
 
     def _format_for(self, current: Current | None) -> int:
         """[publish] format, else the host's own (a newer one than this herald writes: the newest
-        it does), else, for a new host, the newest."""
+        it does; a closure host's that is a source host again: the newest a source release
+        needs), else, for a new host, that. Publisher._build raises it for a closure host."""
         if self._format is not None:
             return self._format
-        return min(current.format, formats.RELEASE) if current is not None else formats.SOURCE
+        return min(current.format, formats.SOURCE) if current is not None else formats.SOURCE
 
     def _credentials(self, inventory: Inventory, keys: Keys) -> dict[str, Secret]:
         """Every chroot's layout, publisher key, key statements and broker secret; the secrets

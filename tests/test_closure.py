@@ -66,7 +66,7 @@ let
   text = index: if index == @CHANGED@ then "changed" else "@VERSION@${toString index}";
   packages = builtins.genList (index: package "package-${toString index}" (text index)) @COUNT@;
   noise = derivation {  # bytes zstd cannot shrink: an object as large as a real package's
-    name = "noise";
+    name = "@NOISENAME@";
     system = builtins.currentSystem;
     builder = "/bin/sh";
     PATH = "/usr/bin:/bin";
@@ -100,13 +100,19 @@ in derivation {
 
 
 def system_nix(
-    host: str, root: Path, version: str = "v1-", count: int = PACKAGES, changed: int = -1, noise: int = 1000
+    host: str,
+    root: Path,
+    version: str = "v1-",
+    count: int = PACKAGES,
+    changed: int = -1,
+    noise: int = 1000,
+    noise_name: str = "noise",
 ) -> str:
     """The system.nix of `host`: `version` in every package, but package `changed`; a path of
-    `noise` random bytes."""
+    `noise` random bytes (another build of it, other bytes)."""
     text = SYSTEM_NIX.replace("@ROOT@", str(root)).replace("@HOST@", host).replace("@COUNT@", str(count))
     text = text.replace("@VERSION@", version).replace("@CHANGED@", str(changed))
-    return text.replace("@NOISE@", str(noise))
+    return text.replace("@NOISE@", str(noise)).replace("@NOISENAME@", noise_name)
 
 
 def closure_fleet(fleet: Fleet, tmp_path: Path, hosts: list[str]) -> dict[str, Path]:
@@ -502,6 +508,29 @@ def test_a_substituter_serves_the_closure_and_the_signature_still_decides_the_pa
     assert done.returncode == 1
     assert f"cannot fetch {new} from file://{cache}" in done.stdout + done.stderr, done.stdout
     assert not (omega.home / "state" / "failed.json").exists()
+    assert links(roots["omega"]) == (signed["path"], signed["path"])
+
+    # A cache serving another build of a path (the same name, other bytes, signed by the cache's
+    # key): substituted, found not to be the MANIFEST's, deleted again, the release refused.
+    nix = roots["omega"].parent.parent.parent / "fleet" / "hosts" / "omega" / "system.nix"
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=2, noise_name="noise-2"))
+    noise_expr = f"builtins.elemAt (import {nix}).refs {PACKAGES + 1}"
+    built = subprocess.run(
+        ["nix-build", "-E", noise_expr, "--no-out-link", *NIX_OPTIONS],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    noise = built.stdout.split()[-1]
+    subprocess.run([*push[:-1], noise], check=True, capture_output=True)  # that build, in the cache
+    subprocess.run(["nix-store", "--delete", noise], check=True, capture_output=True)
+    publish(fleet, state, serve)  # builds the noise again: other random bytes; push skips what the cache has
+    third = manifest(state, "omega")["content"]["system"]
+    assert noise in {entry[0] for entry in third["closure"]}
+    done = subprocess.run(once, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert "the substituter's NAR or references do not match the MANIFEST" in done.stdout, done.stdout
+    assert noise not in host_store(roots["omega"])  # deleted: never trusted by a later release
     assert links(roots["omega"]) == (signed["path"], signed["path"])
 
 
