@@ -513,7 +513,8 @@ def test_a_substituter_serves_the_closure_and_the_signature_still_decides_the_pa
     # A cache serving another build of a path (the same name, other bytes, signed by the cache's
     # key): substituted, found not to be the MANIFEST's, deleted again, the release refused.
     nix = roots["omega"].parent.parent.parent / "fleet" / "hosts" / "omega" / "system.nix"
-    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=2, noise_name="noise-2"))
+    other = f"noise-{os.urandom(4).hex()}"  # a path no earlier run left with referrers in this store
+    fleet.edit("omega", "system.nix", system_nix("omega", roots["omega"], changed=2, noise_name=other))
     noise_expr = f"builtins.elemAt (import {nix}).refs {PACKAGES + 1}"
     built = subprocess.run(
         ["nix-build", "-E", noise_expr, "--no-out-link", *NIX_OPTIONS],
