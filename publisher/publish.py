@@ -7,6 +7,7 @@ written.
 
 import fcntl
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -175,11 +176,13 @@ class Publisher:
         self._seen: set[str] = set()  # real paths released this run: what the hash cache keeps
         self._flusher = Flusher(self.state.root)
         self._format: int | None = None  # fleet.toml's [publish] format; None: each host keeps its own
+        self._channel_inputs: tuple[object, ...] | None = None  # Publisher._inputs, once per run
 
     def run(self, *, dry_run: bool = False) -> Report:
         """Publish every host whose content changed (or, with dry_run, say which would)."""
         started = time.monotonic()
         self._seen = set()
+        self._channel_inputs = None
         # The lock first, then what it protects: the revision read, the inventory, the hash
         # cache. A dry run locks too when it can (it brings the export up to date), else it
         # reads a temporary export and writes nothing to the state directory.
@@ -328,7 +331,7 @@ class Publisher:
                 # The declared modes are part of the key: a change of fleet.toml's `files` alone
                 # must not keep the version the files had (a cache hit also means that the host's
                 # own declarations all matched when it was stored: they and the paths are the key).
-                key = tree_key(_kind(host, modes.key, inventory.config.publish.substituter), sources)
+                key = tree_key(_kind(host, modes.key, self._inputs(inventory)), sources)
                 if current is not None and self._unchanged(
                     current, cache.version(host.name, key), aborted, behind=behind
                 ):
@@ -540,6 +543,19 @@ class Publisher:
         self._write_authorized_keys(inventory)
         self._write_access(inventory)
 
+    def _inputs(self, inventory: Inventory) -> tuple[object, ...]:
+        """(substituter, the server's `<nixpkgs>`): besides its files, what a closure host's
+        system depends on. A flake's inputs are in its flake.lock, in the release; a classic
+        configuration built by the default command reads `<nixpkgs>`, so a channel update
+        builds those hosts again. Looked up once per run, and only when such a host exists."""
+        if self._channel_inputs is None:
+            settings = inventory.config.publish
+            classic = settings.system is None and any(
+                host.entry.deliver is Deliver.CLOSURE and host.flake is None for host in inventory.hosts
+            )
+            self._channel_inputs = (settings.substituter, _channel() if classic else None)
+        return self._channel_inputs
+
     def _kept(self, current: Current) -> bool:
         """Whether the host's release stays in its format (else it is released again in the new one)."""
         return self._format is None or current.format == self._format
@@ -716,13 +732,30 @@ def _remember(cache: HashCache, host: Host, key: bytes, version: str, sources: l
         cache.remember(host.name, key, version, sources)
 
 
-def _kind(host: Host, modes: object, substituter: str | None) -> tuple[object, ...]:
+def _kind(host: Host, modes: object, inputs: tuple[object, ...]) -> tuple[object, ...]:
     """What besides its files a host's version depends on: for a closure host, how it is
-    delivered too (a source host's key stays what it was before closures existed)."""
+    delivered and what its build reads from outside the release (Publisher._inputs) too; a
+    source host's key stays what it was before closures existed."""
     kind: tuple[object, ...] = (host.entry.operation, host.flake, modes)
     if host.entry.deliver is Deliver.CLOSURE:
-        kind += (Deliver.CLOSURE.value, substituter)
+        kind += (Deliver.CLOSURE.value, *inputs[: 1 if host.flake is not None else 2])
     return kind
+
+
+def _channel() -> str | None:
+    """The store path `<nixpkgs>` resolves to on this server (a channel update changes it), or
+    None without one."""
+    try:
+        done = subprocess.run(
+            ["nix-instantiate", "--find-file", "nixpkgs"],  # noqa: S607 - nix from PATH
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return os.path.realpath(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
 
 
 def _say_behind(host: str, ahead: int, current: Current | None, *, behind: bool) -> None:

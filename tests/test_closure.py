@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -571,6 +572,60 @@ def test_a_decompression_bomb_in_the_chroot_is_refused_with_bounded_memory(
     assert f"release refused: {noise}: NAR does not match its sha256 in MANIFEST" in output
     assert usage.ru_maxrss < 400_000, usage.ru_maxrss  # kB: the agent as it always is
     assert host_store(roots["omega"]) == set()
+
+
+FAKE_NIXOS = r"""
+# <nixpkgs/nixos> as far as herald's default build uses it: -A system of <nixos-config>.
+{ configuration ? import <nixos-config> }:
+let settings = configuration { }; in {
+  system = derivation {
+    name = "nixos-system-${settings.networking.hostName}-@CHANNEL@";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out/bin
+      printf '#!/bin/sh\nexit 0\n' > $out/bin/switch-to-configuration
+      chmod +x $out/bin/switch-to-configuration
+    '' ];
+  };
+}
+"""
+
+
+def test_the_default_build_of_a_classic_host_follows_the_servers_nixpkgs_channel(
+    fleet: Fleet, state: Path, tmp_path: Path
+):
+    """No [publish] system: `nix-build '<nixpkgs/nixos>' -A system` of the host's
+    configuration.nix, with the server's <nixpkgs> (here a stand-in channel). A channel update
+    changes nothing in the fleet repository, and still builds the host again."""
+    need_root()
+    need("nix-build")
+    fleet.add_host("omega", tmp_path)
+    with (fleet.root / "fleet.toml").open("a") as toml:
+        toml.write('deliver = "closure"\n\n[publish]\ncheck = []\n')
+    channels = []
+    for name in ("24.11.1", "24.11.2"):
+        channel = tmp_path / f"channel-{name}"
+        (channel / "nixos").mkdir(parents=True)
+        (channel / "nixos" / "default.nix").write_text(FAKE_NIXOS.replace("@CHANNEL@", name))
+        channels.append(channel)
+    nix_config = "sandbox = false\nbuild-users-group =\nsubstituters =\n"
+    state.mkdir()
+    past = time.time() - 3600  # files older than the hash cache's racy window: remembered by key
+    for path in fleet.root.rglob("*"):
+        os.utime(path, (past, past), follow_symlinks=False)
+    for index, channel in enumerate(channels):
+        env = {**os.environ, "NIX_PATH": f"nixpkgs={channel}", "NIX_CONFIG": nix_config}
+        argv = [*HERALD, "publish", "--fleet", str(fleet.root), "--state", str(state)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert current_generation(state, "omega") == index + 1
+        path = manifest(state, "omega")["content"]["system"]["path"]
+        assert path.endswith(f"-nixos-system-omega-{channel.name.removeprefix('channel-')}")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0
+    assert current_generation(state, "omega") == 2  # the same channel again: nothing to build
 
 
 # ---------------------------------------------------------------- the contract, without servers
