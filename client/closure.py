@@ -133,9 +133,11 @@ async def realise(
     missing = await asyncio.to_thread(invalid, store, paths, timeout=timeout)
     wanted = [entry for entry in system.closure if entry.path in missing]
     if not wanted:
+        await asyncio.to_thread(_hold, system, store=store, work=work, timeout=timeout)
         return Imported(len(paths), 0, 0, time.monotonic() - started)
     if system.substituter is not None:
         await asyncio.to_thread(_substitute, system, wanted, store=store, log=log, timeout=timeout)
+        await asyncio.to_thread(_hold, system, store=store, work=work, timeout=timeout)
         return Imported(len(paths), len(wanted), 0, time.monotonic() - started)
     shutil.rmtree(work, ignore_errors=True)  # what a killed run left: fetched again
     try:
@@ -153,7 +155,25 @@ async def realise(
     still = await asyncio.to_thread(invalid, store, [entry.path for entry in wanted], timeout=timeout)
     if still:
         raise StorageError(f"the import left {len(still)} path(s) missing, such as {min(still)}")
+    await asyncio.to_thread(_hold, system, store=store, work=work, timeout=timeout)
     return Imported(len(paths), len(wanted), downloaded, time.monotonic() - started, importing)
+
+
+def _hold(system: System, *, store: str, work: Path, timeout: float) -> None:
+    """Keep the imported system from the host's collector until the switch makes the profile
+    hold it: an indirect root beside WORK (`<state>/closure.root`), replaced by the next one."""
+    link = work.with_name(f"{work.name}.root")
+    argv = [
+        "nix-store",
+        *_store_option(store),
+        "--realise",
+        system.path,
+        "--add-root",
+        str(link),
+        "--indirect",
+    ]
+    link.unlink(missing_ok=True)
+    _run(argv, f"keep {system.path} from the collector", timeout=timeout)
 
 
 class _Writer:

@@ -210,6 +210,8 @@ def test_a_cold_host_imports_its_closure_and_a_change_moves_only_what_changed(
     assert done.returncode == 0, done.stdout + done.stderr
     assert host_store(roots["omega"]) == set(closure)  # exactly the closure: nothing else came
     assert links(roots["omega"]) == (system, system)
+    # the imported system is a root of the host's collector from its import on, not only once switched
+    assert str((omega.home / "state" / "closure.root").readlink()) == system
     # run from the host's own store, the signed path; no rebuild command (no evaluation) ran
     assert (roots["omega"] / "switched").read_text().splitlines() == [
         f"switch {roots['omega']}{system}/bin/switch-to-configuration"
