@@ -66,13 +66,14 @@ class FileEntry(msgspec.Struct, frozen=True, array_like=True):
     sha256: Sha256
 
 
-StorePathName = Annotated[str, msgspec.Meta(pattern=f"^{STORE_PATH}$")]
+# \Z, not $: "$" lets a trailing newline through, which a narinfo line must never get.
+StorePathName = Annotated[str, msgspec.Meta(pattern=f"^{STORE_PATH}\\Z")]
 # The window a closure's zstd frames may ask of a decompressor (the publisher writes 4 MiB ones):
 # an object is decompressed before its hash can be checked, so what it may ask is bounded.
 NAR_WINDOW: Final = 1 << 23
 NAR_WINDOW_LOG: Final = 22  # what the publisher writes
 
-Substituter = Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")]
+Substituter = Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}\Z")]
 MAX_CLOSURE: Final = 100_000  # store paths in one system's closure (a NixOS desktop has ~3,000)
 
 
@@ -84,10 +85,10 @@ class StorePath(msgspec.Struct, frozen=True, array_like=True):
     objects/<object> (empty with a substituter, which serves the path itself)."""
 
     path: StorePathName
-    nar_sha256: Sha256
+    nar_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
     nar_size: Annotated[int, msgspec.Meta(ge=0)]
     references: list[StorePathName]
-    object: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    object: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?\Z")] = ""
     size: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 

@@ -230,7 +230,7 @@ class PublishSettings(_Settings, frozen=True, kw_only=True):
     build: list[str] | None = None
     system: list[str] | None = None
     push: list[str] | None = None
-    substituter: Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}$")] | None = None
+    substituter: Annotated[str, msgspec.Meta(pattern=r"^(https?|file|s3)://[^\s]{1,2000}\Z")] | None = None
     timeout: Duration = "30m"
     keep: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
     format: int | None = None

@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import zstandard
 from helpers import (
@@ -668,3 +669,19 @@ def test_the_registrations_nix_prints_are_read_whole():
     text = f"{PATH_A}\n{'ab' * 32}\n120\n\n2\n{PATH_A}\n{PATH_B}\n"
     text += f"{PATH_B}\n{'cd' * 32}\n8\n/nix/store/x.drv\n0\n"
     assert parse_dump_db(text) == {PATH_A: ("ab" * 32, 120, [PATH_A, PATH_B]), PATH_B: ("cd" * 32, 8, [])}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [PATH_A + "\n", "0" * 64, 8, [], "1" * 64, 4],  # a name that would add a narinfo line
+        [PATH_A, "0" * 64 + "\n", 8, [], "1" * 64, 4],
+        [PATH_A, "0" * 64, 8, [PATH_B + "\n"], "1" * 64, 4],
+        ["/nix/store/" + "e" * 32 + "-a", "0" * 64, 8, [], "1" * 64, 4],  # not Nix's base32
+        [PATH_A, "0" * 64, 8, [], "1" * 64 + "\n", 4],
+        ["/nix/store/../../etc/passwd", "0" * 64, 8, [], "1" * 64, 4],
+    ],
+)
+def test_a_store_path_entry_nix_would_read_otherwise_is_refused(fields: list):
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(fields, StorePath)
