@@ -503,6 +503,10 @@ class AgentConfig(_Settings, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not is_host_name(self.host):
             raise ValueError(f"host {self.host!r} is not a valid host name")
+        if not self.store.startswith("/"):
+            raise ValueError(
+                f"store: {self.store!r}: the root directory of a Nix store, an absolute path such as '/'"
+            )
 
 
 # ---------------------------------------------------------------- loading

@@ -38,9 +38,10 @@ from helpers import (
     write_release,
 )
 
-from protocol.errors import ReleaseError
+from protocol.errors import ConfigError, ReleaseError
 from protocol.nixstore import parse_dump_db
 from protocol.release import Content, StorePath, System, check_content, import_order
+from protocol.settings import AgentConfig, Deliver, load
 from publisher.signing import Signer
 
 NIX_OPTIONS = ["--option", "sandbox", "false", "--option", "build-users-group", ""]
@@ -685,3 +686,16 @@ def test_the_registrations_nix_prints_are_read_whole():
 def test_a_store_path_entry_nix_would_read_otherwise_is_refused(fields: list):
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(fields, StorePath)
+
+
+def test_agent_toml_takes_closures_into_an_absolute_store_only(tmp_path: Path):
+    config = tmp_path / "agent.toml"
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKw6pDRxgkA1qDnC0c7RLuTFrxVeDlUFHdA2fHHmSjVh"
+    body = (
+        f'host = "alpha"\nssh_key = "k"\nstore = "var/store"\n[server]\naddress = "a"\nhost_key = "{key}"\n'
+    )
+    config.write_text(body)
+    with pytest.raises(ConfigError, match=r"store: 'var/store': the root directory of a Nix store"):
+        load(config, AgentConfig)
+    config.write_text(body.replace('store = "var/store"', 'deliver = "closure"'))
+    assert load(config, AgentConfig).deliver is Deliver.CLOSURE
