@@ -1,7 +1,8 @@
 """The release format: what the publisher writes into a chroot and what an agent verifies.
 
     current                 "<generation> <version>\\n", replaced atomically, written last
-    objects/<sha256>        file contents, named by their hash
+    objects/<sha256>        file contents, named by their hash; for a closure host, also the
+                            zstd-compressed NARs of its system's closure (format 3, `System`)
     releases/<generation>   the release: one line with the ed25519 signature of the MANIFEST
                             (base64), then the MANIFEST: this module's `Manifest`, JSON
 

@@ -1,7 +1,7 @@
 """One host's chroot on the server: the only tree that host can read.
 
     <chroot>/current                   "<generation> <version>", replaced last
-    <chroot>/objects/<sha256>          contents, each written once
+    <chroot>/objects/<sha256>          contents, each written once; a closure host's NARs too
     <chroot>/releases/<generation>     signature line + MANIFEST (protocol.release)
     <chroot>/credentials/              broker.secret, publisher.pub, publisher.keys
     <chroot>/logs/                     the host's uploads
