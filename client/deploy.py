@@ -262,22 +262,13 @@ class Deployer:
         again later), a file missing on the server saying so."""
         try:
             fetched = await fetch(sftp, current, host=self.host, verify=verify, store=self.store)
-        except UnreachableError as exc:
-            note(f"fetch interrupted: {exc}")
-            if _missing(exc):
-                raise self._damaged(exc, current.generation) from exc
-            raise
-        except StorageError as exc:
-            note(f"fetch interrupted: {exc}")
-            raise
-        note(
-            f"fetched: {fetched.downloaded} file(s), {fetched.downloaded_bytes} bytes downloaded, "
-            f"{fetched.reused} reused; source {fetched.manifest.source_rev or 'unknown'}"
-        )
-        system = fetched.manifest.content.system
-        self._check_delivery(fetched.manifest)
-        if system is not msgspec.UNSET:
-            try:
+            note(
+                f"fetched: {fetched.downloaded} file(s), {fetched.downloaded_bytes} bytes downloaded, "
+                f"{fetched.reused} reused; source {fetched.manifest.source_rev or 'unknown'}"
+            )
+            system = fetched.manifest.content.system
+            self._check_delivery(fetched.manifest)
+            if system is not msgspec.UNSET:
                 imported = await realise(
                     sftp,
                     system,
@@ -286,15 +277,15 @@ class Deployer:
                     log=note.stream,
                     timeout=float(seconds(self.config.rebuild.timeout)),
                 )
-            except UnreachableError as exc:
-                note(f"fetch interrupted: {exc}")
-                if _missing(exc):
-                    raise self._damaged(exc, current.generation) from exc
-                raise
-            except StorageError as exc:
-                note(f"fetch interrupted: {exc}")
-                raise
-            note(imported.summary(system))
+                note(imported.summary(system))
+        except UnreachableError as exc:
+            note(f"fetch interrupted: {exc}")
+            if _missing(exc):
+                raise self._damaged(exc, current.generation) from exc
+            raise
+        except StorageError as exc:
+            note(f"fetch interrupted: {exc}")
+            raise
         return fetched
 
     def _damaged(self, exc: UnreachableError, generation: int) -> MissingFileError:

@@ -37,6 +37,7 @@ from helpers import (
     wait_until,
     write_release,
 )
+from test_lifecycle import NIX_OPTIONS
 
 from protocol.errors import ConfigError, ReleaseError
 from protocol.nixstore import parse_dump_db
@@ -44,8 +45,6 @@ from protocol.release import Content, StorePath, System, check_content, import_o
 from protocol.settings import AgentConfig, Deliver, load
 from publisher.signing import Signer
 
-NIX_OPTIONS = ["--option", "sandbox", "false", "--option", "build-users-group", ""]
-NIX_OPTIONS += ["--option", "substituters", ""]
 PACKAGES = 12  # store paths of each system besides itself and its host's own
 
 # A host's system: PACKAGES packages shared by every host, one of its own (`private`, as a
